@@ -1,0 +1,59 @@
+"""Shared pieces of the benchmark scripts: GPU naming, bench_serving runs, result files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def gpu_name() -> str:
+    """The CUDA device's marketing name, e.g. 'NVIDIA H100 80GB HBM3'."""
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; 'NVIDIA H200' -> 'h200'."""
+    for token in name.replace("-", " ").split():
+        t = token.lower()
+        if t[:1] in "habl" and any(c.isdigit() for c in t) and t not in ("80gb", "141gb"):
+            return t
+    return name.lower().replace(" ", "_")
+
+
+def run_bench_serving(port: int, args: Sequence[str], output_file: Path,
+                      log_path: Path, timeout_s: float) -> tuple[dict[str, Any], str]:
+    """Run ``python -m sglang.bench_serving`` against ``port``; return (last result, command)."""
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
+           "--port", str(port), "--output-file", str(output_file), *args]
+    output_file.unlink(missing_ok=True)
+    with open(log_path, "wb") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=True)
+    lines = [ln for ln in output_file.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]), shlex.join(["python", "-m", "sglang.bench_serving", *cmd[3:]])
+
+
+def write_result(path: Path, record: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote %s", path)
+    return path
+
+
+def print_table(rows: Sequence[tuple[str, Any]], title: str) -> None:
+    """A two-column table on stdout (benchmark scripts are CLIs: printing is their job)."""
+    width = max(len(k) for k, _ in rows)
+    print(f"== {title}")
+    for key, value in rows:
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {shown}")

@@ -1,0 +1,186 @@
+"""Semi-PD command-line flags and the frozen :class:`SemiPDConfig` read from them.
+
+SGLang's own flags stay SGLang's: :func:`add_semipd_args` only adds the semi-PD group to a
+parser that ``ServerArgs.add_cli_args`` already filled. :meth:`SemiPDConfig.from_namespace`
+reads the semi-PD flags once, at the plugin boundary, and validates them together with the
+SGLang flags they interact with, so that a bad combination fails at start with one clear
+message. No disk or GPU access happens here except looking the MPS binary up on ``PATH``.
+
+This module does not import torch or SGLang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+from typing import Callable, Optional, Sequence
+
+SM_PARTITION_MODES = ("green", "mps", "none")
+PARTITION_POLICIES = ("slo", "static")
+MPS_CONTROL_BINARY = "nvidia-cuda-mps-control"
+DEFAULT_SPLITS = (0.25, 0.375, 0.5, 0.625, 0.75)
+
+# SGLang features that semi-PD cannot combine with (flag -> why), checked on the namespace.
+_INCOMPATIBLE: tuple[tuple[str, Callable[[argparse.Namespace], bool], str], ...] = (
+    ("--disaggregation-mode",
+     lambda ns: getattr(ns, "disaggregation_mode", "null") not in (None, "null"),
+     "semi-PD already disaggregates prefill and decode on the same GPU"),
+    ("--enable-pdmux", lambda ns: bool(getattr(ns, "enable_pdmux", False)),
+     "PD multiplexing is SGLang's single-process alternative to semi-PD"),
+    ("--dp-size", lambda ns: (getattr(ns, "dp_size", 1) or 1) > 1,
+     "run one semi-PD server per replica behind sglang's router instead"),
+    ("--pp-size", lambda ns: (getattr(ns, "pp_size", 1) or 1) > 1,
+     "pipeline parallelism is not supported by semi-PD"),
+    ("--speculative-algorithm", lambda ns: bool(getattr(ns, "speculative_algorithm", None)),
+     "speculative decoding is not supported by semi-PD yet"),
+    ("--weight-cache-mode",
+     lambda ns: getattr(ns, "weight_cache_mode", "off") not in (None, "off"),
+     "semi-PD's memory manager owns the weight cache itself"),
+)
+
+
+class SemiPDConfigError(ValueError):
+    """A semi-PD flag, or a combination with an SGLang flag, that cannot work."""
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside the open interval (0, 1)")
+    return value
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"{value} ms is not a positive duration")
+    return value
+
+
+def _attainment(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]")
+    return value
+
+
+def _splits(text: str) -> tuple[float, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("needs at least one prefill share")
+    values = tuple(sorted({_share(p) for p in parts}))
+    return values
+
+
+def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the semi-PD flag group to ``parser`` (which already holds SGLang's flags)."""
+    g = parser.add_argument_group("semi-PD", "sglang-semipd: prefill and decode workers "
+                                  "sharing one GPU, one KV pool and one copy of the weights")
+    g.add_argument("--semi-pd", action=argparse.BooleanOptionalAction, default=True,
+                   help="Serve the semi-PD way (default); --no-semi-pd runs stock "
+                        "sglang.launch_server with the same flags.")
+    g.add_argument("--sm-partition", choices=SM_PARTITION_MODES, default="green",
+                   help="How workers split the SMs: green contexts under MPS (default), "
+                        "MPS thread percentages, or none (both on all SMs under MPS).")
+    g.add_argument("--prefill-sm-share", type=_share, default=0.5,
+                   help="Starting fraction of the SMs for the prefill worker, in (0, 1).")
+    g.add_argument("--sm-splits", type=_splits, default=DEFAULT_SPLITS,
+                   help="Comma-separated prefill shares the partitioner may switch between "
+                        "(decode gets the rest); one set of decode CUDA graphs each.")
+    g.add_argument("--partition-policy", choices=PARTITION_POLICIES, default="slo",
+                   help="slo: resize the split to meet the TTFT/TPOT targets; static: keep "
+                        "--prefill-sm-share.")
+    g.add_argument("--slo-ttft-ms", type=_positive_ms, default=1000.0,
+                   help="Time-to-first-token target in milliseconds (P90 by default).")
+    g.add_argument("--slo-tpot-ms", type=_positive_ms, default=100.0,
+                   help="Time-per-output-token target in milliseconds.")
+    g.add_argument("--slo-attainment", type=_attainment, default=0.9,
+                   help="Fraction of requests that must meet both SLOs, in (0, 1].")
+    g.add_argument("--mps-pipe-dir", default=None,
+                   help="Use the running MPS control daemon of this CUDA_MPS_PIPE_DIRECTORY "
+                        "instead of starting a private one.")
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiPDConfig:
+    """The semi-PD settings of one server, read once from the command line."""
+
+    enabled: bool = True
+    sm_partition: str = "green"
+    prefill_sm_share: float = 0.5
+    sm_splits: tuple[float, ...] = DEFAULT_SPLITS
+    partition_policy: str = "slo"
+    slo_ttft_ms: float = 1000.0
+    slo_tpot_ms: float = 100.0
+    slo_attainment: float = 0.9
+    mps_pipe_dir: Optional[str] = None
+
+    @property
+    def decode_sm_share(self) -> float:
+        return 1.0 - self.prefill_sm_share
+
+    @property
+    def starts_private_mps(self) -> bool:
+        """True when the launcher must start (and later stop) its own MPS daemon."""
+        return self.enabled and self.mps_pipe_dir is None
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace,
+                       which: Callable[[str], Optional[str]] = shutil.which) -> "SemiPDConfig":
+        """Read and validate; raises :class:`SemiPDConfigError` with a one-line reason."""
+        cfg = cls(enabled=ns.semi_pd, sm_partition=ns.sm_partition,
+                  prefill_sm_share=ns.prefill_sm_share, sm_splits=tuple(ns.sm_splits),
+                  partition_policy=ns.partition_policy, slo_ttft_ms=ns.slo_ttft_ms,
+                  slo_tpot_ms=ns.slo_tpot_ms, slo_attainment=ns.slo_attainment,
+                  mps_pipe_dir=ns.mps_pipe_dir)
+        cfg.validate(ns, which)
+        return cfg
+
+    def validate(self, ns: Optional[argparse.Namespace] = None,
+                 which: Callable[[str], Optional[str]] = shutil.which) -> None:
+        """Check this config (and, given ``ns``, the SGLang flags it must coexist with)."""
+        if self.sm_partition not in SM_PARTITION_MODES:
+            raise SemiPDConfigError(f"--sm-partition must be one of {SM_PARTITION_MODES}")
+        if not 0.0 < self.prefill_sm_share < 1.0:
+            raise SemiPDConfigError(
+                f"--prefill-sm-share {self.prefill_sm_share} is outside (0, 1)")
+        if self.partition_policy not in PARTITION_POLICIES:
+            raise SemiPDConfigError(f"--partition-policy must be one of {PARTITION_POLICIES}")
+        if not self.enabled:
+            return
+        self._check_mps(which)
+        if ns is not None:
+            for flag, bad, why in _INCOMPATIBLE:
+                if bad(ns):
+                    raise SemiPDConfigError(f"{flag} cannot be used with --semi-pd: {why} "
+                                            "(or pass --no-semi-pd for stock SGLang)")
+
+    def _check_mps(self, which: Callable[[str], Optional[str]]) -> None:
+        # Two processes only overlap on one GPU under MPS (ARCHITECTURE.md section 3), so
+        # every semi-PD mode needs a daemon: ours, or the one named by --mps-pipe-dir.
+        if self.mps_pipe_dir is not None or which(MPS_CONTROL_BINARY) is not None:
+            return
+        mode = "mps" if self.sm_partition == "mps" else self.sm_partition
+        raise SemiPDConfigError(
+            f"--sm-partition {mode} needs CUDA MPS, but {MPS_CONTROL_BINARY} is not on PATH; "
+            "install the CUDA MPS binaries, pass --mps-pipe-dir of a running daemon, "
+            "or use --no-semi-pd")
+
+
+def semipd_flag_names(parser: argparse.ArgumentParser) -> Sequence[str]:
+    """Destinations of the semi-PD group (used to strip them before building ServerArgs)."""
+    for group in parser._action_groups:  # argparse keeps groups private; read-only use
+        if group.title == "semi-PD":
+            return [a.dest for a in group._group_actions]
+    return []

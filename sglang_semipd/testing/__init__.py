@@ -1,0 +1,1 @@
+"""Helpers that make test inputs (models, datasets); shipped so the GPU host can use them."""

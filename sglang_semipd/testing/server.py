@@ -1,0 +1,120 @@
+"""Start a server command in its own process group, wait for ``/health``, stop it cleanly.
+
+Used by the GPU tests and the benchmark scripts for stock ``sglang.launch_server`` and for
+``sglang_semipd.launch_server`` alike, so both are measured the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become healthy in time."""
+
+
+def http_json(url: str, payload: Optional[dict[str, Any]] = None,
+              timeout: float = 120.0) -> Any:
+    """GET (no payload) or POST JSON to ``url``; returns the decoded JSON body."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+class ServerProcess:
+    """``with ServerProcess(cmd, port, log) as s: http_json(s.url + "/generate", ...)``."""
+
+    def __init__(self, cmd: Sequence[str], port: int, log_path: Path | str,
+                 start_timeout: float = 600.0, env: Optional[dict[str, str]] = None) -> None:
+        self.cmd = list(cmd)
+        self.port = port
+        self.log_path = Path(log_path)
+        self.start_timeout = start_timeout
+        self.env = env
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.startup_s: Optional[float] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=self.env)
+        log.close()
+        while time.monotonic() - t0 < self.start_timeout:
+            if self.proc.poll() is not None:
+                raise ServerStartError(f"server exited with {self.proc.returncode} during "
+                                       f"start-up; see {self.log_path}:\n{self.log_tail()}")
+            if self.healthy():
+                self.startup_s = time.monotonic() - t0
+                logger.info("server up after %.1fs: %s", self.startup_s, " ".join(self.cmd))
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise ServerStartError(f"server not healthy after {self.start_timeout:.0f}s; "
+                               f"see {self.log_path}:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def log_tail(self, n: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 20.0) -> Optional[int]:
+        """SIGTERM the whole process group, SIGKILL after ``grace_s``; returns the exit code."""
+        if self.proc is None:
+            return None
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        code = self.proc.returncode
+        try:  # stragglers in the group (children that outlived the parent)
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+        return code
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def python_module_cmd(module: str, *args: str) -> list[str]:
+    """``[sys.executable, -m, module, *args]``."""
+    return [sys.executable, "-m", module, *args]

@@ -1,0 +1,117 @@
+"""Semi-PD flags: parsing and validation on a bare parser (no SGLang, no torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from sglang_semipd.config import (DEFAULT_SPLITS, MPS_CONTROL_BINARY, SemiPDConfig,
+                                  SemiPDConfigError, add_semipd_args, semipd_flag_names)
+
+
+def has_mps(name: str):
+    return "/usr/bin/" + name
+
+
+def no_mps(name: str):
+    return None
+
+
+def parse(*argv: str, which=has_mps, **sglang_ns) -> SemiPDConfig:
+    ns = add_semipd_args(argparse.ArgumentParser()).parse_args(list(argv))
+    for key, value in sglang_ns.items():
+        setattr(ns, key, value)
+    return SemiPDConfig.from_namespace(ns, which=which)
+
+
+def test_defaults():
+    cfg = parse()
+    assert cfg == SemiPDConfig()
+    assert cfg.enabled and cfg.sm_partition == "green" and cfg.prefill_sm_share == 0.5
+    assert cfg.sm_splits == DEFAULT_SPLITS and cfg.partition_policy == "slo"
+    assert cfg.decode_sm_share == pytest.approx(0.5)
+    assert cfg.starts_private_mps
+
+
+def test_every_flag_is_read():
+    cfg = parse("--no-semi-pd", "--sm-partition", "mps", "--prefill-sm-share", "0.3",
+                "--sm-splits", "0.7,0.3,0.5,0.3", "--partition-policy", "static",
+                "--slo-ttft-ms", "300", "--slo-tpot-ms", "150", "--slo-attainment", "0.95",
+                "--mps-pipe-dir", "/tmp/mps")
+    assert cfg == SemiPDConfig(enabled=False, sm_partition="mps", prefill_sm_share=0.3,
+                               sm_splits=(0.3, 0.5, 0.7), partition_policy="static",
+                               slo_ttft_ms=300.0, slo_tpot_ms=150.0, slo_attainment=0.95,
+                               mps_pipe_dir="/tmp/mps")
+    assert not cfg.starts_private_mps
+
+
+@pytest.mark.parametrize("argv", [
+    ("--prefill-sm-share", "0"), ("--prefill-sm-share", "1"), ("--prefill-sm-share", "1.5"),
+    ("--prefill-sm-share", "-0.2"), ("--prefill-sm-share", "half"),
+    ("--sm-partition", "cu-mask"), ("--partition-policy", "magic"),
+    ("--slo-ttft-ms", "0"), ("--slo-tpot-ms", "-5"), ("--slo-attainment", "1.2"),
+    ("--sm-splits", "0.5,1.0"), ("--sm-splits", ","),
+])
+def test_bad_values_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[0] in err
+
+
+@pytest.mark.parametrize("mode", ["green", "mps", "none"])
+def test_semipd_needs_mps_binary(mode):
+    with pytest.raises(SemiPDConfigError, match=MPS_CONTROL_BINARY) as exc:
+        parse("--sm-partition", mode, which=no_mps)
+    assert f"--sm-partition {mode}" in str(exc.value)
+
+
+def test_mps_not_needed_with_existing_daemon_or_without_semipd():
+    assert parse("--sm-partition", "mps", "--mps-pipe-dir", "/tmp/p", which=no_mps).enabled
+    assert not parse("--no-semi-pd", "--sm-partition", "mps", which=no_mps).enabled
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("disaggregation_mode", "prefill", "--disaggregation-mode"),
+    ("enable_pdmux", True, "--enable-pdmux"),
+    ("dp_size", 2, "--dp-size"),
+    ("pp_size", 2, "--pp-size"),
+    ("speculative_algorithm", "EAGLE", "--speculative-algorithm"),
+    ("weight_cache_mode", "daemon", "--weight-cache-mode"),
+])
+def test_incompatible_sglang_flags(field, value, flag):
+    with pytest.raises(SemiPDConfigError, match=flag):
+        parse(**{field: value})
+    assert not parse("--no-semi-pd", **{field: value}).enabled  # stock SGLang takes them
+
+
+def test_compatible_sglang_values_pass():
+    cfg = parse(disaggregation_mode="null", enable_pdmux=False, dp_size=1, pp_size=1,
+                speculative_algorithm=None, weight_cache_mode="off")
+    assert cfg.enabled
+
+
+def test_validate_direct_construction():
+    with pytest.raises(SemiPDConfigError, match="outside"):
+        SemiPDConfig(prefill_sm_share=1.0).validate(which=has_mps)
+    with pytest.raises(SemiPDConfigError, match="--sm-partition"):
+        SemiPDConfig(sm_partition="x").validate(which=has_mps)
+
+
+def test_flag_names_of_group():
+    parser = add_semipd_args(argparse.ArgumentParser())
+    assert set(semipd_flag_names(parser)) == {
+        "semi_pd", "sm_partition", "prefill_sm_share", "sm_splits", "partition_policy",
+        "slo_ttft_ms", "slo_tpot_ms", "slo_attainment", "mps_pipe_dir"}
+
+
+def test_config_module_imports_without_torch_or_sglang():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['sglang'] = None\n"
+            "import sglang_semipd, sglang_semipd.config\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]")
+    subprocess.run([sys.executable, "-c", code], check=True)

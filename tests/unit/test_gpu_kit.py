@@ -1,0 +1,72 @@
+"""The GPU-host kit's shell scripts: syntax, and activation against a small real archive."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ("build_gpu_bundle.sh", "gpu_activate.sh", "gpu_check_foundation.sh")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_shell_syntax(name):
+    subprocess.run(["bash", "-n", str(REPO / "scripts" / name)], check=True)
+
+
+def test_bundle_recipe_pins_sglang_and_trims_kernels():
+    text = (REPO / "scripts" / "build_gpu_bundle.sh").read_text()
+    assert "sglang==0.5.17" in text and "sglang-kernel==0.4.5" in text
+    for dropped in ("flash_ops", "sm100", "infllm_ops", "flashmla_ops"):
+        assert dropped in text
+    assert "build_project_wheel" in text
+
+
+def _fake_bundle(root: Path) -> Path:
+    kit = root / ".gpu"
+    kit.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        data = b"VALUE = 41\n"
+        info = tarfile.TarInfo("site/fakepkg/__init__.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archive = kit / "sglang-0.0.0-py312-site.tar.xz"
+    archive.write_bytes(buf.getvalue())
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    (kit / "sglang-0.0.0-py312-site.manifest").write_text(f"recipe x\nsha256 {digest}\n")
+    with zipfile.ZipFile(kit / "sglang_semipd-9.9-py3-none-any.whl", "w") as whl:
+        whl.writestr("semipd_probe/__init__.py", "VALUE = 1\n")
+    return kit
+
+
+def _activate_and_import(kit: Path, site_root: Path) -> subprocess.CompletedProcess[str]:
+    script = (f"export SGLANG_SITE_ROOT={site_root}; "
+              f"source {REPO / 'scripts' / 'gpu_activate.sh'} {kit} || exit 9; "
+              f"{sys.executable} -c 'import fakepkg, semipd_probe; "
+              "print(fakepkg.VALUE + semipd_probe.VALUE)'; echo offline=$HF_HUB_OFFLINE")
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_activation_unpacks_once_and_sets_paths(tmp_path):
+    kit, root = _fake_bundle(tmp_path), tmp_path / "site-root"
+    first = _activate_and_import(kit, root)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["42", "offline=1"]
+    assert "unpacking" in first.stderr
+    second = _activate_and_import(kit, root)
+    assert second.stdout.split() == ["42", "offline=1"]
+    assert "unpacking" not in second.stderr  # the stamp matched: no second unpack
+
+
+def test_activation_without_archive_fails(tmp_path):
+    res = subprocess.run(["bash", "-c", f"source {REPO / 'scripts' / 'gpu_activate.sh'} "
+                          f"{tmp_path}"], capture_output=True, text=True)
+    assert res.returncode != 0 and "no sglang-*-site.tar.xz" in res.stderr

@@ -1,0 +1,88 @@
+"""ServerProcess with real child processes: health wait, start failure, group kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sglang_semipd.testing.server import ServerProcess, ServerStartError, http_json
+
+# A server that forks a grandchild (like SGLang's scheduler) and ignores nothing.
+SERVER = textwrap.dedent("""
+    import http.server, json, os, sys, time
+    child = os.fork()
+    if child == 0:
+        open(sys.argv[2], "w").write(str(os.getpid()))
+        while True:
+            time.sleep(1)
+    time.sleep(float(sys.argv[3]))
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"path": self.path}).encode()
+            self.send_response(200); self.end_headers(); self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_waits_for_health_then_kills_the_whole_group(tmp_path):
+    port, pidfile = free_port(), tmp_path / "child.pid"
+    cmd = [sys.executable, "-c", SERVER, str(port), str(pidfile), "1.5"]
+    with ServerProcess(cmd, port, tmp_path / "log.txt", start_timeout=30) as s:
+        assert s.startup_s is not None and s.startup_s >= 1.5
+        assert http_json(s.url + "/get_model_info") == {"path": "/get_model_info"}
+        grandchild = int(pidfile.read_text())
+        assert alive(grandchild)
+    deadline = time.time() + 10
+    while alive(grandchild) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(grandchild)
+
+
+def test_exit_during_startup_raises_with_log_tail(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; print('boom: bad flag'); sys.exit(3)"]
+    with pytest.raises(ServerStartError, match="exited with 3") as exc:
+        ServerProcess(cmd, free_port(), tmp_path / "log.txt", start_timeout=30).start()
+    assert "boom: bad flag" in str(exc.value)
+
+
+def test_never_healthy_times_out_and_cleans_up(tmp_path):
+    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+    server = ServerProcess(cmd, free_port(), tmp_path / "log.txt", start_timeout=2)
+    with pytest.raises(ServerStartError, match="not healthy"):
+        server.start()
+    assert server.proc is None
+
+
+def test_stop_escalates_to_sigkill(tmp_path):
+    port = free_port()
+    code = ("import signal, time, http.server, sys\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self): self.send_response(200); self.end_headers()\n"
+            "    def log_message(self, *a): pass\n"
+            f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    server = ServerProcess([sys.executable, "-c", code], port, tmp_path / "l", start_timeout=30)
+    server.start()
+    assert server.stop(grace_s=0.5) == -signal.SIGKILL
