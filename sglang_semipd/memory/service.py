@@ -1,0 +1,543 @@
+"""KVStateService: the memory manager's logic (no sockets).
+
+It owns a real SGLang ``RadixCache`` over a real ``TokenToKVPoolAllocator``
+(``PagedTokenToKVPoolAllocator`` when ``page_size > 1``) on CPU tensors, a
+req->token row pool and an :class:`~sglang_semipd.memory.ledger.OwnershipLedger`.
+
+Contracts:
+
+* Every allocator alloc/free -- including the frees ``RadixCache.evict`` does --
+  goes through :class:`_LedgerHooks`, which validates the transition in the
+  ledger *before* the allocator mutates; a refused request changes nothing.
+* The ledger unit is a page (== a slot when ``page_size == 1``); all public
+  sizes and indices are in tokens.  Allocations are whole pages.
+* A client frees what it owns; a slot never has two owners; ``Insert`` moves
+  the caller's slots past the already-cached prefix to the tree.
+* Node handles are ``TreeNode.id``; a handle whose node was evicted (or that
+  belongs to a tree dropped by ``reset``) raises ``UNKNOWN_NODE``.
+* Lock refs are tracked per client, so ``release_client`` can drop them.
+* At every point between calls: ``free + evictable + in_use == capacity`` with
+  ``in_use = client_held + protected`` (see :meth:`KVStateService.check_invariant`).
+
+Not thread-safe: the RPC server serialises calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+
+from sglang_semipd.memory.ledger import FREE, TREE, DuplicateSlotError, OwnershipLedger, SlotPool
+from sglang_semipd.protocol import ErrorCode, InvariantReport, KVStateError, ReleaseReply
+
+logger = logging.getLogger(__name__)
+
+
+def to_tensor(idx: Sequence[int]) -> torch.Tensor:
+    """int64 CPU tensor copy of an index container."""
+    if isinstance(idx, array) and idx.typecode == "q":
+        return torch.frombuffer(idx, dtype=torch.int64).clone() if len(idx) else _EMPTY.clone()
+    return torch.tensor(list(idx), dtype=torch.int64)
+
+
+def to_array(t: torch.Tensor) -> array:
+    """``array('q')`` copy of a 1-D integer tensor."""
+    return array("q", t.to(torch.int64).contiguous().numpy().tobytes())
+
+
+_EMPTY = torch.empty((0,), dtype=torch.int64)
+
+
+class _LedgerHooks:
+    """Mixin over an SGLang allocator: every alloc/free updates the ledger first.
+
+    The owner of an alloc and the expected owner of a free come from
+    :meth:`acting` (the service sets them around each operation; the radix
+    tree's frees happen under ``free_owner=TREE``)."""
+
+    ledger: OwnershipLedger
+    _alloc_owner: Optional[int] = None
+    _free_owner: Optional[int] = None
+    _depth = 0
+
+    def attach(self, ledger: OwnershipLedger) -> None:
+        self.ledger = ledger
+
+    @contextlib.contextmanager
+    def acting(self, alloc_owner: Optional[int] = None, free_owner: Optional[int] = None
+               ) -> Iterator[None]:
+        saved = (self._alloc_owner, self._free_owner)
+        self._alloc_owner, self._free_owner = alloc_owner, free_owner
+        try:
+            yield
+        finally:
+            self._alloc_owner, self._free_owner = saved
+
+    def units(self, idx: torch.Tensor) -> list[int]:
+        """Ledger units (pages) covered by token indices ``idx``."""
+        if self.page_size == 1:
+            return idx.tolist()
+        return torch.unique(torch.div(idx, self.page_size, rounding_mode="floor")).tolist()
+
+    def alloc(self, need_size: int):
+        out = super().alloc(need_size)
+        if out is not None and out.numel():
+            if self._alloc_owner is None:
+                raise RuntimeError("allocator used outside KVStateService.acting()")
+            try:
+                self.ledger.issue(self.units(out), self._alloc_owner)
+            except Exception:  # allocator and ledger disagree: a bug, never input
+                logger.critical("allocator handed out slots the ledger does not see as free")
+                raise
+        return out
+
+    def _ledgered(self, free_index: torch.Tensor, call) -> None:
+        if self._depth == 0 and free_index.numel():
+            if self._free_owner is None:
+                raise RuntimeError("allocator freed outside KVStateService.acting()")
+            self.ledger.release(self.units(free_index), self._free_owner)
+        self._depth += 1
+        try:
+            call()
+        finally:
+            self._depth -= 1
+
+    def free(self, free_index: torch.Tensor) -> None:
+        self._ledgered(free_index, lambda: super(_LedgerHooks, self).free(free_index))
+
+    def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
+        self._ledgered(free_index, lambda: super(_LedgerHooks, self).free_segment(
+            free_index, start_pos=start_pos))
+
+    def free_group_begin(self) -> None:
+        raise NotImplementedError("free groups are not used by the memory manager")
+
+    def alloc_extend(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError("workers ask the memory manager for whole pages")
+
+    alloc_decode = alloc_extend
+
+    def free_unit_ids(self) -> list[int]:
+        """Units currently in the allocator's free lists (duplicates preserved)."""
+        return torch.cat((self.free_pages, self.release_pages)).tolist()
+
+
+class LedgeredTokenAllocator(_LedgerHooks, TokenToKVPoolAllocator):
+    """``TokenToKVPoolAllocator`` (page_size 1) whose frees/allocs hit the ledger."""
+
+
+class LedgeredPagedAllocator(_LedgerHooks, PagedTokenToKVPoolAllocator):
+    """``PagedTokenToKVPoolAllocator`` whose frees/allocs hit the ledger."""
+
+
+@dataclass
+class _Client:
+    cid: int
+    name: str
+    role: str
+    locks: dict[int, list] = field(default_factory=dict)  # handle -> [node, count]
+    leases: dict[int, set[int]] = field(default_factory=dict)  # lease id -> units
+    unit_lease: dict[int, int] = field(default_factory=dict)  # unit -> lease id
+
+
+class KVStateService:
+    """Single owner of KV allocation state; methods map 1:1 to protocol requests."""
+
+    def __init__(self, capacity: int, page_size: int = 1, req_rows: int = 256,
+                 eviction_policy: str = "lru") -> None:
+        if page_size < 1 or capacity < page_size:
+            raise ValueError(f"need capacity >= page_size >= 1, got {capacity}, {page_size}")
+        self.page_size = page_size
+        self.num_units = capacity // page_size
+        self.capacity = self.num_units * page_size
+        self.ledger = OwnershipLedger(self.num_units, "slot" if page_size == 1 else "page")
+        if page_size == 1:
+            alloc = LedgeredTokenAllocator(self.num_units, torch.int64, "cpu", None, False)
+        else:
+            alloc = LedgeredPagedAllocator(self.capacity, page_size, torch.int64, "cpu",
+                                           None, False)
+        alloc.attach(self.ledger)
+        self.allocator = alloc
+        self.cache = RadixCache(CacheInitParams(
+            disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=alloc,
+            page_size=page_size, eviction_policy=eviction_policy))
+        self.rows = SlotPool(req_rows)
+        self._clients: dict[int, _Client] = {}
+        self._nodes: weakref.WeakValueDictionary[int, TreeNode] = weakref.WeakValueDictionary()
+        self._next_client = 1
+        self._next_lease = 1
+
+    # ------------------------------------------------------------ clients
+    def register(self, name: str, role: str = "") -> int:
+        """New client id (never reused)."""
+        cid = self._next_client
+        self._next_client += 1
+        self._clients[cid] = _Client(cid, name, role)
+        logger.info("client %d registered (name=%s role=%s)", cid, name, role)
+        return cid
+
+    def _client(self, cid: int) -> _Client:
+        client = self._clients.get(cid)
+        if client is None:
+            raise KVStateError(ErrorCode.UNKNOWN_CLIENT, f"no client {cid}")
+        return client
+
+    def release_client(self, cid: int) -> ReleaseReply:
+        """Drop every lock ref, slot, lease and row of ``cid`` and unregister it."""
+        client = self._client(cid)
+        dropped = 0
+        for node, count in client.locks.values():
+            for _ in range(count):
+                self.cache.dec_lock_ref(node)
+            dropped += count
+        units = self.ledger.slots_of(cid)
+        if units:
+            with self.allocator.acting(free_owner=cid):
+                self.allocator.free(to_tensor(units) * self.page_size)
+        rows = self.rows.give_all(cid)
+        del self._clients[cid]
+        logger.info("client %d released: %d tokens, %d locks, %d rows, %d leases", cid,
+                    len(units) * self.page_size, dropped, rows, len(client.leases))
+        return ReleaseReply(client_id=cid, freed_tokens=len(units) * self.page_size,
+                            dropped_locks=dropped, freed_rows=rows,
+                            closed_leases=len(client.leases))
+
+    # ---------------------------------------------------------- slots
+    def _pages(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.page_size)
+
+    def _ensure_free(self, units: int) -> None:
+        """Evict just enough (like SGLang's scheduler); refuse up front, without
+        evicting anything, when even a full eviction could not make room."""
+        need, free = units * self.page_size, self.allocator.available_size()
+        if need > free + self.cache.evictable_size():
+            raise KVStateError(ErrorCode.OUT_OF_MEMORY,
+                               f"need {need} tokens, {free} free + "
+                               f"{self.cache.evictable_size()} evictable")
+        if need > free:
+            self.evict(need - free)
+
+    def alloc(self, cid: int, sizes: Sequence[int]) -> list[array]:
+        """Whole-page slots for each size (all or nothing; evicts the tree when short)."""
+        self._client(cid)
+        if any(s < 0 for s in sizes):
+            raise KVStateError(ErrorCode.BAD_REQUEST, "negative size")
+        units = [self._pages(s) for s in sizes]
+        total = sum(units)
+        if total == 0:
+            return [array("q") for _ in sizes]
+        self._ensure_free(total)
+        with self.allocator.acting(alloc_owner=cid):
+            out = self.allocator.alloc(total * self.page_size)
+        if out is None:
+            raise KVStateError(ErrorCode.OUT_OF_MEMORY,
+                               f"need {total * self.page_size} tokens, "
+                               f"{self.allocator.available_size()} free after eviction")
+        flat, pieces, pos = to_array(out), [], 0
+        for u in units:
+            pieces.append(flat[pos:pos + u * self.page_size])
+            pos += u * self.page_size
+        return pieces
+
+    def _check_tokens(self, idx: array) -> None:
+        if self.page_size > 1 and len(set(idx)) != len(idx):
+            raise DuplicateSlotError("duplicate token indices in one call")
+
+    def _forget_leased(self, client: _Client, units: Sequence[int]) -> None:
+        if client.unit_lease:
+            for u in units:
+                lid = client.unit_lease.pop(u, None)
+                if lid is not None:
+                    client.leases[lid].discard(u)
+
+    def free(self, cid: int, buffers: Sequence[array]) -> int:
+        """Free every index of every buffer (atomic); returns tokens freed."""
+        client = self._client(cid)
+        flat = array("q")
+        for b in buffers:
+            flat.extend(b if isinstance(b, array) and b.typecode == "q" else array("q", b))
+        if not flat:
+            return 0
+        self._check_tokens(flat)
+        t = to_tensor(flat)
+        units = self.allocator.units(t)
+        with self.allocator.acting(free_owner=cid):
+            self.allocator.free(t)
+        self._forget_leased(client, units)
+        return len(units) * self.page_size
+
+    def lease(self, cid: int, n: int) -> tuple[int, array]:
+        """A block of >= n slots the client hands out locally."""
+        client = self._client(cid)
+        (idx,) = self.alloc(cid, [n])
+        lid = self._next_lease
+        self._next_lease += 1
+        units = self.allocator.units(to_tensor(idx)) if len(idx) else []
+        client.leases[lid] = set(units)
+        client.unit_lease.update((u, lid) for u in units)
+        return lid, idx
+
+    def return_lease(self, cid: int, lease_id: int, unused: array) -> int:
+        """Free ``unused`` (must still be in the lease) and close the lease."""
+        client = self._client(cid)
+        members = client.leases.get(lease_id)
+        if members is None:
+            raise KVStateError(ErrorCode.UNKNOWN_LEASE, f"client {cid} has no lease {lease_id}")
+        self._check_tokens(unused)
+        units = self.allocator.units(to_tensor(unused)) if len(unused) else []
+        if not members.issuperset(units):
+            raise KVStateError(ErrorCode.NOT_OWNED, "returned indices are not in the lease")
+        freed = self.free(cid, [unused])
+        for u in client.leases.pop(lease_id):
+            client.unit_lease.pop(u, None)
+        return freed
+
+    # ---------------------------------------------------------- rows
+    def alloc_req_rows(self, cid: int, n: int) -> list[int]:
+        self._client(cid)
+        rows = self.rows.take(n, cid)
+        if rows is None:
+            raise KVStateError(ErrorCode.OUT_OF_MEMORY,
+                               f"need {n} req rows, {self.rows.available} free")
+        return rows
+
+    def free_req_rows(self, cid: int, rows: Sequence[int]) -> int:
+        self._client(cid)
+        return self.rows.give(list(rows), cid)
+
+    # ---------------------------------------------------------- tree
+    def _register(self, node: TreeNode) -> int:
+        self._nodes[node.id] = node
+        return node.id
+
+    def _is_live(self, node: TreeNode) -> bool:
+        root = self.cache.root_node
+        while node is not root:
+            parent = node.parent
+            if parent is None or node.key is None:
+                return False
+            if parent.children.get(node.key.child_key(self.page_size)) is not node:
+                return False
+            node = parent
+        return True
+
+    def _resolve(self, handle: int) -> TreeNode:
+        node = self._nodes.get(handle)
+        if node is None or not self._is_live(node):
+            raise KVStateError(ErrorCode.UNKNOWN_NODE,
+                               f"node {handle} is unknown or was evicted")
+        return node
+
+    def _lock(self, client: _Client, node: TreeNode) -> int:
+        delta = self.cache.inc_lock_ref(node).delta or 0
+        entry = client.locks.setdefault(node.id, [node, 0])
+        entry[1] += 1
+        return delta
+
+    def match_prefix(self, cid: int, tokens: Sequence[int], extra_key: Optional[str] = None,
+                     lock: bool = False) -> tuple[array, int, int]:
+        """``(indices, prefix_len, node handle)``; with ``lock`` the node is locked
+        atomically (the indices stay valid until the matching DecLockRef)."""
+        client = self._client(cid)
+        key = RadixKey(array("q", tokens), extra_key)
+        res = self.cache.match_prefix(MatchPrefixParams(key=key))
+        node = res.last_device_node
+        if lock:
+            self._lock(client, node)
+        idx = to_array(res.device_indices)
+        return idx, len(idx), self._register(node)
+
+    def _page_units(self, values: array) -> list[int]:
+        """Pages of page-structured ``values`` (slot k of a page sits at page*ps + k)."""
+        ps = self.page_size
+        if ps == 1:
+            return list(values)
+        units = []
+        for j in range(0, len(values), ps):
+            page, rem = divmod(values[j], ps)
+            if rem or values[j:j + ps] != array("q", range(values[j], values[j] + ps)):
+                raise KVStateError(ErrorCode.INVALID_INDICES,
+                                   f"values[{j}:{j + ps}] is not one whole page")
+            units.append(page)
+        return units
+
+    def insert(self, cid: int, tokens: Sequence[int], values: array,
+               extra_key: Optional[str] = None, lock: bool = False,
+               priority: int = 0) -> tuple[int, int]:
+        """Insert ``tokens -> values``; returns ``(prefix_len, node handle)``.
+
+        ``values[prefix_len:aligned_len]`` must be the caller's slots and pass to
+        the tree; ``values[:prefix_len]`` stay with their owners (the caller frees
+        its duplicates); the unaligned tail stays with the caller."""
+        client = self._client(cid)
+        if len(values) != len(tokens):
+            raise KVStateError(ErrorCode.BAD_REQUEST,
+                               f"{len(tokens)} tokens but {len(values)} values")
+        token_arr = array("q", tokens)
+        aligned = len(token_arr) // self.page_size * self.page_size
+        probe = self.cache.match_prefix(MatchPrefixParams(key=RadixKey(token_arr, extra_key)))
+        prefix = len(probe.device_indices)
+        units = self._page_units(array("q", values[prefix:aligned]))
+        self.ledger.adopt(units, cid)  # validates ownership + distinctness atomically
+        try:
+            res = self.cache.insert(InsertParams(
+                key=RadixKey(token_arr, extra_key), value=to_tensor(array("q", values)),
+                priority=priority))
+        except Exception:
+            self.ledger.move(units, TREE, cid)
+            raise
+        if res.prefix_len != prefix:  # pragma: no cover - would be an SGLang change
+            raise KVStateError(ErrorCode.INTERNAL, f"insert prefix {res.prefix_len} != {prefix}")
+        self._forget_leased(client, units)
+        node = res.last_device_node
+        if lock:
+            self._lock(client, node)
+        return prefix, self._register(node)
+
+    def inc_lock_ref(self, cid: int, handle: int) -> tuple[int, int]:
+        """Lock the path root->node; returns ``(delta, caller's lock count on it)``."""
+        client = self._client(cid)
+        delta = self._lock(client, self._resolve(handle))
+        return delta, client.locks[handle][1]
+
+    def dec_lock_ref(self, cid: int, handle: int) -> tuple[int, int]:
+        """Undo one of the caller's own locks on ``handle``."""
+        client = self._client(cid)
+        entry = client.locks.get(handle)
+        if entry is None:
+            raise KVStateError(ErrorCode.NOT_LOCKED, f"client {cid} holds no lock on {handle}")
+        delta = self.cache.dec_lock_ref(entry[0]).delta or 0
+        entry[1] -= 1
+        if entry[1] == 0:
+            del client.locks[handle]
+        return delta, entry[1]
+
+    def evict(self, num_tokens: int) -> int:
+        """Evict >= num_tokens unlocked cached tokens if possible; returns tokens evicted."""
+        with self.allocator.acting(free_owner=TREE):
+            return self.cache.evict(EvictParams(num_tokens=num_tokens)).num_tokens_evicted
+
+    def reset(self) -> None:
+        """Drop the tree (all cached slots back to free); BUSY while anything is held."""
+        held = self.ledger.client_counts()
+        if held or any(c.locks or c.leases for c in self._clients.values()) or \
+                self.rows.available != self.rows.capacity:
+            raise KVStateError(ErrorCode.BUSY, f"clients still hold state: {held}")
+        self.evict(self.capacity)
+        if self.ledger.tree_count:
+            raise KVStateError(ErrorCode.INTERNAL, "tree not empty after full eviction")
+        self.cache.reset()
+        self._nodes.clear()
+
+    # ------------------------------------------------------ invariants
+    def stats(self) -> InvariantReport:
+        """Counter-only report (cheap): equation plus ledger/allocator/tree totals."""
+        ps, errors = self.page_size, []
+        free = self.allocator.available_size()
+        evictable, protected = self.cache.evictable_size(), self.cache.protected_size()
+        held = {c: n * ps for c, n in self.ledger.client_counts().items()}
+        in_use = sum(held.values()) + protected
+        if free + evictable + in_use != self.capacity:
+            errors.append(f"free {free} + evictable {evictable} + in_use {in_use} "
+                          f"!= capacity {self.capacity}")
+        if self.ledger.free_count * ps != free:
+            errors.append(f"ledger free {self.ledger.free_count * ps} != allocator {free}")
+        if self.ledger.tree_count * ps != evictable + protected:
+            errors.append(f"ledger tree {self.ledger.tree_count * ps} != tree "
+                          f"{evictable + protected}")
+        return InvariantReport(
+            ok=not errors, full=False, capacity=self.capacity, free=free,
+            evictable=evictable, protected=protected, client_held=held,
+            leased=sum(len(m) for c in self._clients.values() for m in c.leases.values()) * ps,
+            in_use=in_use, lock_refs=sum(e[1] for c in self._clients.values()
+                                         for e in c.locks.values()),
+            req_rows_capacity=self.rows.capacity, req_rows_free=self.rows.available,
+            req_rows_held=self.rows.ledger.client_counts(), errors=errors)
+
+    def check_invariant(self) -> InvariantReport:
+        """Full check: :meth:`stats` plus ledger recount, allocator free list vs ledger,
+        tree walk (values vs ledger TREE set, evictable/protected recount, lock_ref
+        == locks held by clients below each node) and lease/row bookkeeping."""
+        report = self.stats()
+        errors = list(report.errors) + self._structural_errors()
+        fields = {f: getattr(report, f) for f in report.__struct_fields__}
+        fields.update(ok=not errors, full=True, errors=errors)
+        return InvariantReport(**fields)
+
+    def _structural_errors(self) -> list[str]:
+        errors = self.ledger.verify() + self.rows.verify()
+        free_ids = self.allocator.free_unit_ids()
+        if len(set(free_ids)) != len(free_ids):
+            errors.append("allocator free list holds a unit twice")
+        if sorted(free_ids) != list(self.ledger.slots_of(FREE)):
+            errors.append("allocator free list != ledger FREE set")
+        tree_units, evictable, protected = self._walk_tree(errors)
+        if len(set(tree_units)) != len(tree_units):
+            errors.append("a unit is referenced by two tree nodes")
+        if sorted(tree_units) != list(self.ledger.slots_of(TREE)):
+            errors.append("tree values != ledger TREE set")
+        if (evictable, protected) != (self.cache.evictable_size(), self.cache.protected_size()):
+            errors.append(f"tree recount evictable/protected {evictable}/{protected} != "
+                          f"{self.cache.evictable_size()}/{self.cache.protected_size()}")
+        for cid in set(self.ledger.client_counts()) | set(self.rows.ledger.client_counts()):
+            if cid not in self._clients:
+                errors.append(f"unregistered client {cid} still holds slots or rows")
+        for c in self._clients.values():
+            for lid, members in c.leases.items():
+                if any(self.ledger.owner(u) != c.cid or c.unit_lease.get(u) != lid
+                       for u in members):
+                    errors.append(f"lease {lid} of client {c.cid} holds foreign units")
+            if len(c.unit_lease) != sum(len(m) for m in c.leases.values()):
+                errors.append(f"client {c.cid} lease index out of sync")
+        return errors
+
+    def _expected_lock_refs(self, errors: list[str]) -> dict[int, int]:
+        root, expected = self.cache.root_node, {}
+        for c in self._clients.values():
+            for handle, (node, count) in c.locks.items():
+                if count <= 0 or not self._is_live(node):
+                    errors.append(f"client {c.cid} lock on dead node {handle} (count {count})")
+                while node is not root and node is not None:
+                    expected[id(node)] = expected.get(id(node), 0) + count
+                    node = node.parent
+        return expected
+
+    def _walk_tree(self, errors: list[str]) -> tuple[list[int], int, int]:
+        """Every non-root node: (ledger units of values, evictable, protected)."""
+        expected = self._expected_lock_refs(errors)
+        root = self.cache.root_node
+        if root.lock_ref != 1:
+            errors.append(f"root lock_ref {root.lock_ref} != 1")
+        units: list[int] = []
+        evictable = protected = 0
+        stack = list(root.children.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            n = len(node.key)
+            if node.value is None or len(node.value) != n or n % self.page_size:
+                errors.append(f"node {node.id}: key/value length mismatch")
+                continue
+            if node.lock_ref > 0:
+                protected += n
+            else:
+                evictable += n
+            if node.lock_ref != expected.get(id(node), 0):
+                errors.append(f"node {node.id}: lock_ref {node.lock_ref} != client locks "
+                              f"{expected.get(id(node), 0)}")
+            try:
+                units.extend(self._page_units(to_array(node.value)))
+            except KVStateError as exc:
+                errors.append(f"node {node.id}: {exc}")
+        return units, evictable, protected

@@ -1,0 +1,528 @@
+"""Wire protocol of the memory-manager RPC (workers <-> KV-state server).
+
+Every message is a frozen, tagged :class:`msgspec.Struct` (tag field ``type``,
+tag value = class name).  A message travels as a ZeroMQ multipart message::
+
+    frame 0      msgpack header {v: PROTOCOL_VERSION, seq: int,
+                                 bufs: [[dtype, count], ...], msg: <tagged struct>}
+    frame 1..N   raw little-endian integer buffers, one per ``bufs`` entry
+                 (dtype "i8" = int64, "i4" = int32; byte length must be
+                 exactly ``count * itemsize``)
+
+Contracts:
+
+* ``decode`` never returns a partially valid message: a wrong version, an
+  unknown tag, a missing/extra frame, a frame whose length disagrees with its
+  declared count, or a buffer count that disagrees with the message type all
+  raise :class:`ProtocolError` (whose ``code`` goes into an ``ErrorReply``).
+* Nothing is ever pickled.  Token ids and KV indices travel as buffers (never
+  as msgpack lists) so long prompts cost one memcpy.
+* ``seq`` is chosen by the requester and echoed in the reply so a client can
+  drop stale replies after a timeout.
+
+Buffers expected per message type (``None`` = any number): see
+:func:`expected_buffers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from array import array
+from typing import Annotated, Any, Iterable, Literal, NamedTuple, Optional, Sequence, Union
+
+import msgspec
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_BUFFER_ITEMS = 1 << 28
+
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+
+_ITEMSIZE = {"i8": 8, "i4": 4}
+_TYPECODE = {"i8": "q", "i4": "i"}
+assert array("q").itemsize == 8 and array("i").itemsize == 4
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+class ErrorCode:
+    """String codes carried by :class:`ErrorReply` / :class:`KVStateError`."""
+
+    BAD_MESSAGE = "bad_message"
+    VERSION = "version_mismatch"
+    TRUNCATED = "truncated"
+    BAD_FRAMES = "bad_frames"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_REQUEST = "bad_request"
+    INVALID_INDICES = "invalid_indices"
+    DUPLICATE_INDICES = "duplicate_indices"
+    DOUBLE_FREE = "double_free"
+    DOUBLE_ISSUE = "double_issue"
+    NOT_OWNED = "not_owned"
+    UNKNOWN_NODE = "unknown_node"
+    NOT_LOCKED = "not_locked"
+    UNKNOWN_LEASE = "unknown_lease"
+    OUT_OF_MEMORY = "out_of_memory"
+    NOT_REGISTERED = "not_registered"
+    UNKNOWN_CLIENT = "unknown_client"
+    BUSY = "busy"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+class KVStateError(Exception):
+    """A request was refused; ``code`` is an :class:`ErrorCode` value."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"[{code}] {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class ProtocolError(KVStateError):
+    """Frames could not be decoded into a valid message."""
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True,
+           forbid_unknown_fields=True):
+    """Base of every wire message."""
+
+
+# ----------------------------------------------------------------- requests
+class Hello(_Msg):
+    """Register the sending socket as a client.  Reply: HelloReply."""
+
+    name: str
+    role: str = ""
+
+
+class Alloc(_Msg):
+    """Allocate KV slots for ``len(sizes)`` requests atomically (all or none).
+
+    Reply: AllocReply + one i8 buffer per request holding ``ceil(size/page)*page``
+    slot indices (whole pages)."""
+
+    sizes: list[NonNeg]
+
+
+class Free(_Msg):
+    """Free every index of every attached buffer (any number), atomically."""
+
+
+class Lease(_Msg):
+    """Take a block of >= n slots (whole pages) to hand out locally.  Reply: LeaseReply."""
+
+    n: NonNeg
+
+
+class ReturnLease(_Msg):
+    """Close a lease; the one attached buffer holds its unused indices (freed)."""
+
+    lease_id: int
+
+
+class AllocReqRows(_Msg):
+    """Allocate ``n`` req->token rows.  Reply: ReqRowsReply."""
+
+    n: NonNeg
+
+
+class FreeReqRows(_Msg):
+    """Free req->token rows held by the caller."""
+
+    rows: list[int]
+
+
+class MatchPrefix(_Msg):
+    """Longest cached prefix of the token ids in buffer 0; optionally lock it atomically."""
+
+    extra_key: Optional[str] = None
+    lock: bool = False
+
+
+class Insert(_Msg):
+    """Insert token ids (buffer 0) with slot values (buffer 1, same length).
+
+    Slots past the already-present prefix move from the caller to the tree;
+    the reply's ``prefix_len`` tells the caller which of its slots are duplicates."""
+
+    extra_key: Optional[str] = None
+    lock: bool = False
+    priority: int = 0
+
+
+class IncLockRef(_Msg):
+    node: int
+
+
+class DecLockRef(_Msg):
+    node: int
+
+
+class Evict(_Msg):
+    num_tokens: NonNeg
+
+
+class Stats(_Msg):
+    """Cheap counters (no structural walk).  Reply: InvariantReport(full=False)."""
+
+
+class CheckInvariant(_Msg):
+    """Full structural check.  Reply: InvariantReport(full=True)."""
+
+
+class Reset(_Msg):
+    """Drop the whole tree; refused (BUSY) while any client holds anything."""
+
+
+class ReleaseClient(_Msg):
+    """Supervisor: free everything a (dead) client held and drop its lock refs."""
+
+    client_id: int
+
+
+class Goodbye(_Msg):
+    """The caller releases everything it holds and unregisters."""
+
+
+class Shutdown(_Msg):
+    """Stop the server loop after replying."""
+
+
+# ------------------------------------------------------------------ replies
+class HelloReply(_Msg):
+    client_id: int
+    page_size: int
+    capacity: int
+    req_rows: int
+    version: int = PROTOCOL_VERSION
+
+
+class AllocReply(_Msg):
+    sizes: list[NonNeg]
+
+
+class FreeReply(_Msg):
+    freed: int
+
+
+class LeaseReply(_Msg):
+    lease_id: int
+    n: int
+
+
+class ReturnLeaseReply(_Msg):
+    returned: int
+
+
+class ReqRowsReply(_Msg):
+    rows: list[int]
+
+
+class FreeReqRowsReply(_Msg):
+    freed: int
+
+
+class MatchPrefixReply(_Msg):
+    prefix_len: int
+    node: int
+    locked: bool
+
+
+class InsertReply(_Msg):
+    prefix_len: int
+    node: int
+    locked: bool
+
+
+class LockRefReply(_Msg):
+    node: int
+    delta: int
+    lock_count: int
+
+
+class EvictReply(_Msg):
+    num_evicted: int
+
+
+class InvariantReport(_Msg):
+    """``free + evictable + in_use == capacity`` (all in tokens), where
+    ``in_use = sum(client_held) + protected``; ``leased`` is the part of
+    ``client_held`` sitting in open leases."""
+
+    ok: bool
+    full: bool
+    capacity: int
+    free: int
+    evictable: int
+    protected: int
+    client_held: dict[int, int]
+    leased: int
+    in_use: int
+    lock_refs: int
+    req_rows_capacity: int
+    req_rows_free: int
+    req_rows_held: dict[int, int]
+    errors: list[str] = []
+
+
+class ReleaseReply(_Msg):
+    client_id: int
+    freed_tokens: int
+    dropped_locks: int
+    freed_rows: int
+    closed_leases: int
+
+
+class OkReply(_Msg):
+    pass
+
+
+class ErrorReply(_Msg):
+    code: str
+    message: str = ""
+
+
+Request = Union[
+    Hello, Alloc, Free, Lease, ReturnLease, AllocReqRows, FreeReqRows, MatchPrefix,
+    Insert, IncLockRef, DecLockRef, Evict, Stats, CheckInvariant, Reset, ReleaseClient,
+    Goodbye, Shutdown,
+]
+Reply = Union[
+    HelloReply, AllocReply, FreeReply, LeaseReply, ReturnLeaseReply, ReqRowsReply,
+    FreeReqRowsReply, MatchPrefixReply, InsertReply, LockRefReply, EvictReply,
+    InvariantReport, ReleaseReply, OkReply, ErrorReply,
+]
+Message = Union[Request, Reply]
+
+_FIXED_BUFFERS: dict[type, int] = {
+    MatchPrefix: 1, Insert: 2, ReturnLease: 1, LeaseReply: 1, MatchPrefixReply: 1,
+}
+
+
+def expected_buffers(msg: Any) -> Optional[int]:
+    """Number of buffers ``msg`` must travel with (``None``: any number)."""
+    if isinstance(msg, Free):
+        return None
+    if isinstance(msg, AllocReply):
+        return len(msg.sizes)
+    return _FIXED_BUFFERS.get(type(msg), 0)
+
+
+class _BufSpec(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    dtype: Literal["i8", "i4"]
+    count: Annotated[int, msgspec.Meta(ge=0, le=MAX_BUFFER_ITEMS)]
+
+
+class _Header(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    v: int
+    seq: int
+    bufs: list[_BufSpec]
+    msg: msgspec.Raw
+
+
+class _Version(msgspec.Struct):
+    v: int
+
+
+class Decoded(NamedTuple):
+    seq: int
+    msg: Any
+    buffers: list[array]
+
+
+_hdr_decoder = msgspec.msgpack.Decoder(_Header)
+_ver_decoder = msgspec.msgpack.Decoder(_Version)
+_msg_decoder = msgspec.msgpack.Decoder(Message)
+_encoder = msgspec.msgpack.Encoder()
+
+BufferLike = Union[array, memoryview, Sequence[int], range]
+
+
+def as_int_array(buf: Any) -> array:
+    """Normalise an index/token container to ``array('q')`` or ``array('i')``.
+
+    Accepts ``array`` ('q', 'i', 8-byte 'l'), a memoryview with an integer
+    format of item size 4 or 8, or any iterable of ints (-> int64)."""
+    if isinstance(buf, array):
+        if buf.typecode in ("q", "i"):
+            return buf
+        if buf.typecode in ("l", "Q", "L") and buf.itemsize == 8:
+            return array("q", memoryview(buf).cast("B").cast("q"))
+        return array("q", buf)
+    if isinstance(buf, memoryview):
+        fmt = buf.format.lstrip("@=<")
+        if fmt in ("q", "l") and buf.itemsize == 8:
+            return array("q", buf.cast("B").cast("q"))
+        if fmt == "i" and buf.itemsize == 4:
+            return array("i", buf.cast("B").cast("i"))
+        raise TypeError(f"unsupported memoryview format {buf.format!r}")
+    if isinstance(buf, (bytes, bytearray, str)):
+        raise TypeError("raw bytes are ambiguous; pass an array('q') or array('i')")
+    return array("q", buf)
+
+
+def _to_wire(buf: array) -> tuple[str, bytes]:
+    dtype = "i8" if buf.typecode == "q" else "i4"
+    if _BIG_ENDIAN:  # pragma: no cover - little-endian hosts only in practice
+        buf = array(buf.typecode, buf)
+        buf.byteswap()
+    return dtype, buf.tobytes()
+
+
+def encode(msg: Any, *buffers: BufferLike, seq: int = 0) -> list[bytes]:
+    """Encode ``msg`` plus integer ``buffers`` into ZeroMQ frames.
+
+    Raises ``ValueError`` when the buffer count does not match
+    :func:`expected_buffers` (so a sender can never emit an undecodable message)."""
+    if not isinstance(msg, _Msg):
+        raise TypeError(f"not a protocol message: {type(msg).__name__}")
+    want = expected_buffers(msg)
+    if want is not None and want != len(buffers):
+        raise ValueError(f"{type(msg).__name__} needs {want} buffers, got {len(buffers)}")
+    specs, payload = [], []
+    for buf in buffers:
+        dtype, raw = _to_wire(as_int_array(buf))
+        specs.append(_BufSpec(dtype, len(raw) // _ITEMSIZE[dtype]))
+        payload.append(raw)
+    header = _Header(v=PROTOCOL_VERSION, seq=seq, bufs=specs,
+                     msg=msgspec.Raw(_encoder.encode(msg)))
+    return [_encoder.encode(header), *payload]
+
+
+def _decode_header(frame0: Any) -> _Header:
+    try:
+        return _hdr_decoder.decode(frame0)
+    except msgspec.DecodeError as exc:
+        # Tell a version mismatch apart from plain garbage when we can.
+        try:
+            ver = _ver_decoder.decode(frame0).v
+        except Exception:
+            ver = PROTOCOL_VERSION
+        if ver != PROTOCOL_VERSION:
+            raise ProtocolError(ErrorCode.VERSION,
+                                f"protocol version {ver}, expected {PROTOCOL_VERSION}") from None
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"bad header: {exc}") from None
+
+
+def _decode_msg(raw: msgspec.Raw) -> Any:
+    try:
+        return _msg_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        unknown = text.startswith("Invalid value") and text.endswith("`$.type`")
+        code = ErrorCode.UNKNOWN_TYPE if unknown else ErrorCode.BAD_MESSAGE
+        raise ProtocolError(code, text) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+
+
+def _decode_buffers(specs: list[_BufSpec], frames: Sequence[Any]) -> list[array]:
+    out = []
+    for i, (spec, frame) in enumerate(zip(specs, frames)):
+        view = memoryview(frame).cast("B")
+        if len(view) != spec.count * _ITEMSIZE[spec.dtype]:
+            raise ProtocolError(ErrorCode.TRUNCATED,
+                                f"buffer {i}: {len(view)} bytes, declared {spec.count} x {spec.dtype}")
+        arr = array(_TYPECODE[spec.dtype])
+        arr.frombytes(view)
+        if _BIG_ENDIAN:  # pragma: no cover
+            arr.byteswap()
+        out.append(arr)
+    return out
+
+
+def decode_frames(frames: Sequence[Any]) -> Decoded:
+    """Decode frames (bytes / zmq.Frame / memoryview) into ``Decoded(seq, msg, buffers)``.
+
+    Raises :class:`ProtocolError`; never returns a partially valid message."""
+    if not frames:
+        raise ProtocolError(ErrorCode.TRUNCATED, "no frames")
+    frames = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    header = _decode_header(frames[0])
+    if header.v != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION,
+                            f"protocol version {header.v}, expected {PROTOCOL_VERSION}")
+    if len(frames) - 1 < len(header.bufs):
+        raise ProtocolError(ErrorCode.TRUNCATED,
+                            f"header declares {len(header.bufs)} buffers, got {len(frames) - 1}")
+    if len(frames) - 1 > len(header.bufs):
+        raise ProtocolError(ErrorCode.BAD_FRAMES,
+                            f"header declares {len(header.bufs)} buffers, got {len(frames) - 1}")
+    msg = _decode_msg(header.msg)
+    want = expected_buffers(msg)
+    if want is not None and want != len(header.bufs):
+        raise ProtocolError(ErrorCode.BAD_FRAMES,
+                            f"{type(msg).__name__} carries {want} buffers, got {len(header.bufs)}")
+    return Decoded(header.seq, msg, _decode_buffers(header.bufs, frames[1:]))
+
+
+def decode(frames: Sequence[Any]) -> tuple[Any, list[array]]:
+    """``(msg, buffers)`` of ``frames``; see :func:`decode_frames`."""
+    decoded = decode_frames(frames)
+    return decoded.msg, decoded.buffers
+
+
+def message_types() -> tuple[type, ...]:
+    """Every concrete message class (requests then replies)."""
+    from typing import get_args
+
+    return get_args(Request) + get_args(Reply)
+
+
+def token_buffer(tokens: Iterable[int]) -> array:
+    """Token ids as a compact buffer: arrays/memoryviews pass through
+    :func:`as_int_array`; other iterables become int32 when every id fits, else int64."""
+    if isinstance(tokens, (array, memoryview)):
+        return as_int_array(tokens)
+    try:
+        return array("i", tokens)
+    except OverflowError:
+        return array("q", tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Storage handles: sent once, memory manager -> worker, when a worker attaches to the shared
+# weights/KV pool (see sglang_semipd.memory.tensor_ipc and .pool_attach). Plain fields only.
+
+
+class TensorHandle(msgspec.Struct, frozen=True, tag="tensor_handle"):
+    """Where a tensor's bytes live (CUDA IPC or a shared-memory file) and how to view them."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int  # in elements, of the view inside its storage
+    dtype: str  # torch dtype name without "torch."
+    device: str  # "cuda" or "cpu"
+    device_index: int = -1
+    # CUDA IPC (the fields of torch.multiprocessing.reductions.reduce_tensor)
+    storage_handle: bytes = b""
+    storage_size_bytes: int = 0
+    storage_offset_bytes: int = 0
+    ref_counter_handle: bytes = b""
+    ref_counter_offset: int = 0
+    event_handle: bytes = b""
+    event_sync_required: bool = False
+    # CPU shared memory (torch's file_system sharing)
+    manager_handle: bytes = b""
+
+
+class AllocationRecord(msgspec.Struct, frozen=True):
+    """One factory call of the manager's pool construction, in call order."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: str
+    handle: Optional[TensorHandle] = None  # set iff the tensor is shared storage
+
+
+class PoolManifest(msgspec.Struct, frozen=True):
+    """Everything a worker needs to rebuild the manager's pools as views."""
+
+    device: str
+    records: tuple[AllocationRecord, ...]
+
+    @property
+    def shared(self) -> tuple[AllocationRecord, ...]:
+        return tuple(r for r in self.records if r.handle is not None)
