@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# gpu_check_all.sh - every gpu-marked test on the GPU host in one call, then optional probes.
+#
+#   bash scripts/gpu_check_all.sh [RESULT_DIR]        # defaults to $OUT or /tmp/semipd-out
+#   PROBES="weight_cache" bash scripts/gpu_check_all.sh
+# Probes: weight_cache - stock SGLang serving the tiny model with --weight-cache-mode daemon
+#         (SGLang's CUDA-IPC weight sharing) vs off: /generate answers and GPU memory used.
+# RESULT_DIR gets pytest_gpu.log, timings.txt, probe JSON and logs.tgz (few files: the device
+# tool brings back at most 8).
+set -u
+RES=${1:-${OUT:-/tmp/semipd-out}}
+LOG=/tmp/semipd-logs
+rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG/timings.txt"; }
+finish() { cp "$LOG/timings.txt" "$LOG/pytest_gpu.log" "$RES/" 2>/dev/null
+           cp "$LOG"/*.json "$RES/" 2>/dev/null; tar -C "$LOG" -czf "$RES/logs.tgz" . ; }
+trap finish EXIT
+export PYTHONUNBUFFERED=1 SEMIPD_TEST_LOG_DIR=$LOG
+
+source scripts/gpu_activate.sh .gpu || exit 1
+stamp "activated"
+timeout 330 python3 -m pytest -m gpu tests/gpu -v -rA -s -p no:cacheprovider > "$LOG/pytest_gpu.log" 2>&1
+stamp "gpu tests rc=$?: $(tail -n 1 "$LOG/pytest_gpu.log")"
+grep -E "PASSED|FAILED|ERROR|shared .* MiB" "$LOG/pytest_gpu.log" | head -n 20
+
+if [[ " ${PROBES:-} " == *" weight_cache "* ]]; then
+  python3 scripts/make_test_models.py /tmp/models --only tiny-bf16 > /dev/null 2>&1
+  timeout 230 python3 - > "$LOG/probe_weight_cache.txt" 2>&1 <<'PY'
+import json, subprocess, sys, time
+from sglang_semipd.testing.server import ServerProcess, http_json
+res = {}
+for mode in ("off", "daemon"):
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", "/tmp/models/tiny-bf16",
+           "--port", "31100", "--attention-backend", "triton", "--sampling-backend", "pytorch",
+           "--grammar-backend", "none", "--mem-fraction-static", "0.3",
+           "--weight-cache-mode", mode]
+    try:
+        with ServerProcess(cmd, 31100, f"/tmp/semipd-logs/server_wc_{mode}.log", start_timeout=150) as s:
+            out = http_json(s.url + "/generate", {"input_ids": [19556, 905],
+                  "sampling_params": {"temperature": 0, "max_new_tokens": 8}})
+            smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
+            res[mode] = {"startup_s": s.startup_s, "output_ids": out["output_ids"],
+                         "per_process_mib": smi.strip().splitlines()}
+    except Exception as exc:
+        res[mode] = {"error": repr(exc)[:2000]}
+    time.sleep(3)
+print(json.dumps(res, indent=1))
+json.dump(res, open("/tmp/semipd-logs/probe_weight_cache.json", "w"), indent=1)
+PY
+  stamp "probe weight_cache rc=$?"
+  tail -n 40 "$LOG/probe_weight_cache.txt"
+fi
+cat "$LOG/timings.txt"
