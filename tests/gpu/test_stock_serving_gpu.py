@@ -1,4 +1,5 @@
-"""On the GPU host: our launcher with ``--no-semi-pd`` serves the tiny model like stock SGLang.
+"""On the GPU host: stock ``sglang.launch_server`` and our launcher with ``--no-semi-pd`` serve
+the tiny model, and answer the same way.
 
 Checks ``/generate`` against transformers on the same weights (bf16 served, float32 reference:
 every greedy token is the reference's argmax up to a small tolerance and every logprob agrees),
@@ -32,12 +33,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16", seed=0)
 
 
-@pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory: pytest.TempPathFactory):
+LAUNCHERS = {"stock": ("sglang.launch_server",),
+             "semipd_launcher": ("sglang_semipd.launch_server", "--no-semi-pd")}
+
+
+@pytest.fixture(scope="module", params=sorted(LAUNCHERS))
+def server(request, tiny, tmp_path_factory: pytest.TempPathFactory):
     log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or tmp_path_factory.mktemp("logs")
-    cmd = python_module_cmd("sglang_semipd.launch_server", "--no-semi-pd", "--model-path",
-                            str(tiny), "--port", str(PORT), *SERVE_FLAGS)
-    with ServerProcess(cmd, PORT, os.path.join(log_dir, "server_launcher_nosemipd.log")) as s:
+    cmd = python_module_cmd(*LAUNCHERS[request.param], "--model-path", str(tiny),
+                            "--port", str(PORT), *SERVE_FLAGS)
+    with ServerProcess(cmd, PORT, os.path.join(log_dir, f"server_{request.param}.log")) as s:
         yield s
 
 

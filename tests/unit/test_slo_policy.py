@@ -33,8 +33,9 @@ from sglang_semipd.slo.simulator import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-AZURE_TRACE = Path(
-    os.environ.get("SEMIPD_AZURE_TRACE", "/work/shared/traces/azure_llm_2023_conv.csv"))
+# shared/ sits beside the checkout (developers' machines and CI alike)
+AZURE_TRACE = Path(os.environ.get(
+    "SEMIPD_AZURE_TRACE", REPO.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"))
 TARGETS = SLOTargets(ttft_s=0.6, tpot_s=0.05)
 DWELL_S = 5.0
 
