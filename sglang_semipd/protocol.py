@@ -1,5 +1,10 @@
 """Wire protocol of the memory-manager RPC (workers <-> KV-state server).
 
+Besides the KV-state requests (allocation, radix tree, req rows) it carries the storage
+records a worker needs once to attach to the shared pools: :class:`TensorHandle` (CUDA IPC or
+shared-memory identity of one tensor view) inside a :class:`PoolManifest`, answered to
+:class:`GetPoolManifest` by :class:`PoolManifestReply`.
+
 Every message is a frozen, tagged :class:`msgspec.Struct` (tag field ``type``,
 tag value = class name).  A message travels as a ZeroMQ multipart message::
 
@@ -66,6 +71,7 @@ class ErrorCode:
     OUT_OF_MEMORY = "out_of_memory"
     NOT_REGISTERED = "not_registered"
     UNKNOWN_CLIENT = "unknown_client"
+    NO_MANIFEST = "no_manifest"
     BUSY = "busy"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
@@ -82,6 +88,52 @@ class KVStateError(Exception):
 
 class ProtocolError(KVStateError):
     """Frames could not be decoded into a valid message."""
+
+
+# --------------------------------------------------------------------------------------------
+# Storage handles: sent once, memory manager -> worker, when a worker attaches to the shared
+# weights/KV pool (see sglang_semipd.memory.tensor_ipc and .pool_attach). Plain fields only.
+
+
+class TensorHandle(msgspec.Struct, frozen=True, tag="tensor_handle"):
+    """Where a tensor's bytes live (CUDA IPC or a shared-memory file) and how to view them."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int  # in elements, of the view inside its storage
+    dtype: str  # torch dtype name without "torch."
+    device: str  # "cuda" or "cpu"
+    device_index: int = -1
+    # CUDA IPC (the fields of torch.multiprocessing.reductions.reduce_tensor)
+    storage_handle: bytes = b""
+    storage_size_bytes: int = 0
+    storage_offset_bytes: int = 0
+    ref_counter_handle: bytes = b""
+    ref_counter_offset: int = 0
+    event_handle: bytes = b""
+    event_sync_required: bool = False
+    # CPU shared memory (torch's file_system sharing)
+    manager_handle: bytes = b""
+
+
+class AllocationRecord(msgspec.Struct, frozen=True):
+    """One factory call of the manager's pool construction, in call order."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: str
+    handle: Optional[TensorHandle] = None  # set iff the tensor is shared storage
+
+
+class PoolManifest(msgspec.Struct, frozen=True):
+    """Everything a worker needs to rebuild the manager's pools as views."""
+
+    device: str
+    records: tuple[AllocationRecord, ...]
+
+    @property
+    def shared(self) -> tuple[AllocationRecord, ...]:
+        return tuple(r for r in self.records if r.handle is not None)
 
 
 class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True,
@@ -186,6 +238,10 @@ class Goodbye(_Msg):
     """The caller releases everything it holds and unregisters."""
 
 
+class GetPoolManifest(_Msg):
+    """Ask for the shared pools' manifest (a worker attaching to the KV pool)."""
+
+
 class Shutdown(_Msg):
     """Stop the server loop after replying."""
 
@@ -279,6 +335,10 @@ class OkReply(_Msg):
     pass
 
 
+class PoolManifestReply(_Msg):
+    manifest: PoolManifest
+
+
 class ErrorReply(_Msg):
     code: str
     message: str = ""
@@ -287,12 +347,12 @@ class ErrorReply(_Msg):
 Request = Union[
     Hello, Alloc, Free, Lease, ReturnLease, AllocReqRows, FreeReqRows, MatchPrefix,
     Insert, IncLockRef, DecLockRef, Evict, Stats, CheckInvariant, Reset, ReleaseClient,
-    Goodbye, Shutdown,
+    Goodbye, Shutdown, GetPoolManifest,
 ]
 Reply = Union[
     HelloReply, AllocReply, FreeReply, LeaseReply, ReturnLeaseReply, ReqRowsReply,
     FreeReqRowsReply, MatchPrefixReply, InsertReply, LockRefReply, EvictReply,
-    InvariantReport, ReleaseReply, OkReply, ErrorReply,
+    InvariantReport, ReleaseReply, OkReply, PoolManifestReply, ErrorReply,
 ]
 Message = Union[Request, Reply]
 
@@ -481,48 +541,3 @@ def token_buffer(tokens: Iterable[int]) -> array:
     except OverflowError:
         return array("q", tokens)
 
-
-# --------------------------------------------------------------------------------------------
-# Storage handles: sent once, memory manager -> worker, when a worker attaches to the shared
-# weights/KV pool (see sglang_semipd.memory.tensor_ipc and .pool_attach). Plain fields only.
-
-
-class TensorHandle(msgspec.Struct, frozen=True, tag="tensor_handle"):
-    """Where a tensor's bytes live (CUDA IPC or a shared-memory file) and how to view them."""
-
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_offset: int  # in elements, of the view inside its storage
-    dtype: str  # torch dtype name without "torch."
-    device: str  # "cuda" or "cpu"
-    device_index: int = -1
-    # CUDA IPC (the fields of torch.multiprocessing.reductions.reduce_tensor)
-    storage_handle: bytes = b""
-    storage_size_bytes: int = 0
-    storage_offset_bytes: int = 0
-    ref_counter_handle: bytes = b""
-    ref_counter_offset: int = 0
-    event_handle: bytes = b""
-    event_sync_required: bool = False
-    # CPU shared memory (torch's file_system sharing)
-    manager_handle: bytes = b""
-
-
-class AllocationRecord(msgspec.Struct, frozen=True):
-    """One factory call of the manager's pool construction, in call order."""
-
-    index: int
-    shape: tuple[int, ...]
-    dtype: str
-    handle: Optional[TensorHandle] = None  # set iff the tensor is shared storage
-
-
-class PoolManifest(msgspec.Struct, frozen=True):
-    """Everything a worker needs to rebuild the manager's pools as views."""
-
-    device: str
-    records: tuple[AllocationRecord, ...]
-
-    @property
-    def shared(self) -> tuple[AllocationRecord, ...]:
-        return tuple(r for r in self.records if r.handle is not None)

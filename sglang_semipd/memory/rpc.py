@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 # Refusals that are part of normal operation (capacity pressure, eviction races).
 _ROUTINE = frozenset({P.ErrorCode.OUT_OF_MEMORY, P.ErrorCode.UNKNOWN_NODE})
-_ANON_OK = (P.Hello, P.Stats, P.CheckInvariant, P.ReleaseClient, P.Reset, P.Shutdown)
+_ANON_OK = (P.Hello, P.Stats, P.CheckInvariant, P.ReleaseClient, P.Reset, P.Shutdown,
+            P.GetPoolManifest)
 
 
 class KVStateTimeout(P.KVStateError):
@@ -50,9 +51,10 @@ class KVStateTimeout(P.KVStateError):
 class KVStateServer:
     """ROUTER loop over a service; socket identities map to client ids via ``Hello``."""
 
-    def __init__(self, service: Any, endpoint: str, context: Optional[zmq.Context] = None
-                 ) -> None:
+    def __init__(self, service: Any, endpoint: str, context: Optional[zmq.Context] = None,
+                 manifest: Optional[P.PoolManifest] = None) -> None:
         self.service = service
+        self.manifest = manifest  # the shared pools workers attach to (pool_attach)
         self.endpoint = endpoint
         self._ctx = context or zmq.Context.instance()
         self._sock: Optional[zmq.Socket] = None
@@ -67,7 +69,7 @@ class KVStateServer:
             P.DecLockRef: self._dec, P.Evict: self._evict, P.Stats: self._stats,
             P.CheckInvariant: self._check, P.Reset: self._reset,
             P.ReleaseClient: self._release, P.Goodbye: self._goodbye,
-            P.Shutdown: self._shutdown,
+            P.Shutdown: self._shutdown, P.GetPoolManifest: self._manifest,
         }
 
     def bind(self) -> None:
@@ -205,6 +207,11 @@ class KVStateServer:
     def _shutdown(self, cid, msg, bufs):
         self._stop.set()
         return P.OkReply(), ()
+
+    def _manifest(self, cid, msg, bufs):
+        if self.manifest is None:
+            raise P.KVStateError(P.ErrorCode.NO_MANIFEST, "this server exports no pools")
+        return P.PoolManifestReply(manifest=self.manifest), ()
 
 
 # ---------------------------------------------------------------- client side
@@ -350,6 +357,10 @@ class KVStateClient:
     def shutdown(self) -> None:
         self.call(P.Shutdown())
 
+    def pool_manifest(self) -> P.PoolManifest:
+        """The shared pools to attach to (see :mod:`sglang_semipd.memory.pool_attach`)."""
+        return self.call(P.GetPoolManifest())[0].manifest
+
     def close(self) -> None:
         self._sock.close(0)
 
@@ -442,11 +453,34 @@ class KVStateServerConfig:
     req_rows: int = 256
     eviction_policy: str = "lru"
     log_level: Optional[str] = None
+    # "module:function" returning the pool objects to build here and export (pool_attach);
+    # called under RecordAllocations(pool_device). None: bookkeeping only, no shared pools.
+    pool_builder: Optional[str] = None
+    pool_device: str = "cuda"
+
+
+def _build_shared_pools(config: KVStateServerConfig) -> tuple[list, Optional[P.PoolManifest]]:
+    if not config.pool_builder:
+        return [], None
+    import importlib
+
+    from sglang_semipd.memory.pool_attach import RecordAllocations
+
+    module, _, func = config.pool_builder.partition(":")
+    build = getattr(importlib.import_module(module), func)
+    recorder = RecordAllocations(config.pool_device)
+    with recorder:
+        pools = list(build())
+    manifest = recorder.manifest(pools)
+    logger.info("exporting %d shared pool tensors (%d allocations recorded)",
+                len(manifest.shared), len(manifest.records))
+    return pools, manifest
 
 
 def run_kv_state_server(config: KVStateServerConfig, stop_event: Any = None) -> None:
-    """Build the service, bind ``config.endpoint`` and serve until Shutdown,
-    ``stop_event`` or SIGTERM.  Usable as a ``multiprocessing`` target."""
+    """Build the service (and the shared pools, if ``pool_builder`` is set), bind
+    ``config.endpoint`` and serve until Shutdown, ``stop_event`` or SIGTERM.  Usable as a
+    ``multiprocessing`` target. The pools live as long as this function runs."""
     if config.log_level:
         logging.basicConfig(level=config.log_level,
                             format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
@@ -454,7 +488,8 @@ def run_kv_state_server(config: KVStateServerConfig, stop_event: Any = None) -> 
 
     service = KVStateService(config.capacity, config.page_size, config.req_rows,
                              config.eviction_policy)
-    server = KVStateServer(service, config.endpoint)
+    pools, manifest = _build_shared_pools(config)
+    server = KVStateServer(service, config.endpoint, manifest=manifest)
     local_stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: local_stop.set())
@@ -463,6 +498,7 @@ def run_kv_state_server(config: KVStateServerConfig, stop_event: Any = None) -> 
         server.serve_forever(_AnyEvent(local_stop, stop_event))
     finally:
         server.close()
+        del pools
 
 
 class _AnyEvent:

@@ -36,6 +36,7 @@ SAMPLES: list[tuple[object, tuple]] = [
     (P.ReleaseClient(client_id=3), ()),
     (P.Goodbye(), ()),
     (P.Shutdown(), ()),
+    (P.GetPoolManifest(), ()),
     (P.HelloReply(client_id=1, page_size=16, capacity=4096, req_rows=256), ()),
     (P.AllocReply(sizes=[2, 0]), (array("q", [1, 2]), array("q"))),
     (P.FreeReply(freed=12), ()),
@@ -51,6 +52,12 @@ SAMPLES: list[tuple[object, tuple]] = [
     (P.ReleaseReply(client_id=2, freed_tokens=10, dropped_locks=1, freed_rows=1,
                     closed_leases=1), ()),
     (P.OkReply(), ()),
+    (P.PoolManifestReply(manifest=P.PoolManifest(device="cuda", records=(
+        P.AllocationRecord(index=0, shape=(5, 16), dtype="int32", handle=P.TensorHandle(
+            shape=(5, 16), stride=(16, 1), storage_offset=0, dtype="int32", device="cuda",
+            device_index=0, storage_handle=b"\x01" * 64, storage_size_bytes=320,
+            ref_counter_handle=b"ref", event_handle=b"\x00" * 64, event_sync_required=True)),
+        P.AllocationRecord(index=1, shape=(7,), dtype="int64")))), ()),
     (P.ErrorReply(code=P.ErrorCode.DOUBLE_FREE, message="slot 3"), ()),
 ]
 
