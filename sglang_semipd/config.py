@@ -44,34 +44,22 @@ class SemiPDConfigError(ValueError):
     """A semi-PD flag, or a combination with an SGLang flag, that cannot work."""
 
 
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside the open interval (0, 1)")
-    return value
+def _float_in(lo: float, hi: float, hi_inclusive: bool, what: str) -> Callable[[str], float]:
+    """An argparse ``type`` accepting a float in (lo, hi) or (lo, hi]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+        if not (lo < value < hi or (hi_inclusive and value == hi)):
+            raise argparse.ArgumentTypeError(f"{value} {what}")
+        return value
+    return parse
 
 
-def _positive_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f"{value} ms is not a positive duration")
-    return value
-
-
-def _attainment(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]")
-    return value
+_share = _float_in(0.0, 1.0, False, "is outside the open interval (0, 1)")
+_positive_ms = _float_in(0.0, float("inf"), False, "ms is not a positive duration")
+_attainment = _float_in(0.0, 1.0, True, "is outside (0, 1]")
 
 
 def _splits(text: str) -> tuple[float, ...]:

@@ -16,6 +16,7 @@ import pytest
 
 from sglang_semipd.memory.rpc import KVStateClient, KVStateServerConfig, run_kv_state_server
 from sglang_semipd.testing.pools import CPU_POOL_TOKENS, CPU_REQ_ROWS
+from sglang_semipd.testing.procs import recv_reply, run_reporting
 
 PROMPT = list(range(1000, 1040))
 
@@ -33,23 +34,12 @@ def _attach(client: KVStateClient):
     return req, kv, opened
 
 
-def _reporting(fn):
-    """Run a worker body; send any exception to the parent instead of leaving it waiting."""
-    def run(*args):
-        try:
-            fn(*args)
-        except BaseException as exc:
-            args[-1].send({"error": repr(exc)})
-            raise
-    return run
-
-
 def _prefill(endpoint: str, conn) -> None:
-    _reporting(_prefill_body)(endpoint, conn)
+    run_reporting(_prefill_body, endpoint, conn)
 
 
 def _decode(endpoint: str, row: int, conn) -> None:
-    _reporting(_decode_body)(endpoint, row, conn)
+    run_reporting(_decode_body, endpoint, row, conn)
 
 
 def _prefill_body(endpoint: str, conn) -> None:
@@ -115,23 +105,16 @@ def _wait_ready(endpoint: str) -> None:
         c.stats()
 
 
-def _recv(conn, timeout: float = 120.0) -> dict:
-    assert conn.poll(timeout), "worker did not answer"
-    msg = conn.recv()
-    assert "error" not in msg, msg["error"]
-    return msg
-
-
 def test_prefill_writes_decode_reads_through_shared_pool_and_tree(manager):
     ctx = mp.get_context("spawn")
     pp, pc = ctx.Pipe()
     prefill = ctx.Process(target=_prefill, args=(manager, pc))
     prefill.start()
-    wrote = _recv(pp)
+    wrote = recv_reply(pp)
     dp, dc = ctx.Pipe()
     decode = ctx.Process(target=_decode, args=(manager, wrote["row"], dc))
     decode.start()
-    seen = _recv(dp)
+    seen = recv_reply(dp)
     pp.send("done")
     for p in (prefill, decode):
         p.join(60)
