@@ -1,0 +1,369 @@
+"""RemoteTokenAllocator: SGLang's token->KV slot allocator, with the state in
+the memory manager (:mod:`sglang_semipd.memory.service`) instead of this process.
+
+The scheduler sees an ordinary ``BaseTokenToKVPoolAllocator``; underneath:
+
+* **Allocation.**  ``alloc(n)`` with ``n <= small_alloc_max`` (decode-sized) is
+  served from a local :class:`~sglang_semipd.memory.rpc.SlotLease`; when the lease
+  runs short its remainder is used up and one ``Lease`` round trip opens the next
+  block of ``lease_block`` tokens.  A decode step therefore costs at most one
+  round trip (usually zero).  Larger requests are one ``Alloc`` round trip.
+  Results are whole pages (``n`` is rounded *up* to the page size), int64 on
+  ``device``; ``None`` when the memory manager is out of memory (SGLang's contract).
+  ``alloc_extend`` / ``alloc_decode`` (paged scheduling, ``page_size > 1``) take
+  only the new pages this way and fill the rest from ``last_loc``.
+* **Frees are buffered.**  ``free`` / ``free_segment(s)`` only record the freed
+  pages locally (one index per page).  They reach the memory manager -- and become
+  visible to the other worker -- in a single ``Free`` call at ``free_group_end``,
+  at an explicit :meth:`flush`, when more than ``free_flush_tokens`` tokens are
+  buffered outside a free group, or right before a server allocation that the
+  last known free count could not cover.  Until then they count in this process's
+  :meth:`available_size` but not in the server's free count.
+* **Sizes are estimates.**  :meth:`available_size` = server free count of the last
+  ``Stats`` (refreshed when older than ``stats_max_age_s``, or by
+  :meth:`refresh_stats`) corrected by this process's own allocs/frees since, plus
+  the local lease and the buffered frees.  The other worker's traffic shows up
+  only at the next refresh.
+* Exhausted leases are closed lazily (one ``ReturnLease`` each), in batches of
+  ``lease_close_batch`` at a flush, and all at :meth:`flush` / :meth:`close`.
+
+Unsupported (raise ``NotImplementedError``): ``get_cpu_copy``, ``load_cpu_copy``
+(HiCache), ``resize``, ``backup_state`` / ``restore_state``, ``merge_and_sort_free``.
+``free_pages`` / ``release_pages`` are ``None`` (SGLang's leak census skips them).
+
+Not thread-safe (like the client it wraps).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from array import array
+from typing import Any, Optional
+
+import torch
+from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
+
+from sglang_semipd import protocol as P
+from sglang_semipd.memory.rpc import KVStateClient, SlotLease
+
+logger = logging.getLogger(__name__)
+
+_EMPTY = array("q")
+
+
+def to_index_array(t: torch.Tensor) -> array:
+    """``array('q')`` copy of a 1-D integer tensor (any device)."""
+    return array("q", t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+
+
+def index_tensor(idx: array, device: Any) -> torch.Tensor:
+    """int64 tensor copy of ``array('q')`` indices on ``device``."""
+    if not len(idx):
+        return torch.empty((0,), dtype=torch.int64, device=device)
+    return torch.frombuffer(bytearray(idx.tobytes()), dtype=torch.int64).to(device)
+
+
+class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
+    """Token/page allocator whose slots are owned through ``client`` (see module doc).
+
+    ``client`` must be the same :class:`KVStateClient` the worker's
+    :class:`~sglang_semipd.memory.remote_radix_cache.RemoteRadixCache` uses: the
+    memory manager only lets a client insert slots it owns."""
+
+    def __init__(self, client: KVStateClient, *, device: Any = "cpu",
+                 dtype: Optional[torch.dtype] = None, kvcache: Any = None,
+                 lease_block: int = 256, small_alloc_max: Optional[int] = None,
+                 free_flush_tokens: int = 4096, lease_close_batch: int = 8,
+                 stats_max_age_s: Optional[float] = 0.5) -> None:
+        if not client.client_id:
+            raise ValueError("client must be registered (hello) before use")
+        ps = max(client.page_size, 1)
+        if dtype is None:  # SGLang's allocator.dtype is the KV cache's dtype
+            dtype = getattr(kvcache, "dtype", torch.bfloat16)
+        super().__init__(client.capacity, ps, dtype, device, kvcache, False)
+        self.client = client
+        self.free_pages = self.release_pages = None  # no local free lists
+        self.lease_block = -(-max(lease_block, 1) // ps) * ps
+        self.small_alloc_max = self.lease_block // 2 if small_alloc_max is None \
+            else small_alloc_max
+        self.free_flush_tokens = free_flush_tokens
+        self.lease_close_batch = lease_close_batch
+        self.stats_max_age_s = stats_max_age_s
+        self._lease: Optional[SlotLease] = None
+        self._exhausted: list[SlotLease] = []
+        self._pending: list[torch.Tensor] = []  # one token index per freed page
+        self._pending_tokens = 0
+        self._stats: Optional[P.InvariantReport] = None
+        self._stats_t = 0.0
+        self.stats_generation = 0  # bumped at every refresh (caches reset their deltas)
+        self._free_delta = 0  # own effect on the server free count since the refresh
+        self.refresh_stats()
+
+    # ------------------------------------------------------------ stats
+    def refresh_stats(self) -> P.InvariantReport:
+        """One ``Stats`` round trip; resets the local corrections."""
+        self._stats = self.client.stats()
+        self._stats_t = time.monotonic()
+        self._free_delta = 0
+        self.stats_generation += 1
+        return self._stats
+
+    def server_stats(self, max_age_s: Optional[float] = None) -> P.InvariantReport:
+        """The last ``Stats`` report, refreshed first when older than ``max_age_s``
+        (default ``stats_max_age_s``; ``None`` never refreshes)."""
+        age = self.stats_max_age_s if max_age_s is None else max_age_s
+        if age is not None and time.monotonic() - self._stats_t > age:
+            return self.refresh_stats()
+        assert self._stats is not None
+        return self._stats
+
+    def note_server_free(self, tokens: int) -> None:
+        """Account ``tokens`` made free on the server by this process (e.g. evict)."""
+        self._free_delta += tokens
+
+    def server_free_estimate(self) -> int:
+        return max(0, self.server_stats().free + self._free_delta)
+
+    def available_size(self) -> int:
+        """Estimated tokens this process could allocate now (see module doc)."""
+        lease = self._lease.available if self._lease is not None else 0
+        return self.server_free_estimate() + lease + self._pending_tokens
+
+    @property
+    def leased_available(self) -> int:
+        return self._lease.available if self._lease is not None else 0
+
+    @property
+    def pending_free_tokens(self) -> int:
+        return self._pending_tokens
+
+    # ------------------------------------------------------------ alloc
+    def _round(self, n: int) -> int:
+        return -(-n // self.page_size) * self.page_size
+
+    def alloc(self, need_size: int) -> Optional[torch.Tensor]:
+        """``need_size`` (rounded up to whole pages) fresh slots, or ``None`` (OOM)."""
+        n = self._round(int(need_size))
+        if n <= 0:
+            return torch.empty((0,), dtype=torch.int64, device=self.device)
+        idx = self._alloc_small(n) if n <= self.small_alloc_max else self._alloc_server(n)
+        return None if idx is None else index_tensor(idx, self.device)
+
+    def _try_server(self, n: int, call: Any, what: str) -> Any:
+        """Flush buffered frees if the server may be short, then ``call(n)``; None on OOM."""
+        if self._pending_tokens and self.server_free_estimate() < n:
+            self._flush_frees()
+        try:
+            return call(n)
+        except P.KVStateError as exc:
+            if exc.code != P.ErrorCode.OUT_OF_MEMORY:
+                raise
+            logger.info("%s(%d) refused: %s", what, n, exc)
+            return None
+
+    def _alloc_server(self, n: int) -> Optional[array]:
+        idx = self._try_server(n, self.client.alloc, "alloc")
+        if idx is not None:
+            self._free_delta -= len(idx)
+        return idx
+
+    def _open_lease(self, n: int) -> Optional[SlotLease]:
+        """One ``Lease`` round trip for >= n tokens (a full block when possible)."""
+        for size in dict.fromkeys((max(self.lease_block, n), n)):
+            lease = self._try_server(size, self.client.lease, "lease")
+            if lease is not None:
+                self._free_delta -= len(lease.indices)
+                return lease
+        return None
+
+    def _alloc_small(self, n: int) -> Optional[array]:
+        """Take ``n`` from the local lease; at most one round trip to refill it."""
+        lease = self._lease
+        if lease is not None and lease.available >= n:
+            return lease.take(n)
+        part = lease.take(lease.available) if lease is not None else _EMPTY
+        fresh = self._open_lease(n - len(part))
+        if fresh is None:
+            if len(part):
+                lease.give_back(part)
+            return None
+        if lease is not None:
+            self._exhausted.append(lease)
+        self._lease = fresh
+        out = array("q", part)
+        out.extend(fresh.take(n - len(part)))
+        return out
+
+    def _take_pages(self, num_pages: int) -> Optional[torch.Tensor]:
+        """``num_pages`` fresh page ids (cpu int64), or ``None``."""
+        if num_pages == 0:
+            return torch.empty((0,), dtype=torch.int64)
+        n = num_pages * self.page_size
+        idx = self._alloc_small(n) if n <= self.small_alloc_max else self._alloc_server(n)
+        if idx is None:
+            return None
+        return index_tensor(idx, "cpu")[:: self.page_size] // self.page_size
+
+    def alloc_extend(self, prefix_lens: torch.Tensor, prefix_lens_cpu: torch.Tensor,
+                     seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor,
+                     last_loc: torch.Tensor, extend_num_tokens: int,
+                     num_new_pages: Optional[int] = None, **unused: Any
+                     ) -> Optional[torch.Tensor]:
+        """Paged prefill allocation (same output as SGLang's paged allocator):
+        each request first fills its partial last page after ``last_loc``, then
+        gets whole new pages.  Only the new pages cost an allocation."""
+        if unused:
+            raise NotImplementedError(f"alloc_extend options {sorted(unused)} (DSv4)")
+        if self.page_size == 1:
+            return self.alloc(extend_num_tokens)
+        from sglang.srt.mem_cache.allocator.paged import alloc_extend_naive
+
+        ps = self.page_size
+        if num_new_pages is None:
+            num_new_pages = int(((seq_lens_cpu + ps - 1) // ps
+                                 - (prefix_lens_cpu + ps - 1) // ps).sum())
+        pages = self._take_pages(num_new_pages)
+        if pages is None:
+            return None
+        out = torch.empty((extend_num_tokens,), dtype=torch.int64)
+        alloc_extend_naive(prefix_lens_cpu.to(torch.int64), seq_lens_cpu.to(torch.int64),
+                           last_loc.to("cpu", torch.int64), pages, out, ps, "cpu")
+        return out.to(self.device)
+
+    def alloc_decode(self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor,
+                     last_loc: torch.Tensor, **unused: Any) -> Optional[torch.Tensor]:
+        """Paged decode allocation: one slot per request, a new page only where
+        the new token starts one (``seq_len % page_size == 1``)."""
+        if unused:
+            raise NotImplementedError(f"alloc_decode options {sorted(unused)} (DSv4)")
+        if self.page_size == 1:
+            return self.alloc(len(seq_lens_cpu))
+        need = (seq_lens_cpu % self.page_size) == 1
+        pages = self._take_pages(int(need.sum()))
+        if pages is None:
+            return None
+        out = last_loc.to("cpu", torch.int64) + 1
+        out[need] = pages * self.page_size
+        return out.to(self.device)
+
+    # ------------------------------------------------------------- free
+    def _buffer(self, reps: torch.Tensor) -> None:
+        """Buffer page representatives (token indices, one per page)."""
+        if reps.numel() == 0:
+            return
+        # a copy: callers pass views of req_to_token rows they overwrite next
+        self._pending.append(reps.to("cpu", torch.int64, copy=True))
+        self._pending_tokens += reps.numel() * self.page_size
+        if self.is_not_in_free_group and self._pending_tokens >= self.free_flush_tokens:
+            self._flush_frees()
+
+    def free(self, free_index: torch.Tensor) -> None:
+        """Free the pages covering ``free_index`` (buffered; see module doc)."""
+        if free_index.numel() == 0:
+            return
+        if self.page_size == 1:
+            self._buffer(free_index)
+        else:
+            pages = torch.unique(free_index.to("cpu", torch.int64) // self.page_size)
+            self._buffer(pages * self.page_size)
+
+    def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
+        """Free ``kv_row[start_pos:start_pos + n]`` (SGLang's page-stride form)."""
+        if free_index.numel() == 0:
+            return
+        ps = self.page_size
+        if ps == 1:
+            self._buffer(free_index)
+            return
+        offset = start_pos % ps
+        reps = free_index[::ps] if offset == 0 else \
+            torch.cat((free_index[:1], free_index[ps - offset:: ps]))
+        self._buffer(reps.to("cpu", torch.int64) // ps * ps)
+
+    def free_group_begin(self) -> None:
+        self.is_not_in_free_group = False
+
+    def free_group_end(self) -> None:
+        """End of a scheduler free group: the group's frees go out in one call."""
+        self.is_not_in_free_group = True
+        self._flush_frees()
+        if len(self._exhausted) >= self.lease_close_batch:
+            self._close_exhausted()
+
+    def _flush_frees(self) -> int:
+        if not self._pending:
+            return 0
+        idx = torch.cat(self._pending)
+        self._pending, self._pending_tokens = [], 0
+        uniq = torch.unique(idx)
+        if uniq.numel() != idx.numel():
+            logger.warning("%d pages freed twice in one batch; freeing once",
+                           idx.numel() - uniq.numel())
+        freed = self.client.free(to_index_array(uniq))
+        self._free_delta += freed
+        return freed
+
+    def _close_exhausted(self) -> None:
+        for lease in self._exhausted:
+            self.client.return_lease(lease.lease_id, _EMPTY)
+            lease.closed = True
+        self._exhausted.clear()
+
+    def flush(self) -> int:
+        """Send every buffered free now (one call) and close exhausted leases;
+        returns tokens freed.  A refused batch (``KVStateError``: a bug such as
+        freeing slots this client does not own) is dropped whole and re-raised;
+        its slots stay with this client until ``goodbye``."""
+        freed = self._flush_frees()
+        self._close_exhausted()
+        return freed
+
+    def release_lease(self) -> int:
+        """Return the local lease's unused slots to the server; returns tokens."""
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return 0
+        returned = lease.return_unused()
+        self._free_delta += returned
+        return returned
+
+    def clear(self) -> None:
+        """SGLang's ``clear`` (flush_cache, when idle): hands back everything this
+        process holds idle (buffered frees, the lease).  It cannot clear the shared
+        pool; slots still held by requests stay held."""
+        self.flush()
+        self.release_lease()
+        self.is_not_in_free_group = True
+        self.refresh_stats()
+
+    def close(self) -> None:
+        """Flush and return the lease (call before the client's goodbye)."""
+        self.clear()
+
+    # --------------------------------------------------- not available remotely
+    def get_cpu_copy(self, indices: Any, mamba_indices: Any = None) -> Any:
+        raise NotImplementedError("HiCache offload is not supported by the semipd allocator")
+
+    def load_cpu_copy(self, kv_cache_cpu: Any, indices: Any, mamba_indices: Any = None
+                      ) -> Any:
+        raise NotImplementedError("HiCache load-back is not supported by the semipd allocator")
+
+    def resize(self, config: Any) -> None:
+        raise NotImplementedError("the shared KV pool is sized by the memory manager")
+
+    def merge_and_sort_free(self) -> None:
+        raise NotImplementedError("free lists live in the memory manager")
+
+    def backup_state(self) -> Any:
+        raise NotImplementedError("allocator state lives in the memory manager; "
+                                  "it cannot be snapshotted by one worker")
+
+    def restore_state(self, state: Any) -> None:
+        raise NotImplementedError("allocator state lives in the memory manager; "
+                                  "it cannot be restored by one worker")
+
+    def debug_print(self) -> str:
+        return (f"RemoteTokenAllocator(client={self.client.client_id}, "
+                f"available~{self.available_size()}, lease={self.leased_available}, "
+                f"pending_free={self._pending_tokens})")

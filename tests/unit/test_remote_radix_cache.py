@@ -1,0 +1,486 @@
+"""Worker side of the memory manager: RemoteRadixCache + RemoteTokenAllocator.
+
+One spawned process serves two memory managers (page_size 1 and 4, a thread each)
+for the module; each test starts from an empty tree (``Reset``) and ends with
+nothing held.  Requests are real SGLang ``Req`` objects admitted through
+``Req.init_next_round_input``; rows are a real CPU ``ReqToTokenPool``."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import threading
+import time
+from array import array
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.common import evict_from_tree_cache
+from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+from sglang_semipd import protocol as P
+from sglang_semipd.memory.backend import BACKEND_NAME, register_semipd_radix_backend
+from sglang_semipd.memory.remote_allocator import RemoteTokenAllocator
+from sglang_semipd.memory.remote_radix_cache import RemoteNode, RemoteRadixCache, StaleNodeError
+from sglang_semipd.memory.rpc import (
+    KVStateClient,
+    KVStateServerConfig,
+    KVStateTimeout,
+    run_kv_state_server,
+)
+from sglang_semipd.testing.procs import recv_reply, run_reporting
+
+CAPACITY = 4096
+ROWS, MAX_CTX = 32, 256
+_SPAWN = mp.get_context("spawn")
+
+
+# ------------------------------------------------------------------ harness
+class Side:
+    """One worker's view: a tree cache, its allocator and a req->token pool.
+
+    Mirrors the scheduler's calls: admission (``init_next_round_input`` + lock),
+    page-aware slot allocation (``alloc_extend`` / ``alloc_decode`` shapes),
+    ``cache_unfinished_req`` per prefill chunk, ``cache_finished_req`` in a free
+    group."""
+
+    def __init__(self, tree: Any, alloc: Any, pool: ReqToTokenPool, page_size: int,
+                 paged_api: bool = False) -> None:
+        self.tree, self.alloc, self.pool, self.ps = tree, alloc, pool, page_size
+        self.paged_api = paged_api and page_size > 1  # use alloc_extend/alloc_decode
+
+    def new_req(self, rid: str, prompt: list[int], extra_key: str | None = None,
+                output: list[int] = ()) -> Req:
+        req = Req(rid, "", array("q", prompt), SamplingParams(), extra_key=extra_key)
+        req.output_ids.extend(output)
+        return req
+
+    def admit(self, req: Req) -> int:
+        req.init_next_round_input(self.tree)
+        self.tree.inc_lock_ref(req.last_node)
+        self.pool.alloc([req])
+        n = len(req.prefix_indices)
+        if n:
+            self.pool.write((req.req_pool_idx, slice(0, n)), req.prefix_indices)
+        req.filled = n
+        return n
+
+    def _row(self, req: Req) -> torch.Tensor:
+        return self.pool.req_to_token[req.req_pool_idx]
+
+    def _extend_slots(self, req: Req, a: int, b: int) -> torch.Tensor:
+        ps, row = self.ps, self._row(req)
+        evict_from_tree_cache(self.tree, b - a + ps)
+        last = int(row[a - 1]) if a else -1
+        if self.paged_api:
+            return self.alloc.alloc_extend(torch.tensor([a]), torch.tensor([a]),
+                                           torch.tensor([b]), torch.tensor([b]),
+                                           torch.tensor([last]), b - a)
+        fill = min(b, -(-a // ps) * ps) - a if a % ps else 0
+        head = torch.arange(last + 1, last + 1 + fill, dtype=torch.int64)
+        pages = -(-(b - a - fill) // ps)
+        fresh = self.alloc.alloc(pages * ps) if pages else head[:0]
+        return torch.cat([head, fresh[: b - a - fill]])
+
+    def prefill(self, req: Req, end: int, first_token: int | None) -> None:
+        """Prefill up to ``end``; ``first_token`` marks the last chunk."""
+        a = req.filled
+        assert a == len(req.prefix_indices)
+        self.pool.write((req.req_pool_idx, slice(a, end)), self._extend_slots(req, a, end))
+        req.filled = end
+        req.set_extend_range(a, end)
+        if first_token is None:
+            self.tree.cache_unfinished_req(req, chunked=True)
+        else:
+            req.output_ids.append(first_token)
+            self.tree.cache_unfinished_req(req)
+
+    def decode(self, reqs: list[Req], tokens: list[int]) -> None:
+        ps, pos = self.ps, [r.filled for r in reqs]
+        evict_from_tree_cache(self.tree, len(reqs) * ps)
+        last = torch.tensor([int(self._row(r)[p - 1]) if p else -1 for r, p in zip(reqs, pos)])
+        if ps == 1:
+            slots = self.alloc.alloc(len(reqs))
+        elif self.paged_api:
+            seq = torch.tensor(pos) + 1
+            slots = self.alloc.alloc_decode(seq, seq, last)
+        else:
+            need = [p % ps == 0 for p in pos]
+            fresh = self.alloc.alloc(sum(need) * ps)
+            slots, k = last + 1, 0
+            for i, n in enumerate(need):
+                if n:
+                    slots[i], k = fresh[k], k + ps
+        for r, p, s, t in zip(reqs, pos, slots.tolist(), tokens):
+            self.pool.write((r.req_pool_idx, p), s)
+            r.filled = p + 1
+            r.output_ids.append(t)
+
+    def finish(self, reqs: list[Req], insert: bool = True) -> None:
+        self.alloc.free_group_begin()
+        for r in reqs:
+            self.tree.cache_finished_req(r, is_insert=insert, kv_len_to_handle=r.filled)
+            self.pool.free(r)
+        self.alloc.free_group_end()
+
+
+def _pool() -> ReqToTokenPool:
+    return ReqToTokenPool(ROWS, MAX_CTX, device="cpu", enable_memory_saver=False)
+
+
+def local_side(page_size: int) -> Side:
+    pool = _pool()
+    if page_size == 1:
+        alloc = TokenToKVPoolAllocator(CAPACITY, torch.bfloat16, "cpu", None, False)
+    else:
+        alloc = PagedTokenToKVPoolAllocator(CAPACITY, page_size, torch.bfloat16, "cpu", None,
+                                            False)
+    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=pool,
+                                      token_to_kv_pool_allocator=alloc, page_size=page_size))
+    return Side(tree, alloc, pool, page_size)
+
+
+def remote_side(endpoint: str, name: str, role: str = "", paged_api: bool = False,
+                **alloc_kw: Any) -> Side:
+    client = KVStateClient(endpoint, name, role=role, timeout_s=30)
+    alloc_kw.setdefault("stats_max_age_s", None)
+    alloc = RemoteTokenAllocator(client, **alloc_kw)
+    pool = _pool()
+    tree = RemoteRadixCache(CacheInitParams(disable=False, req_to_token_pool=pool,
+                                            token_to_kv_pool_allocator=alloc,
+                                            page_size=client.page_size))
+    return Side(tree, alloc, pool, client.page_size, paged_api=paged_api)
+
+
+def close_remote(side: Side) -> P.ReleaseReply:
+    """Flush, check nothing is held by this client, say goodbye."""
+    side.alloc.close()
+    client = side.alloc.client
+    report = client.check_invariant()
+    assert report.ok, report.errors
+    assert client.client_id not in report.client_held, report.client_held
+    bye = client.goodbye()
+    client.close()
+    return bye
+
+
+class CountingClient:
+    """Counts a KVStateClient's round trips by message type."""
+
+    def __init__(self, client: KVStateClient) -> None:
+        self.counts: dict[str, int] = {}
+        inner = client.call
+
+        def call(msg: Any, *bufs: Any, **kw: Any) -> Any:
+            self.counts[type(msg).__name__] = self.counts.get(type(msg).__name__, 0) + 1
+            return inner(msg, *bufs, **kw)
+
+        client.call = call
+
+
+# ------------------------------------------------------------------ server
+def _servers_main(configs: list[KVStateServerConfig]) -> None:
+    """Several memory managers in one process (one SGLang import)."""
+    threads = [threading.Thread(target=run_kv_state_server, args=(c,)) for c in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    sock_dir = tmp_path_factory.mktemp("rkv")
+    configs = [KVStateServerConfig(f"ipc://{sock_dir}/kv{ps}.sock", CAPACITY, page_size=ps,
+                                   req_rows=ROWS, log_level="WARNING") for ps in (1, 4)]
+    proc = _SPAWN.Process(target=_servers_main, args=(configs,), daemon=True)
+    proc.start()
+    sups, deadline = {}, time.monotonic() + 120  # the server imports SGLang first
+    for c in configs:
+        sup = KVStateClient(c.endpoint, "supervisor", timeout_s=15, register=False)
+        while not sup.client_id:
+            assert proc.is_alive() and time.monotonic() < deadline, "server did not come up"
+            try:
+                sup.hello(timeout_s=1.0)
+            except KVStateTimeout:
+                pass
+        sups[c.page_size] = (c.endpoint, sup)
+    yield sups
+    for _, sup in sups.values():
+        try:
+            sup.shutdown()
+        finally:
+            sup.close()
+    proc.join(15)
+    if proc.is_alive():
+        proc.kill()
+
+
+def fresh(servers, page_size: int) -> tuple[str, KVStateClient]:
+    endpoint, sup = servers[page_size]
+    sup.reset()  # refused if a previous test left anything held
+    return endpoint, sup
+
+
+def assert_clean(sup: KVStateClient) -> P.InvariantReport:
+    report = sup.check_invariant()
+    assert report.ok, report.errors
+    assert report.client_held == {} and report.leased == 0
+    assert report.protected == 0 and report.lock_refs == 0
+    return report
+
+
+# ------------------------------------------------------------------ tests
+PREFIXES = [[1000 + 50 * k + i for i in range(10 + 7 * k)] for k in range(4)]
+
+
+def _prompt(rng: random.Random) -> list[int]:
+    base = list(rng.choice(PREFIXES))
+    if rng.random() < 0.3:
+        base = base[: rng.randrange(1, len(base) + 1)]
+    return base + [rng.randrange(8) for _ in range(rng.randrange(1, 30))]
+
+
+def _run_lockstep(rng: random.Random, local: Side, remote: Side, n_requests: int) -> dict:
+    """Same random lifecycles on both sides, compared after every step."""
+    active: list[dict] = []  # {"reqs": (local req, remote req), "len", "decoding"}
+    seen: list[tuple[list[int], str | None]] = []
+    started = stats = hits = matched = 0
+    while started < n_requests or active:
+        r = rng.random()
+        if started < n_requests and len(active) < 4 and (r < 0.3 or not active):
+            if active and r < 0.1:  # same prompt as one in flight: its chunks race ours
+                prompt, key = list(rng.choice(active)["reqs"][0].origin_input_ids), None
+            else:
+                prompt, key = _prompt(rng), ("lora-b" if rng.random() < 0.15 else None)
+            matched += (len(prompt) - 1) // remote.ps > 0
+            seen.append((prompt, key))
+            pair = tuple(s.new_req(f"r{started}", prompt, key) for s in (local, remote))
+            got = [s.admit(q) for s, q in zip((local, remote), pair)]
+            assert got[0] == got[1], (started, got)
+            assert pair[0].cache_protected_len == pair[1].cache_protected_len
+            assert isinstance(pair[1].last_node, RemoteNode)
+            hits += got[0] > 0
+            active.append({"reqs": pair, "len": len(prompt), "decoding": False})
+            started += 1
+            continue
+        item = rng.choice(active)
+        lq, rq = item["reqs"]
+        if not item["decoding"]:
+            end = min(item["len"], lq.filled + rng.randrange(1, 24))
+            first = rng.randrange(8) if end == item["len"] else None
+            for s, q in zip((local, remote), (lq, rq)):
+                s.prefill(q, end, first)
+            assert len(lq.prefix_indices) == len(rq.prefix_indices) == end
+            assert lq.cache_protected_len == rq.cache_protected_len
+            item["decoding"] = first is not None
+        elif r < 0.75:
+            batch = [a for a in active if a["decoding"]]
+            toks = [rng.randrange(8) for _ in batch]
+            for k, s in enumerate((local, remote)):
+                s.decode([a["reqs"][k] for a in batch], toks)
+        else:
+            active.remove(item)
+            insert = rng.random() < 0.9
+            for s, q in zip((local, remote), (lq, rq)):
+                s.finish([q], insert=insert)
+            stats += 1
+    return {"finished": stats, "hits": hits, "seen": seen, "matched": matched}
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_differential_against_sglang_radix_cache(servers, page_size: int) -> None:
+    endpoint, sup = fresh(servers, page_size)
+    local = local_side(page_size)
+    remote = remote_side(endpoint, f"diff{page_size}", role="prefill",
+                         paged_api=page_size > 1, lease_block=32)
+    counter = CountingClient(remote.alloc.client)
+    out = _run_lockstep(random.Random(7 + page_size), local, remote, n_requests=60)
+    assert out["finished"] == 60 and out["hits"] > 10
+
+    remote.alloc.flush()
+    report = remote.tree.refresh_stats()
+    assert local.tree.protected_size() == 0 and remote.tree.protected_size() == 0
+    assert report.evictable == local.tree.evictable_size() == remote.tree.evictable_size()
+    assert report.evictable + report.protected == local.tree.total_size() > 0
+    assert remote.tree.total_size() == local.tree.total_size()
+    # cache_unfinished_req had to adopt the tree's slots (another request's) at least once
+    assert counter.counts["MatchPrefix"] > out["matched"], (counter.counts, out["matched"])
+
+    # same LRU eviction on both trees, then the same matches
+    want = local.tree.evictable_size() // 2
+    ev = [s.tree.evict(EvictParams(num_tokens=want)).num_tokens_evicted
+          for s in (local, remote)]
+    assert ev[0] == ev[1] >= want
+    for prompt, key in out["seen"]:
+        params = MatchPrefixParams(key=RadixKey(array("q", prompt), key))
+        lens = [len(s.tree.match_prefix(params).device_indices) for s in (local, remote)]
+        assert lens[0] == lens[1], (prompt, key, lens)
+    bye = close_remote(remote)
+    assert (bye.freed_tokens, bye.dropped_locks) == (0, 0)
+    assert_clean(sup)
+    assert local.alloc.available_size() + local.tree.evictable_size() == CAPACITY
+
+
+def _worker_body(endpoint: str, role: str, prompts: list[list[int]], conn: Any) -> None:
+    """A prefill or decode worker sharing the memory manager's tree; the parent
+    sequences the hand-off (prefilled -> decode locks -> prefill finishes)."""
+    side = remote_side(endpoint, role, role=role, paged_api=True, lease_block=16)
+    if role == "prefill":
+        reqs = [side.new_req(f"p{i}", p) for i, p in enumerate(prompts)]
+        for q in reqs:
+            side.admit(q)
+            n = len(q.origin_input_ids)
+            for end in range(min(n, 8 + q.filled), n, 8):  # chunked prefill
+                side.prefill(q, end, None)
+            side.prefill(q, n, 7)
+        conn.send({"prefilled": len(reqs)})
+        conn.recv()
+        side.finish(reqs)  # hand-off done: cache finished, drop the prefill's locks
+    else:
+        conn.recv()
+        reqs = [side.new_req(f"d{i}", p, output=[7]) for i, p in enumerate(prompts)]
+        conn.send({"hits": [side.admit(q) for q in reqs]})
+        conn.recv()
+        for q in (q for q in reqs if q.filled < len(q.origin_input_ids)):
+            side.prefill(q, len(q.origin_input_ids), None)  # recompute the unaligned tail
+        for step in range(10):
+            side.decode(reqs, [step] * len(reqs))
+        side.finish(reqs)
+    bye = close_remote(side)
+    conn.send({"goodbye": [bye.freed_tokens, bye.dropped_locks]})
+
+
+def _worker_main(*args: Any) -> None:
+    run_reporting(_worker_body, *args)
+
+
+def test_prefill_and_decode_workers_share_the_tree(servers) -> None:
+    endpoint, sup = fresh(servers, 4)
+    rng = random.Random(3)
+    prompts = [PREFIXES[k % 4] + [rng.randrange(50) for _ in range(5 + 3 * k)]
+               for k in range(6)]
+    pipes = {role: _SPAWN.Pipe() for role in ("prefill", "decode")}
+    procs = [_SPAWN.Process(target=_worker_main, args=(endpoint, role, prompts, child))
+             for role, (_, child) in pipes.items()]
+    for p in procs:
+        p.start()
+    pre, dec = pipes["prefill"][0], pipes["decode"][0]
+    assert recv_reply(pre) == {"prefilled": len(prompts)}
+    dec.send("go")
+    assert recv_reply(dec)["hits"] == [len(p) // 4 * 4 for p in prompts]
+    pre.send("go")
+    dec.send("go")
+    assert recv_reply(pre) == recv_reply(dec) == {"goodbye": [0, 0]}
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0, f"worker exit code {p.exitcode}"
+    report = assert_clean(sup)
+    assert report.evictable > 0 and report.free + report.evictable == CAPACITY
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_decode_fast_path_round_trips(servers, page_size: int) -> None:
+    endpoint, sup = fresh(servers, page_size)
+    block, batch, steps = 64, 8, 48
+    side = remote_side(endpoint, "fast", role="decode", paged_api=True, lease_block=block)
+    reqs = [side.new_req(f"f{i}", [3000 + 40 * i + j for j in range(9)]) for i in range(batch)]
+    for q in reqs:
+        side.admit(q)
+        side.prefill(q, len(q.origin_input_ids), 1)
+    counter = CountingClient(side.alloc.client)
+    for step in range(steps):
+        side.decode(reqs, [step] * batch)
+    tokens = steps * batch if page_size == 1 else \
+        sum(_new_pages(q, steps) for q in reqs) * page_size
+    bound = -(-tokens // block) + 1
+    assert counter.counts.get("Lease", 0) == sum(counter.counts.values()) <= bound, bound
+    counter.counts.clear()
+    side.finish(reqs)  # per request Insert + DecLockRef; all frees in one Free
+    frees = counter.counts.pop("Free", 0)  # none when every row ends page-aligned
+    assert counter.counts == {"Insert": batch, "DecLockRef": batch} and frees == (page_size > 1)
+    bye = close_remote(side)
+    assert (bye.freed_tokens, bye.dropped_locks) == (0, 0)
+    assert_clean(sup)
+
+
+def _new_pages(q: Req, steps: int) -> int:
+    """Pages started by the last ``steps`` decode positions of ``q``."""
+    return sum(1 for p in range(q.filled - steps, q.filled) if p % 4 == 0)
+
+
+def test_stale_node_and_allocator_contracts(servers) -> None:
+    endpoint, sup = fresh(servers, 1)
+    a = remote_side(endpoint, "a", lease_block=16)
+    b = remote_side(endpoint, "b", lease_block=16)
+    q = a.new_req("s0", list(range(500, 540)))
+    a.admit(q)
+    a.prefill(q, 40, 1)
+    a.finish([q])
+    m = b.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", range(500, 540)))))
+    assert len(m.device_indices) == 40 and not m.last_device_node.is_root
+    assert a.tree.evict(EvictParams(num_tokens=CAPACITY)).num_tokens_evicted == 40
+    with pytest.raises(StaleNodeError):
+        b.tree.inc_lock_ref(m.last_device_node)
+    alloc = a.alloc
+    small = alloc.alloc(3)
+    assert small.dtype == torch.int64 and alloc.leased_available == 13
+    big = alloc.alloc(100)
+    before = alloc.available_size()
+    alloc.free(big)  # buffered: counted locally, not yet on the server
+    alloc.free(small)
+    assert alloc.pending_free_tokens == 103 and alloc.available_size() == before + 103
+    assert sup.stats().client_held[alloc.client.client_id] == 116
+    assert alloc.flush() == 103 and alloc.pending_free_tokens == 0
+    assert alloc.alloc(CAPACITY * 2) is None
+    for call in [lambda: alloc.get_cpu_copy(None), lambda: alloc.resize(None),
+                 alloc.backup_state, a.tree.all_values_flatten]:
+        with pytest.raises(NotImplementedError):
+            call()
+    for side in (a, b):
+        close_remote(side)
+    assert_clean(sup)
+
+
+def test_create_tree_cache_with_semipd_backend(servers) -> None:
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext, create_tree_cache
+
+    endpoint, sup = fresh(servers, 4)
+    side = remote_side(endpoint, "built")
+    calls: list[Any] = []
+
+    def factory(ctx: Any) -> KVStateClient:
+        calls.append(ctx)
+        return side.alloc.client
+
+    register_semipd_radix_backend(lambda ctx: None)
+    register_semipd_radix_backend(factory)  # idempotent: re-points the factory
+    server_args = SimpleNamespace(radix_cache_backend=BACKEND_NAME,
+                                  enable_session_radix_cache=False,
+                                  enable_streaming_session=False)
+
+    def ctx(alloc: Any) -> TreeCacheBuildContext:
+        params = CacheInitParams(disable=False, req_to_token_pool=side.pool,
+                                 token_to_kv_pool_allocator=alloc, page_size=4)
+        return TreeCacheBuildContext(server_args, params, False, False, False, False, None,
+                                     None, None, 1, 0, None)
+
+    cache = create_tree_cache(ctx(side.alloc))
+    assert isinstance(cache, RemoteRadixCache) and calls
+    assert cache.client is side.alloc.client and cache.page_size == 4
+    assert cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", [1, 2, 3, 4, 5])))
+                              ).last_device_node is cache.root_node
+    local = PagedTokenToKVPoolAllocator(64, 4, torch.bfloat16, "cpu", None, False)
+    with pytest.raises(TypeError):
+        create_tree_cache(ctx(local))
+    close_remote(side)
+    assert_clean(sup)
