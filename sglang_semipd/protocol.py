@@ -454,6 +454,8 @@ def encode(msg: Any, *buffers: BufferLike, seq: int = 0) -> list[bytes]:
 def _decode_header(frame0: Any) -> _Header:
     try:
         return _hdr_decoder.decode(frame0)
+    except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 in a str field through
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"bad header: {exc}") from None
     except msgspec.DecodeError as exc:
         # Tell a version mismatch apart from plain garbage when we can.
         try:
@@ -474,7 +476,7 @@ def _decode_msg(raw: msgspec.Raw) -> Any:
         unknown = text.startswith("Invalid value") and text.endswith("`$.type`")
         code = ErrorCode.UNKNOWN_TYPE if unknown else ErrorCode.BAD_MESSAGE
         raise ProtocolError(code, text) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
 
 

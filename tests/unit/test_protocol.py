@@ -170,3 +170,30 @@ def test_encode_refuses_wrong_buffer_count_and_foreign_objects() -> None:
 def test_little_endian_int64_wire_layout() -> None:
     frames = P.encode(P.ReturnLease(lease_id=1), array("q", [1, -2]))
     assert frames[1] == (1).to_bytes(8, "little") + (-2).to_bytes(8, "little", signed=True)
+
+
+# ------------------------------------------------------------------ fuzzing the decoder
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
+def test_decode_of_random_frames_only_raises_protocol_error(frames: list[bytes]) -> None:
+    try:
+        P.decode(frames)
+    except P.ProtocolError as exc:
+        assert exc.code in {P.ErrorCode.BAD_MESSAGE, P.ErrorCode.VERSION,
+                            P.ErrorCode.TRUNCATED, P.ErrorCode.BAD_FRAMES,
+                            P.ErrorCode.UNKNOWN_TYPE}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from(range(len(SAMPLES))), st.data())
+def test_mutated_valid_messages_decode_or_fail_cleanly(i: int, data: st.DataObject) -> None:
+    msg, bufs = SAMPLES[i]
+    frames = P.encode(msg, *bufs, seq=5)
+    head = bytearray(frames[0])
+    pos = data.draw(st.integers(0, len(head) - 1))
+    head[pos] = data.draw(st.integers(0, 255))
+    try:
+        out, _ = P.decode([bytes(head), *frames[1:]])
+    except P.ProtocolError:
+        return
+    assert type(out) in P.message_types()  # a flip that still parses is a valid message
