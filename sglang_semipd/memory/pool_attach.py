@@ -23,7 +23,7 @@ Invariant: after a replay, every shared storage of the pool is a view of the man
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -4,7 +4,7 @@ the memory manager (:mod:`sglang_semipd.memory.service`) instead of this process
 The scheduler sees an ordinary ``BaseTokenToKVPoolAllocator``; underneath:
 
 * **Allocation.**  ``alloc(n)`` with ``n <= small_alloc_max`` (decode-sized) is
-  served from a local :class:`~sglang_semipd.memory.rpc.SlotLease`; when the lease
+  served from a local :class:`~sglang_semipd.memory.client.SlotLease`; when the lease
   runs short its remainder is used up and one ``Lease`` round trip opens the next
   block of ``lease_block`` tokens.  A decode step therefore costs at most one
   round trip (usually zero).  Larger requests are one ``Alloc`` round trip.
@@ -45,7 +45,7 @@ import torch
 from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 
 from sglang_semipd import protocol as P
-from sglang_semipd.memory.rpc import KVStateClient, SlotLease
+from sglang_semipd.memory.client import KVStateClient, SlotLease
 
 logger = logging.getLogger(__name__)
 

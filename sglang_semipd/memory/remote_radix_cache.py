@@ -59,7 +59,7 @@ from sglang_semipd.memory.remote_allocator import (
     index_tensor,
     to_index_array,
 )
-from sglang_semipd.memory.rpc import KVStateClient
+from sglang_semipd.memory.client import KVStateClient
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req

@@ -25,12 +25,8 @@ import pytest
 import zmq
 
 from sglang_semipd import protocol as P
-from sglang_semipd.memory.rpc import (
-    KVStateClient,
-    KVStateServerConfig,
-    KVStateTimeout,
-    run_kv_state_server,
-)
+from sglang_semipd.memory.client import KVStateClient, KVStateTimeout
+from sglang_semipd.memory.rpc import KVStateServerConfig, run_kv_state_server
 
 CAPACITY = 256
 PREFIXES = [list(range(1000 + 40 * k, 1000 + 40 * k + 16 + 8 * k)) for k in range(4)]
@@ -434,7 +430,7 @@ def test_client_timeout_then_drops_the_stale_reply(tmp_path) -> None:
 
 def test_client_modules_import_without_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import sglang_semipd.memory.rpc, sglang_semipd.protocol\n"
+            "import sglang_semipd.memory.client, sglang_semipd.memory.rpc, sglang_semipd.protocol\n"
             "assert not any(m.startswith('sglang.') for m in sys.modules)\n")
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,

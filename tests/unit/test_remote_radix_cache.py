@@ -31,12 +31,8 @@ from sglang_semipd import protocol as P
 from sglang_semipd.memory.backend import BACKEND_NAME, register_semipd_radix_backend
 from sglang_semipd.memory.remote_allocator import RemoteTokenAllocator
 from sglang_semipd.memory.remote_radix_cache import RemoteNode, RemoteRadixCache, StaleNodeError
-from sglang_semipd.memory.rpc import (
-    KVStateClient,
-    KVStateServerConfig,
-    KVStateTimeout,
-    run_kv_state_server,
-)
+from sglang_semipd.memory.client import KVStateClient, KVStateTimeout
+from sglang_semipd.memory.rpc import KVStateServerConfig, run_kv_state_server
 from sglang_semipd.testing.procs import recv_reply, run_reporting
 
 CAPACITY = 4096

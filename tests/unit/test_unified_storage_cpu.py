@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from sglang_semipd.memory.rpc import KVStateClient, KVStateServerConfig, run_kv_state_server
+from sglang_semipd.memory.client import KVStateClient
+from sglang_semipd.memory.rpc import KVStateServerConfig, run_kv_state_server
 from sglang_semipd.testing.pools import CPU_POOL_TOKENS, CPU_REQ_ROWS
 from sglang_semipd.testing.procs import recv_reply, run_reporting
 
