@@ -7,7 +7,7 @@ req->token row pool and an :class:`~sglang_semipd.memory.ledger.OwnershipLedger`
 Contracts:
 
 * Every allocator alloc/free -- including the frees ``RadixCache.evict`` does --
-  goes through :class:`_LedgerHooks`, which validates the transition in the
+  goes through :mod:`~sglang_semipd.memory.ledgered_allocator`, which validates the transition in the
   ledger *before* the allocator mutates; a refused request changes nothing.
 * The ledger unit is a page (== a slot when ``page_size == 1``); all public
   sizes and indices are in tokens.  Allocations are whole pages.
@@ -24,20 +24,19 @@ Not thread-safe: the RPC server serialises calls.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
-from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from sglang_semipd.memory.ledgered_allocator import (LedgeredPagedAllocator,
+                                                     LedgeredTokenAllocator)
 from sglang_semipd.memory.ledger import FREE, TREE, DuplicateSlotError, OwnershipLedger, SlotPool
 from sglang_semipd.protocol import ErrorCode, InvariantReport, KVStateError, ReleaseReply
 
@@ -57,88 +56,6 @@ def to_array(t: torch.Tensor) -> array:
 
 
 _EMPTY = torch.empty((0,), dtype=torch.int64)
-
-
-class _LedgerHooks:
-    """Mixin over an SGLang allocator: every alloc/free updates the ledger first.
-
-    The owner of an alloc and the expected owner of a free come from
-    :meth:`acting` (the service sets them around each operation; the radix
-    tree's frees happen under ``free_owner=TREE``)."""
-
-    ledger: OwnershipLedger
-    _alloc_owner: Optional[int] = None
-    _free_owner: Optional[int] = None
-    _depth = 0
-
-    def attach(self, ledger: OwnershipLedger) -> None:
-        self.ledger = ledger
-
-    @contextlib.contextmanager
-    def acting(self, alloc_owner: Optional[int] = None, free_owner: Optional[int] = None
-               ) -> Iterator[None]:
-        saved = (self._alloc_owner, self._free_owner)
-        self._alloc_owner, self._free_owner = alloc_owner, free_owner
-        try:
-            yield
-        finally:
-            self._alloc_owner, self._free_owner = saved
-
-    def units(self, idx: torch.Tensor) -> list[int]:
-        """Ledger units (pages) covered by token indices ``idx``."""
-        if self.page_size == 1:
-            return idx.tolist()
-        return torch.unique(torch.div(idx, self.page_size, rounding_mode="floor")).tolist()
-
-    def alloc(self, need_size: int):
-        out = super().alloc(need_size)
-        if out is not None and out.numel():
-            if self._alloc_owner is None:
-                raise RuntimeError("allocator used outside KVStateService.acting()")
-            try:
-                self.ledger.issue(self.units(out), self._alloc_owner)
-            except Exception:  # allocator and ledger disagree: a bug, never input
-                logger.critical("allocator handed out slots the ledger does not see as free")
-                raise
-        return out
-
-    def _ledgered(self, free_index: torch.Tensor, call) -> None:
-        if self._depth == 0 and free_index.numel():
-            if self._free_owner is None:
-                raise RuntimeError("allocator freed outside KVStateService.acting()")
-            self.ledger.release(self.units(free_index), self._free_owner)
-        self._depth += 1
-        try:
-            call()
-        finally:
-            self._depth -= 1
-
-    def free(self, free_index: torch.Tensor) -> None:
-        self._ledgered(free_index, lambda: super(_LedgerHooks, self).free(free_index))
-
-    def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
-        self._ledgered(free_index, lambda: super(_LedgerHooks, self).free_segment(
-            free_index, start_pos=start_pos))
-
-    def free_group_begin(self) -> None:
-        raise NotImplementedError("free groups are not used by the memory manager")
-
-    def alloc_extend(self, *args: Any, **kwargs: Any):
-        raise NotImplementedError("workers ask the memory manager for whole pages")
-
-    alloc_decode = alloc_extend
-
-    def free_unit_ids(self) -> list[int]:
-        """Units currently in the allocator's free lists (duplicates preserved)."""
-        return torch.cat((self.free_pages, self.release_pages)).tolist()
-
-
-class LedgeredTokenAllocator(_LedgerHooks, TokenToKVPoolAllocator):
-    """``TokenToKVPoolAllocator`` (page_size 1) whose frees/allocs hit the ledger."""
-
-
-class LedgeredPagedAllocator(_LedgerHooks, PagedTokenToKVPoolAllocator):
-    """``PagedTokenToKVPoolAllocator`` whose frees/allocs hit the ledger."""
 
 
 @dataclass
