@@ -44,6 +44,13 @@ def as_tensor(indices: Sequence[int], device: Any = None) -> Any:
     return t if device is None else t.to(device)
 
 
+def as_index_array(t: Any) -> array:
+    """``array('q')`` copy of a 1-D integer tensor on any device (the inverse of as_tensor)."""
+    import torch
+
+    return array("q", t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+
+
 @dataclasses.dataclass(frozen=True)
 class MatchResult:
     indices: array

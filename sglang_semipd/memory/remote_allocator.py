@@ -45,23 +45,11 @@ import torch
 from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 
 from sglang_semipd import protocol as P
-from sglang_semipd.memory.client import KVStateClient, SlotLease
+from sglang_semipd.memory.client import KVStateClient, SlotLease, as_index_array, as_tensor
 
 logger = logging.getLogger(__name__)
 
 _EMPTY = array("q")
-
-
-def to_index_array(t: torch.Tensor) -> array:
-    """``array('q')`` copy of a 1-D integer tensor (any device)."""
-    return array("q", t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-
-
-def index_tensor(idx: array, device: Any) -> torch.Tensor:
-    """int64 tensor copy of ``array('q')`` indices on ``device``."""
-    if not len(idx):
-        return torch.empty((0,), dtype=torch.int64, device=device)
-    return torch.frombuffer(bytearray(idx.tobytes()), dtype=torch.int64).to(device)
 
 
 class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
@@ -148,7 +136,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         if n <= 0:
             return torch.empty((0,), dtype=torch.int64, device=self.device)
         idx = self._alloc_small(n) if n <= self.small_alloc_max else self._alloc_server(n)
-        return None if idx is None else index_tensor(idx, self.device)
+        return None if idx is None else as_tensor(idx, self.device)
 
     def _try_server(self, n: int, call: Any, what: str) -> Any:
         """Flush buffered frees if the server may be short, then ``call(n)``; None on OOM."""
@@ -203,7 +191,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         idx = self._alloc_small(n) if n <= self.small_alloc_max else self._alloc_server(n)
         if idx is None:
             return None
-        return index_tensor(idx, "cpu")[:: self.page_size] // self.page_size
+        return as_tensor(idx, "cpu")[:: self.page_size] // self.page_size
 
     def alloc_extend(self, prefix_lens: torch.Tensor, prefix_lens_cpu: torch.Tensor,
                      seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor,
@@ -300,7 +288,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         if uniq.numel() != idx.numel():
             logger.warning("%d pages freed twice in one batch; freeing once",
                            idx.numel() - uniq.numel())
-        freed = self.client.free(to_index_array(uniq))
+        freed = self.client.free(as_index_array(uniq))
         self._free_delta += freed
         return freed
 

@@ -54,12 +54,8 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 
 from sglang_semipd import protocol as P
-from sglang_semipd.memory.remote_allocator import (
-    RemoteTokenAllocator,
-    index_tensor,
-    to_index_array,
-)
-from sglang_semipd.memory.client import KVStateClient
+from sglang_semipd.memory.client import KVStateClient, as_index_array, as_tensor
+from sglang_semipd.memory.remote_allocator import RemoteTokenAllocator
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -204,7 +200,7 @@ class RemoteRadixCache(BasePrefixCache):
             return self._empty_match()
         res = self.client.match_prefix(tokens[:n], key.extra_key)
         node = self._node(res.node, res.prefix_len)
-        return MatchResult(device_indices=index_tensor(res.indices, self.device),
+        return MatchResult(device_indices=as_tensor(res.indices, self.device),
                            last_device_node=node, last_host_node=node, best_match_node=node,
                            host_hit_length=0)
 
@@ -240,7 +236,7 @@ class RemoteRadixCache(BasePrefixCache):
             raise ValueError("RemoteRadixCache.insert needs KV indices (value)")
         tokens = params.key.raw_token_ids()
         n = self._aligned(len(tokens))
-        prefix, node = self._insert(tokens[:n], to_index_array(params.value[:n]),
+        prefix, node = self._insert(tokens[:n], as_index_array(params.value[:n]),
                                     params.key.extra_key, params.priority or 0, lock=False)
         return InsertResult(prefix_len=prefix, last_device_node=node)
 
@@ -297,7 +293,7 @@ class RemoteRadixCache(BasePrefixCache):
         key_len = self._aligned(len(token_ids))
         if is_insert:
             freed_end, _ = self._insert(token_ids[:key_len],
-                                        to_index_array(kv_indices[:key_len]), req.extra_key,
+                                        as_index_array(kv_indices[:key_len]), req.extra_key,
                                         getattr(req, "priority", 0) or 0, lock=False)
         else:
             freed_end = key_len
@@ -316,7 +312,7 @@ class RemoteRadixCache(BasePrefixCache):
         kv_indices = self._kv_row(req, len(token_ids))
         key_len = self._aligned(len(token_ids))
         values = kv_indices[:key_len].to(dtype=torch.int64, copy=True)
-        new_prefix, new_node = self._insert(token_ids[:key_len], to_index_array(values),
+        new_prefix, new_node = self._insert(token_ids[:key_len], as_index_array(values),
                                             req.extra_key, getattr(req, "priority", 0) or 0,
                                             lock=True, locked_before=cpl)
         self.token_to_kv_pool_allocator.free_segment(kv_indices[cpl:new_prefix],
@@ -326,7 +322,7 @@ class RemoteRadixCache(BasePrefixCache):
             if res.prefix_len != key_len:
                 raise P.KVStateError(P.ErrorCode.INTERNAL,
                                      f"locked prefix matched {res.prefix_len} != {key_len}")
-            new_indices = index_tensor(res.indices, values.device)
+            new_indices = as_tensor(res.indices, values.device)
             self.req_to_token_pool.write((req.req_pool_idx, slice(cpl, key_len)),
                                          new_indices[cpl:])
         else:  # the tree holds exactly this request's slots

@@ -35,6 +35,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, Ma
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from sglang_semipd.memory.client import as_index_array, as_tensor
 from sglang_semipd.memory.ledgered_allocator import (LedgeredPagedAllocator,
                                                      LedgeredTokenAllocator)
 from sglang_semipd.memory.ledger import FREE, TREE, DuplicateSlotError, OwnershipLedger, SlotPool
@@ -43,19 +44,6 @@ from sglang_semipd.protocol import ErrorCode, InvariantReport, KVStateError, Rel
 logger = logging.getLogger(__name__)
 
 
-def to_tensor(idx: Sequence[int]) -> torch.Tensor:
-    """int64 CPU tensor copy of an index container."""
-    if isinstance(idx, array) and idx.typecode == "q":
-        return torch.frombuffer(idx, dtype=torch.int64).clone() if len(idx) else _EMPTY.clone()
-    return torch.tensor(list(idx), dtype=torch.int64)
-
-
-def to_array(t: torch.Tensor) -> array:
-    """``array('q')`` copy of a 1-D integer tensor."""
-    return array("q", t.to(torch.int64).contiguous().numpy().tobytes())
-
-
-_EMPTY = torch.empty((0,), dtype=torch.int64)
 
 
 @dataclass
@@ -121,7 +109,7 @@ class KVStateService:
         units = self.ledger.slots_of(cid)
         if units:
             with self.allocator.acting(free_owner=cid):
-                self.allocator.free(to_tensor(units) * self.page_size)
+                self.allocator.free(as_tensor(units) * self.page_size)
         rows = self.rows.give_all(cid)
         del self._clients[cid]
         logger.info("client %d released: %d tokens, %d locks, %d rows, %d leases", cid,
@@ -161,7 +149,7 @@ class KVStateService:
             raise KVStateError(ErrorCode.OUT_OF_MEMORY,
                                f"need {total * self.page_size} tokens, "
                                f"{self.allocator.available_size()} free after eviction")
-        flat, pieces, pos = to_array(out), [], 0
+        flat, pieces, pos = as_index_array(out), [], 0
         for u in units:
             pieces.append(flat[pos:pos + u * self.page_size])
             pos += u * self.page_size
@@ -187,7 +175,7 @@ class KVStateService:
         if not flat:
             return 0
         self._check_tokens(flat)
-        t = to_tensor(flat)
+        t = as_tensor(flat)
         units = self.allocator.units(t)
         with self.allocator.acting(free_owner=cid):
             self.allocator.free(t)
@@ -200,7 +188,7 @@ class KVStateService:
         (idx,) = self.alloc(cid, [n])
         lid = self._next_lease
         self._next_lease += 1
-        units = self.allocator.units(to_tensor(idx)) if len(idx) else []
+        units = self.allocator.units(as_tensor(idx)) if len(idx) else []
         client.leases[lid] = set(units)
         client.unit_lease.update((u, lid) for u in units)
         return lid, idx
@@ -212,7 +200,7 @@ class KVStateService:
         if members is None:
             raise KVStateError(ErrorCode.UNKNOWN_LEASE, f"client {cid} has no lease {lease_id}")
         self._check_tokens(unused)
-        units = self.allocator.units(to_tensor(unused)) if len(unused) else []
+        units = self.allocator.units(as_tensor(unused)) if len(unused) else []
         if not members.issuperset(units):
             raise KVStateError(ErrorCode.NOT_OWNED, "returned indices are not in the lease")
         freed = self.free(cid, [unused])
@@ -272,7 +260,7 @@ class KVStateService:
         node = res.last_device_node
         if lock:
             self._lock(client, node)
-        idx = to_array(res.device_indices)
+        idx = as_index_array(res.device_indices)
         return idx, len(idx), self._register(node)
 
     def _page_units(self, values: array) -> list[int]:
@@ -309,7 +297,7 @@ class KVStateService:
         self.ledger.adopt(units, cid)  # validates ownership + distinctness atomically
         try:
             res = self.cache.insert(InsertParams(
-                key=RadixKey(token_arr, extra_key), value=to_tensor(array("q", values)),
+                key=RadixKey(token_arr, extra_key), value=as_tensor(array("q", values)),
                 priority=priority))
         except Exception:
             self.ledger.move(units, TREE, cid)
@@ -454,7 +442,7 @@ class KVStateService:
                 errors.append(f"node {node.id}: lock_ref {node.lock_ref} != client locks "
                               f"{expected.get(id(node), 0)}")
             try:
-                units.extend(self._page_units(to_array(node.value)))
+                units.extend(self._page_units(as_index_array(node.value)))
             except KVStateError as exc:
                 errors.append(f"node {node.id}: {exc}")
         return units, evictable, protected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 
@@ -23,3 +24,20 @@ def recv_reply(conn: Any, timeout: float = 180.0) -> dict:
     if isinstance(msg, dict) and "error" in msg:
         raise AssertionError(f"worker failed: {msg['error']}")
     return msg
+
+
+def wait_for_kv_server(client: Any, proc: Any, timeout_s: float = 120.0) -> None:
+    """Say ``Hello`` through ``client`` until the KV-state server in ``proc`` answers (it
+    imports SGLang first: 10-20 s on a small machine); fail at once if ``proc`` died."""
+    from sglang_semipd.memory.client import KVStateTimeout
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not proc.is_alive():
+            raise AssertionError(f"server process died (exit code {proc.exitcode})")
+        try:
+            client.hello(timeout_s=1.0)
+            return
+        except KVStateTimeout:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server did not come up in {timeout_s:.0f}s") from None

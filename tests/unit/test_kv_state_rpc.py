@@ -27,6 +27,7 @@ import zmq
 from sglang_semipd import protocol as P
 from sglang_semipd.memory.client import KVStateClient, KVStateTimeout
 from sglang_semipd.memory.rpc import KVStateServerConfig, run_kv_state_server
+from sglang_semipd.testing.procs import wait_for_kv_server
 
 CAPACITY = 256
 PREFIXES = [list(range(1000 + 40 * k, 1000 + 40 * k + 16 + 8 * k)) for k in range(4)]
@@ -200,14 +201,7 @@ def server(tmp_path_factory):
     proc.start()
     supervisor = KVStateClient(endpoint, "supervisor", role="supervisor", timeout_s=15,
                                register=False)
-    deadline = time.monotonic() + 120  # the server imports SGLang first
-    while True:
-        assert proc.is_alive(), f"server process died (exit code {proc.exitcode})"
-        try:
-            supervisor.hello(timeout_s=1.0)
-            break
-        except KVStateTimeout:
-            assert time.monotonic() < deadline, "server did not come up"
+    wait_for_kv_server(supervisor, proc)
     yield endpoint, supervisor, proc
     try:
         supervisor.shutdown()

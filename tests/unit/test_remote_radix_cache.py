@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import random
 import threading
-import time
 from array import array
 from types import SimpleNamespace
 from typing import Any
@@ -31,9 +30,9 @@ from sglang_semipd import protocol as P
 from sglang_semipd.memory.backend import BACKEND_NAME, register_semipd_radix_backend
 from sglang_semipd.memory.remote_allocator import RemoteTokenAllocator
 from sglang_semipd.memory.remote_radix_cache import RemoteNode, RemoteRadixCache, StaleNodeError
-from sglang_semipd.memory.client import KVStateClient, KVStateTimeout
+from sglang_semipd.memory.client import KVStateClient
 from sglang_semipd.memory.rpc import KVStateServerConfig, run_kv_state_server
-from sglang_semipd.testing.procs import recv_reply, run_reporting
+from sglang_semipd.testing.procs import recv_reply, run_reporting, wait_for_kv_server
 
 CAPACITY = 4096
 ROWS, MAX_CTX = 32, 256
@@ -200,15 +199,10 @@ def servers(tmp_path_factory):
                                    req_rows=ROWS, log_level="WARNING") for ps in (1, 4)]
     proc = _SPAWN.Process(target=_servers_main, args=(configs,), daemon=True)
     proc.start()
-    sups, deadline = {}, time.monotonic() + 120  # the server imports SGLang first
+    sups = {}
     for c in configs:
         sup = KVStateClient(c.endpoint, "supervisor", timeout_s=15, register=False)
-        while not sup.client_id:
-            assert proc.is_alive() and time.monotonic() < deadline, "server did not come up"
-            try:
-                sup.hello(timeout_s=1.0)
-            except KVStateTimeout:
-                pass
+        wait_for_kv_server(sup, proc)
         sups[c.page_size] = (c.endpoint, sup)
     yield sups
     for _, sup in sups.values():

@@ -17,7 +17,7 @@ import pytest
 from sglang_semipd.memory.client import KVStateClient
 from sglang_semipd.memory.rpc import KVStateServerConfig, run_kv_state_server
 from sglang_semipd.testing.pools import CPU_POOL_TOKENS, CPU_REQ_ROWS
-from sglang_semipd.testing.procs import recv_reply, run_reporting
+from sglang_semipd.testing.procs import recv_reply, run_reporting, wait_for_kv_server
 
 PROMPT = list(range(1000, 1040))
 
@@ -92,7 +92,7 @@ def manager(tmp_path):
                               pool_device="cpu")
     proc = mp.get_context("spawn").Process(target=run_kv_state_server, args=(cfg,))
     proc.start()
-    _wait_ready(endpoint)
+    _wait_ready(endpoint, proc)
     yield endpoint
     with KVStateClient(endpoint, "supervisor", register=False, timeout_s=30) as c:
         c.shutdown()
@@ -100,10 +100,10 @@ def manager(tmp_path):
     assert proc.exitcode == 0
 
 
-def _wait_ready(endpoint: str) -> None:
-    """The server imports SGLang first (10-20 s on a small machine): wait for one answer."""
-    with KVStateClient(endpoint, "probe", register=False, timeout_s=180) as c:
-        c.stats()
+def _wait_ready(endpoint: str, proc) -> None:
+    with KVStateClient(endpoint, "probe", register=False, timeout_s=30) as c:
+        wait_for_kv_server(c, proc, timeout_s=180)
+        c.goodbye()
 
 
 def test_prefill_writes_decode_reads_through_shared_pool_and_tree(manager):
@@ -141,7 +141,7 @@ def test_server_without_pools_refuses_manifest(tmp_path):
         target=run_kv_state_server, args=(KVStateServerConfig(endpoint=endpoint, capacity=64),))
     proc.start()
     try:
-        _wait_ready(endpoint)
+        _wait_ready(endpoint, proc)
         with KVStateClient(endpoint, "w", timeout_s=30) as c:
             with pytest.raises(KVStateError) as exc:
                 c.pool_manifest()
