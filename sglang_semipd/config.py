@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 SM_PARTITION_MODES = ("green", "mps", "none")
 PARTITION_POLICIES = ("slo", "static")
@@ -164,11 +164,3 @@ class SemiPDConfig:
             f"--sm-partition {mode} needs CUDA MPS, but {MPS_CONTROL_BINARY} is not on PATH; "
             "install the CUDA MPS binaries, pass --mps-pipe-dir of a running daemon, "
             "or use --no-semi-pd")
-
-
-def semipd_flag_names(parser: argparse.ArgumentParser) -> Sequence[str]:
-    """Destinations of the semi-PD group (used to strip them before building ServerArgs)."""
-    for group in parser._action_groups:  # argparse keeps groups private; read-only use
-        if group.title == "semi-PD":
-            return [a.dest for a in group._group_actions]
-    return []

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from sglang_semipd.config import (DEFAULT_SPLITS, MPS_CONTROL_BINARY, SemiPDConfig,
-                                  SemiPDConfigError, add_semipd_args, semipd_flag_names)
+                                  SemiPDConfigError, add_semipd_args)
 
 
 def has_mps(name: str):
@@ -100,11 +100,14 @@ def test_validate_direct_construction():
         SemiPDConfig(sm_partition="x").validate(which=has_mps)
 
 
-def test_flag_names_of_group():
+def test_every_flag_of_the_group_is_a_config_field():
+    import dataclasses
+
     parser = add_semipd_args(argparse.ArgumentParser())
-    assert set(semipd_flag_names(parser)) == {
-        "semi_pd", "sm_partition", "prefill_sm_share", "sm_splits", "partition_policy",
-        "slo_ttft_ms", "slo_tpot_ms", "slo_attainment", "mps_pipe_dir"}
+    group = next(g for g in parser._action_groups if g.title == "semi-PD")
+    dests = {a.dest for a in group._group_actions}
+    fields = {f.name for f in dataclasses.fields(SemiPDConfig)}
+    assert dests == (fields - {"enabled"}) | {"semi_pd"}
 
 
 def test_config_module_imports_without_torch_or_sglang():
