@@ -3,8 +3,12 @@
 #
 #   bash scripts/gpu_check_all.sh [RESULT_DIR]        # defaults to $OUT or /tmp/semipd-out
 #   PROBES="weight_cache" bash scripts/gpu_check_all.sh
+#   TESTS="tests/gpu/test_unified_storage_gpu.py" PROBES="unified_storage" bash scripts/gpu_check_all.sh
+# TESTS: pytest targets (default: tests/gpu, every gpu-marked test).
 # Probes: weight_cache - stock SGLang serving the tiny model with --weight-cache-mode daemon
 #         (SGLang's CUDA-IPC weight sharing) vs off: /generate answers and GPU memory used.
+#         unified_storage - benchmark/unified_storage.py on the Llama-3.1-8B-shaped dummy
+#         model: semi-PD memory manager + 2 attached workers vs stock SGLang (JSON + PNG).
 # RESULT_DIR gets pytest_gpu.log, timings.txt, probe JSON and logs.tgz (few files: the device
 # tool brings back at most 8).
 set -u
@@ -20,8 +24,12 @@ export PYTHONUNBUFFERED=1 SEMIPD_TEST_LOG_DIR=$LOG
 
 source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
-timeout 330 python3 -m pytest -m gpu tests/gpu -v -rA -s -p no:cacheprovider > "$LOG/pytest_gpu.log" 2>&1
-stamp "gpu tests rc=$?: $(tail -n 1 "$LOG/pytest_gpu.log")"
+timeout ${TESTS_TIMEOUT:-330} python3 -m pytest -m gpu ${TESTS:-tests/gpu} -v -rA -s -p no:cacheprovider > "$LOG/pytest_gpu.log" 2>&1
+TEST_RC=$?
+stamp "gpu tests rc=$TEST_RC: $(tail -n 1 "$LOG/pytest_gpu.log")"
+if [ "${PROBES_NEED_PASS:-0}" = 1 ] && [ "$TEST_RC" != 0 ]; then
+  echo "tests failed: probes skipped (PROBES_NEED_PASS=1)"; PROBES=""
+fi
 grep -E "PASSED|FAILED|ERROR|shared .* MiB" "$LOG/pytest_gpu.log" | head -n 20
 
 if [[ " ${PROBES:-} " == *" weight_cache "* ]]; then
@@ -51,5 +59,14 @@ json.dump(res, open("/tmp/semipd-logs/probe_weight_cache.json", "w"), indent=1)
 PY
   stamp "probe weight_cache rc=$?"
   tail -n 40 "$LOG/probe_weight_cache.txt"
+fi
+if [[ " ${PROBES:-} " == *" unified_storage "* ]]; then
+  python3 scripts/make_test_models.py /tmp/models --only llama8b > /dev/null 2>&1
+  timeout ${UNIFIED_TIMEOUT:-420} python3 -m benchmark.unified_storage \
+      --model-dir /tmp/models/llama8b --load-format dummy --log-dir "$LOG/unified" \
+      --out "$LOG/unified_storage.json" > "$LOG/unified_storage.txt" 2>&1
+  stamp "probe unified_storage rc=$?"
+  cp "$LOG/unified_storage.png" "$RES/" 2>/dev/null
+  tail -n 30 "$LOG/unified_storage.txt"
 fi
 cat "$LOG/timings.txt"

@@ -64,8 +64,59 @@ class Patch:
         logger.debug("patched %s.%s: %s", self.module, self.qualname, self.why)
 
 
+def _delegate_to_pool_hooks(name: str) -> Callable[[Any], Any]:
+    """Replacement factory: call ``pool_hooks.active_hooks().<name>(original, self, ...)``
+    when hooks are active, SGLang's original otherwise."""
+
+    def make(original: Any) -> Any:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            from sglang_semipd.memory.pool_hooks import active_hooks
+
+            hooks = active_hooks()
+            if hooks is None:
+                return original(self, *args, **kwargs)
+            return getattr(hooks, name)(original, self, *args, **kwargs)
+
+        method.__name__ = method.__qualname__ = name
+        method.__doc__ = f"sglang-semipd: {name} via the active pool hooks (else SGLang's)."
+        return method
+
+    return make
+
+
+_KVC = "sglang.srt.mem_cache.kv_cache_configurator"
+POOL_PATCHES: tuple[Patch, ...] = (
+    Patch(_KVC, "KVCacheConfigurator._profile_available_bytes",
+          _delegate_to_pool_hooks("profile_available_bytes"),
+          "memory manager: the KV budget pays every worker's headroom, not one process's"),
+    Patch(_KVC, "KVCacheConfigurator._resolve_memory_pool_config",
+          _delegate_to_pool_hooks("resolve_memory_pool_config"),
+          "worker: reuse the memory manager's pool sizes; manager: remember them"),
+    Patch(_KVC, "KVCacheConfigurator._init_pools", _delegate_to_pool_hooks("init_pools"),
+          "manager: record the pool allocations for export; worker: replay them as CUDA-IPC "
+          "views and hand allocation state to the manager"),
+)
+
+def _skip_rope_reservation(original: Any) -> Any:
+    def reserve_rope_cache_for_long_sequences(model: Any, *args: Any, **kwargs: Any) -> None:
+        logger.debug("memory manager: RoPE caches keep their built length (workers extend)")
+
+    return reserve_rope_cache_for_long_sequences
+
+
+MANAGER_PATCHES: tuple[Patch, ...] = (
+    Patch("sglang.srt.model_executor.model_runner", "reserve_rope_cache_for_long_sequences",
+          _skip_rope_reservation,
+          "memory manager: never runs a forward pass, and the buffers it exports must have "
+          "the shapes a freshly built model has (IpcModelLoader compares them); each worker "
+          "pre-expands its RoPE caches itself, as a stock weight-cache client does"),
+)
+
 # The registry: (role -> patches). Roles are the process roles of ARCHITECTURE.md section 2.
-PATCHES: dict[str, tuple[Patch, ...]] = {}
+PATCHES: dict[str, tuple[Patch, ...]] = {
+    "memory_manager": POOL_PATCHES + MANAGER_PATCHES,
+    "worker": POOL_PATCHES,
+}
 
 
 def apply(role: str) -> None:

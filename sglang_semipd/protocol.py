@@ -40,7 +40,7 @@ import msgspec
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_BUFFER_ITEMS = 1 << 28
 
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
@@ -125,11 +125,26 @@ class AllocationRecord(msgspec.Struct, frozen=True):
     handle: Optional[TensorHandle] = None  # set iff the tensor is shared storage
 
 
+class PoolSizes(msgspec.Struct, frozen=True):
+    """SGLang's resolved ``MemoryPoolConfig`` of the manager, which every worker must reuse
+    (its pools are replays of the manager's, so their sizes must be the same)."""
+
+    max_total_num_tokens: int
+    max_running_requests: Optional[int] = None
+    full_max_total_num_tokens: Optional[int] = None
+    swa_max_total_num_tokens: Optional[int] = None
+    mem_fraction_static: Optional[float] = None
+
+
 class PoolManifest(msgspec.Struct, frozen=True):
-    """Everything a worker needs to rebuild the manager's pools as views."""
+    """Everything a worker needs to rebuild the manager's pools as views and to map its
+    weights (SGLang's weight-cache socket, served by the same memory manager)."""
 
     device: str
     records: tuple[AllocationRecord, ...]
+    sizes: Optional[PoolSizes] = None
+    weight_socket: str = ""
+    weights_bytes: int = 0
 
     @property
     def shared(self) -> tuple[AllocationRecord, ...]:

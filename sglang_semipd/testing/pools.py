@@ -25,3 +25,14 @@ def build_cpu_pools() -> list[Any]:
             MHATokenToKVPool(size=CPU_POOL_TOKENS, page_size=1, dtype=torch.float32,
                              head_num=CPU_HEADS, head_dim=CPU_HEAD_DIM, layer_num=CPU_LAYERS,
                              device="cpu", enable_memory_saver=False)]
+
+
+def build_cpu_pools_with_allocator() -> list[Any]:
+    """:func:`build_cpu_pools` plus SGLang's token allocator over them, in the order SGLang's
+    ``KVCacheConfigurator._init_pools`` builds them (req pool, KV pool, allocator)."""
+    import torch
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    req, kv = build_cpu_pools()
+    alloc = TokenToKVPoolAllocator(CPU_POOL_TOKENS, torch.float32, "cpu", kv, need_sort=False)
+    return [req, kv, alloc]

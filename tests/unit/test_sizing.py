@@ -53,3 +53,19 @@ def test_impossible_settings(kwargs):
 def test_message_says_what_to_change():
     with pytest.raises(PoolSizingError, match="raise --mem-fraction-static"):
         kv_pool_budget(H100, 0.5, LLAMA8B_WEIGHTS, 131072)
+
+
+def test_shared_pool_budget_pays_every_worker_headroom_and_context():
+    from sglang_semipd.memory.sizing import shared_pool_available_bytes
+
+    gib = 2**30
+    # stock: 60 GiB free after weights, 80 GiB before, f=0.9 -> 60 - 8 = 52 GiB
+    two = shared_pool_available_bytes(60 * gib, 80 * gib, 0.9, workers=2,
+                                      worker_context_bytes=gib // 2)
+    assert two == pytest.approx(60 * gib - 2 * (8 * gib + gib // 2), abs=16)
+    one = shared_pool_available_bytes(60 * gib, 80 * gib, 0.9, workers=1)
+    assert one == pytest.approx(52 * gib, abs=16)  # one worker, no extra context: SGLang's own formula
+    with pytest.raises(PoolSizingError, match="raise --mem-fraction-static above"):
+        shared_pool_available_bytes(10 * gib, 80 * gib, 0.9, workers=2)
+    with pytest.raises(PoolSizingError):
+        shared_pool_available_bytes(10 * gib, 80 * gib, 1.0)
