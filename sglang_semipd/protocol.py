@@ -253,6 +253,15 @@ class Goodbye(_Msg):
     """The caller releases everything it holds and unregisters."""
 
 
+class Transfer(_Msg):
+    """Hand the attached slots (buffer 0), ``rows`` and one lock ref per handle in ``locks``
+    over to client ``to_client`` (prefill -> decode hand-off; all or nothing)."""
+
+    to_client: int
+    rows: list[int] = []
+    locks: list[int] = []
+
+
 class GetPoolManifest(_Msg):
     """Ask for the shared pools' manifest (a worker attaching to the KV pool)."""
 
@@ -350,6 +359,12 @@ class OkReply(_Msg):
     pass
 
 
+class TransferReply(_Msg):
+    tokens: int
+    rows: int
+    locks: int
+
+
 class PoolManifestReply(_Msg):
     manifest: PoolManifest
 
@@ -362,17 +377,18 @@ class ErrorReply(_Msg):
 Request = Union[
     Hello, Alloc, Free, Lease, ReturnLease, AllocReqRows, FreeReqRows, MatchPrefix,
     Insert, IncLockRef, DecLockRef, Evict, Stats, CheckInvariant, Reset, ReleaseClient,
-    Goodbye, Shutdown, GetPoolManifest,
+    Goodbye, Shutdown, GetPoolManifest, Transfer,
 ]
 Reply = Union[
     HelloReply, AllocReply, FreeReply, LeaseReply, ReturnLeaseReply, ReqRowsReply,
     FreeReqRowsReply, MatchPrefixReply, InsertReply, LockRefReply, EvictReply,
-    InvariantReport, ReleaseReply, OkReply, PoolManifestReply, ErrorReply,
+    InvariantReport, ReleaseReply, OkReply, PoolManifestReply, TransferReply, ErrorReply,
 ]
 Message = Union[Request, Reply]
 
 _FIXED_BUFFERS: dict[type, int] = {
     MatchPrefix: 1, Insert: 2, ReturnLease: 1, LeaseReply: 1, MatchPrefixReply: 1,
+    Transfer: 1,
 }
 
 

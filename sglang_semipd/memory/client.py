@@ -160,6 +160,13 @@ class KVStateClient:
     def evict(self, num_tokens: int) -> int:
         return self.call(P.Evict(num_tokens=num_tokens))[0].num_evicted
 
+    def transfer(self, to_client: int, slots: Iterable[int], rows: Sequence[int] = (),
+                 locks: Sequence[int] = ()) -> P.TransferReply:
+        """Hand slots, req rows and lock refs to another client (see ``Transfer``)."""
+        reply, _ = self.call(P.Transfer(to_client=to_client, rows=[int(r) for r in rows],
+                                        locks=[int(h) for h in locks]), slots)
+        return reply
+
     def stats(self) -> P.InvariantReport:
         return self.call(P.Stats())[0]
 

@@ -57,6 +57,7 @@ class KVStateServer:
             P.CheckInvariant: self._check, P.Reset: self._reset,
             P.ReleaseClient: self._release, P.Goodbye: self._goodbye,
             P.Shutdown: self._shutdown, P.GetPoolManifest: self._manifest,
+            P.Transfer: self._transfer,
         }
 
     def bind(self) -> None:
@@ -172,6 +173,12 @@ class KVStateServer:
 
     def _evict(self, cid, msg, bufs):
         return P.EvictReply(num_evicted=self.service.evict(msg.num_tokens)), ()
+
+    def _transfer(self, cid, msg, bufs):
+        slots = bufs[0]
+        tokens, rows, locks = self.service.transfer(cid, msg.to_client, slots, msg.rows,
+                                                    msg.locks)
+        return P.TransferReply(tokens=tokens, rows=rows, locks=locks), ()
 
     def _stats(self, cid, msg, bufs):
         return self.service.stats(), ()

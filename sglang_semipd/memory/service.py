@@ -328,6 +328,44 @@ class KVStateService:
             del client.locks[handle]
         return delta, entry[1]
 
+    def transfer(self, cid: int, to_cid: int, slots: array, rows: Sequence[int],
+                 locks: Sequence[int]) -> tuple[int, int, int]:
+        """Hand ``slots`` (tokens; whole pages move), req rows and lock refs (one per
+        handle listed) from ``cid`` to ``to_cid`` -- the prefill -> decode hand-off. All or
+        nothing: every item is checked to be ``cid``'s before anything moves. Returns
+        ``(tokens, rows, locks)`` moved."""
+        client, dest = self._client(cid), self._client(to_cid)
+        if cid == to_cid:
+            raise KVStateError(ErrorCode.BAD_REQUEST, "transfer to oneself")
+        need: dict[int, int] = {}
+        for h in locks:
+            need[h] = need.get(h, 0) + 1
+        for h, n in need.items():
+            entry = client.locks.get(h)
+            if entry is None or entry[1] < n:
+                raise KVStateError(ErrorCode.NOT_LOCKED,
+                                   f"client {cid} holds {0 if entry is None else entry[1]} "
+                                   f"lock(s) on node {h}, cannot hand over {n}")
+        rows = list(rows)
+        self.rows.ledger.check_owned(rows, cid)
+        self._check_tokens(slots)
+        units = self.allocator.units(as_tensor(slots)) if len(slots) else []
+        units = list(dict.fromkeys(units))  # a page may hold several of the tokens
+        self.ledger.move(units, cid, to_cid)
+        try:
+            self.rows.ledger.move(rows, cid, to_cid)
+        except Exception:
+            self.ledger.move(units, to_cid, cid)
+            raise
+        self._forget_leased(client, units)
+        for h, n in need.items():
+            entry = client.locks[h]
+            entry[1] -= n
+            if entry[1] == 0:
+                del client.locks[h]
+            dest.locks.setdefault(h, [entry[0], 0])[1] += n
+        return len(units) * self.page_size, len(rows), len(locks)
+
     def evict(self, num_tokens: int) -> int:
         """Evict >= num_tokens unlocked cached tokens if possible; returns tokens evicted."""
         with self.allocator.acting(free_owner=TREE):

@@ -413,3 +413,39 @@ def test_hopeless_alloc_is_refused_without_evicting() -> None:
     assert svc.cache.evictable_size() == 10  # the cache was not thrown away for nothing
     (big,) = svc.alloc(a, [16])  # possible: evicts the whole tree
     assert len(big) == 16 and svc.cache.evictable_size() == 0 and svc.check_invariant().ok
+
+
+def test_transfer_hands_slots_rows_and_locks_over_atomically(svc: KVStateService) -> None:
+    ps = svc.page_size
+    pre, dec = svc.register("prefill"), svc.register("decode")
+    (cached,) = svc.alloc(pre, [4 * ps])
+    _, node = svc.insert(pre, list(range(4 * ps)), cached)
+    _, _, locked = svc.match_prefix(pre, list(range(4 * ps)), lock=True)
+    (tail,) = svc.alloc(pre, [3 * ps + 1])  # the request's own slots, last page partial
+    rows = svc.alloc_req_rows(pre, 1)
+    before = svc.check_invariant()
+    # refused: a row the prefill side does not own -> nothing moves
+    with pytest.raises(Exception):
+        svc.transfer(pre, dec, tail, rows + [rows[0] % 4 + 1], [locked])
+    assert svc.ledger.client_counts() == {pre: len(tail) // ps + (len(tail) % ps > 0)}
+    with pytest.raises(KVStateError) as info:
+        svc.transfer(pre, dec, tail, rows, [locked, locked])  # holds only one lock
+    assert info.value.code == ErrorCode.NOT_LOCKED
+    with pytest.raises(KVStateError) as info:
+        svc.transfer(pre, 999, tail, rows, [])
+    assert info.value.code == ErrorCode.UNKNOWN_CLIENT
+
+    tokens, nrows, nlocks = svc.transfer(pre, dec, tail, rows, [locked])
+    assert (tokens, nrows, nlocks) == (4 * ps if ps > 1 else 4, 1, 1)
+    after = svc.check_invariant()
+    assert after.ok and after.free == before.free and after.protected == before.protected
+    assert pre not in svc.ledger.client_counts()
+    with pytest.raises(Exception):
+        svc.free(pre, [tail])  # no longer the prefill side's
+    with pytest.raises(KVStateError):
+        svc.dec_lock_ref(pre, locked)
+    svc.dec_lock_ref(dec, locked)
+    assert svc.free(dec, [tail]) == tokens
+    assert svc.free_req_rows(dec, rows) == 1
+    final = svc.check_invariant()
+    assert final.ok and final.lock_refs == 0 and final.in_use == 0

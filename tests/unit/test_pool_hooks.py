@@ -184,3 +184,22 @@ def test_manager_and_worker_server_args_are_overridden_copies(tmp_path):
     assert pickle.loads(pickle.dumps(w)).weight_cache_socket == "/tmp/w.sock"  # spawn-able
     with pytest.raises(ValueError, match="no weight socket"):
         worker_server_args(sa, P.PoolManifest(device="cuda", records=()))
+
+
+def test_transfer_over_zeromq_moves_a_request_to_another_worker(manager):
+    endpoint, sup = manager
+    with KVStateClient(endpoint, "p", role="prefill") as pre, \
+            KVStateClient(endpoint, "d", role="decode") as dec:
+        slots = pre.alloc(6)
+        rows = pre.alloc_req_rows(1)
+        reply = pre.transfer(dec.client_id, slots, rows)
+        assert (reply.tokens, reply.rows, reply.locks) == (6, 1, 0)
+        held = sup.stats()
+        assert held.client_held.get(pre.client_id, 0) == 0
+        assert held.client_held[dec.client_id] == 6
+        assert held.req_rows_held[dec.client_id] == 1
+        with pytest.raises(Exception):
+            pre.transfer(dec.client_id, slots, rows)  # no longer the sender's
+        dec.goodbye()
+        pre.goodbye()
+    assert sup.check_invariant().in_use == 0
