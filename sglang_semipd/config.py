@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 from typing import Callable, Optional
 
@@ -153,6 +154,12 @@ class SemiPDConfig:
                 if bad(ns):
                     raise SemiPDConfigError(f"{flag} cannot be used with --semi-pd: {why} "
                                             "(or pass --no-semi-pd for stock SGLang)")
+        if self.mps_pipe_dir is not None and \
+                not os.path.exists(os.path.join(self.mps_pipe_dir, "control")):
+            raise SemiPDConfigError(f"--mps-pipe-dir {self.mps_pipe_dir}: no MPS control daemon "
+                                    "there (no 'control' pipe); start one with "
+                                    f"CUDA_MPS_PIPE_DIRECTORY={self.mps_pipe_dir} "
+                                    f"{MPS_CONTROL_BINARY} -d, or leave the flag out")
 
     def _check_mps(self, which: Callable[[str], Optional[str]]) -> None:
         # Two processes only overlap on one GPU under MPS (ARCHITECTURE.md section 3), so

@@ -22,11 +22,6 @@ from sglang_semipd.config import SemiPDConfig, SemiPDConfigError, add_semipd_arg
 logger = logging.getLogger(__name__)
 
 PROG = "python -m sglang_semipd.launch_server"
-SEMIPD_RUNTIME_MISSING = (
-    "the semi-PD runtime (memory manager, prefill and decode workers, scheduler) is not "
-    "part of this build yet; pass --no-semi-pd to serve with stock SGLang")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """SGLang's parser with ``--model-path`` made optional and the semi-PD group added."""
     from sglang.srt.server_args import ServerArgs
@@ -88,23 +83,46 @@ def _setup_logging(level: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns, cfg = parse_args(sys.argv[1:] if argv is None else argv)
     _setup_logging(ns.log_level)
-    if cfg.enabled:
-        # Fail before any expensive step (model conversion, weight loading).
-        print(f"{PROG}: error: {SEMIPD_RUNTIME_MISSING}", file=sys.stderr)
-        return 2
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
     resolve_model(ns)
     server_args = build_server_args(ns)
-    from sglang.launch_server import run_server
     from sglang.srt.utils import kill_process_tree
 
     try:
-        run_server(server_args)
+        if cfg.enabled:
+            run_semipd_server(server_args, cfg)
+        else:
+            from sglang.launch_server import run_server
+
+            run_server(server_args)
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
     return 0
+
+
+def run_semipd_server(server_args, cfg: SemiPDConfig) -> None:
+    """SGLang's HTTP server, TokenizerManager and DetokenizerManager, with the semi-PD
+    scheduler process (:mod:`sglang_semipd.scheduler`) in place of SGLang's, under a
+    private MPS control daemon that is stopped when the server exits."""
+    import dataclasses
+    import json
+
+    from sglang.srt.entrypoints.http_server import launch_server
+
+    from sglang_semipd.mps import PrivateMPS
+    from sglang_semipd.scheduler import CONFIG_ENV, run_semipd_scheduler_process
+
+    with PrivateMPS(cfg.mps_pipe_dir) as mps:
+        os.environ.update(mps.child_env())  # inherited by every GPU process we start
+        os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
+        try:
+            launch_server(server_args, run_scheduler_process_func=run_semipd_scheduler_process)
+        finally:
+            from sglang.srt.utils import kill_process_tree
+
+            kill_process_tree(os.getpid(), include_parent=False)  # MPS clients first
 
 
 if __name__ == "__main__":

@@ -257,7 +257,8 @@ class Transfer(_Msg):
     """Hand the attached slots (buffer 0), ``rows`` and one lock ref per handle in ``locks``
     over to client ``to_client`` (prefill -> decode hand-off; all or nothing)."""
 
-    to_client: int
+    to_client: int = 0  # 0: the one client registered with role ``to_role``
+    to_role: str = ""
     rows: list[int] = []
     locks: list[int] = []
 
@@ -574,3 +575,55 @@ def token_buffer(tokens: Iterable[int]) -> array:
     except OverflowError:
         return array("q", tokens)
 
+
+
+# ------------------------------------------------------------------ prefill -> decode
+HANDOFF_TAG = b"semipd/handoff"
+
+
+class HandOff(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A request whose prefill finished in the prefill worker, for the decode worker.
+
+    Metadata only: the KV stays where it is (shared pool); ownership of the request's row,
+    its own slots and its radix lock has already moved to the decode worker (``Transfer``)
+    when this is sent. ``finished``: the request ended at prefill (the decode worker drops
+    its parked copy; nothing was transferred). The ``send_*`` cursors are the prefill
+    worker's stream-output positions, so the decode worker continues the stream exactly
+    where the first token left it. ``logprob`` carries SGLang's ``ReqLogprob`` list fields.
+    Sent as ``[HANDOFF_TAG, msgpack(HandOff)]`` on the prefill worker's output socket, so it
+    is ordered after the first token it announces."""
+
+    v: int = PROTOCOL_VERSION
+    rid: str
+    finished: bool = False
+    req_pool_idx: int = 0
+    kv_len: int = 0
+    first_token: int = 0
+    cache_protected_len: int = 0
+    last_node: int = 0
+    last_node_prefix_len: int = 0
+    cached_tokens: int = 0
+    send_token_offset: int = 0
+    send_decode_id_offset: int = 0
+    send_output_token_logprobs_offset: int = 0
+    input_logprob_sent: bool = False
+    logprob: Optional[dict[str, Any]] = None
+
+
+def encode_handoff(h: HandOff) -> list[bytes]:
+    return [HANDOFF_TAG, msgspec.msgpack.encode(h)]
+
+
+def decode_handoff(frames: Sequence[Any]) -> HandOff:
+    """Inverse of :func:`encode_handoff`; raises :class:`ProtocolError` on anything else."""
+    raw = [bytes(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    if len(raw) != 2 or raw[0] != HANDOFF_TAG:
+        raise ProtocolError(ErrorCode.BAD_FRAMES, "not a hand-off message")
+    try:
+        h = msgspec.msgpack.decode(raw[1], type=HandOff)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_FRAMES, f"bad hand-off: {exc}") from None
+    if h.v != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION, f"hand-off version {h.v}, expected "
+                            f"{PROTOCOL_VERSION}")
+    return h

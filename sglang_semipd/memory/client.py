@@ -161,9 +161,11 @@ class KVStateClient:
         return self.call(P.Evict(num_tokens=num_tokens))[0].num_evicted
 
     def transfer(self, to_client: int, slots: Iterable[int], rows: Sequence[int] = (),
-                 locks: Sequence[int] = ()) -> P.TransferReply:
-        """Hand slots, req rows and lock refs to another client (see ``Transfer``)."""
-        reply, _ = self.call(P.Transfer(to_client=to_client, rows=[int(r) for r in rows],
+                 locks: Sequence[int] = (), to_role: str = "") -> P.TransferReply:
+        """Hand slots, req rows and lock refs to another client (see ``Transfer``);
+        ``to_client=0`` names it by ``to_role`` instead."""
+        reply, _ = self.call(P.Transfer(to_client=to_client, to_role=to_role,
+                                        rows=[int(r) for r in rows],
                                         locks=[int(h) for h in locks]), slots)
         return reply
 

@@ -175,9 +175,8 @@ class KVStateServer:
         return P.EvictReply(num_evicted=self.service.evict(msg.num_tokens)), ()
 
     def _transfer(self, cid, msg, bufs):
-        slots = bufs[0]
-        tokens, rows, locks = self.service.transfer(cid, msg.to_client, slots, msg.rows,
-                                                    msg.locks)
+        to = msg.to_client or self.service.client_with_role(msg.to_role)
+        tokens, rows, locks = self.service.transfer(cid, to, bufs[0], msg.rows, msg.locks)
         return P.TransferReply(tokens=tokens, rows=rows, locks=locks), ()
 
     def _stats(self, cid, msg, bufs):

@@ -328,6 +328,14 @@ class KVStateService:
             del client.locks[handle]
         return delta, entry[1]
 
+    def client_with_role(self, role: str) -> int:
+        """The one registered client with ``role`` (UNKNOWN_CLIENT if none or several)."""
+        found = [c.cid for c in self._clients.values() if c.role == role]
+        if len(found) != 1:
+            raise KVStateError(ErrorCode.UNKNOWN_CLIENT,
+                               f"{len(found)} clients have role {role!r}, need exactly one")
+        return found[0]
+
     def transfer(self, cid: int, to_cid: int, slots: array, rows: Sequence[int],
                  locks: Sequence[int]) -> tuple[int, int, int]:
         """Hand ``slots`` (tokens; whole pages move), req rows and lock refs (one per

@@ -68,9 +68,15 @@ def test_semipd_needs_mps_binary(mode):
     assert f"--sm-partition {mode}" in str(exc.value)
 
 
-def test_mps_not_needed_with_existing_daemon_or_without_semipd():
-    assert parse("--sm-partition", "mps", "--mps-pipe-dir", "/tmp/p", which=no_mps).enabled
+def test_mps_not_needed_with_existing_daemon_or_without_semipd(tmp_path):
+    (tmp_path / "control").touch()  # where a running daemon keeps its control pipe
+    assert parse("--sm-partition", "mps", "--mps-pipe-dir", str(tmp_path), which=no_mps).enabled
     assert not parse("--no-semi-pd", "--sm-partition", "mps", which=no_mps).enabled
+
+
+def test_pipe_dir_without_a_daemon_is_refused(tmp_path):
+    with pytest.raises(SemiPDConfigError, match="no MPS control daemon there"):
+        parse("--mps-pipe-dir", str(tmp_path), which=no_mps)
 
 
 @pytest.mark.parametrize("field,value,flag", [

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from sglang_semipd.config import add_semipd_args
-from sglang_semipd.launch_server import SEMIPD_RUNTIME_MISSING, build_parser, parse_args
+from sglang_semipd.launch_server import build_parser, parse_args
 from sglang_semipd.testing.model_maker import make_model
 
 SEMIPD_FLAGS = ("--semi-pd", "--no-semi-pd", "--sm-partition", "--prefill-sm-share",
@@ -72,10 +72,10 @@ def test_invalid_combinations_fail_at_start(argv, needle, monkeypatch, capsys):
     assert needle in err and "usage:" in err
 
 
-def test_semipd_mode_reports_missing_runtime_before_loading_anything(tmp_path):
+def test_semipd_mode_refuses_a_pipe_dir_without_a_daemon_before_loading_anything(tmp_path):
     res = run_launcher("--mps-pipe-dir", str(tmp_path), "--model-path", str(tmp_path / "none"))
     assert res.returncode == 2
-    assert SEMIPD_RUNTIME_MISSING in res.stderr
+    assert "no MPS control daemon there" in res.stderr
 
 
 def test_server_args_equal_stock_parsing(tmp_path):

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# gpu_check_server.sh - the semi-PD server end to end on the GPU host, in one device call:
+# stock SGLang and sglang_semipd.launch_server on the tiny bf16 model, same flags, same
+# prompts (benchmark/correctness.py); results and server logs under RESULT_DIR.
+#   bash scripts/gpu_check_server.sh [RESULT_DIR]      # ONLY=semipd for a smoke test
+set -u
+RES=${1:-${OUT:-/tmp/semipd-out}}
+LOG=/tmp/semipd-logs
+rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG/timings.txt"; }
+finish() { cp "$LOG/timings.txt" "$LOG"/*.json "$RES/" 2>/dev/null
+           tar -C "$LOG" -czf "$RES/logs.tgz" . ; }
+trap finish EXIT
+export PYTHONUNBUFFERED=1
+source scripts/gpu_activate.sh .gpu || exit 1
+stamp "activated"
+python3 scripts/make_test_models.py /tmp/models --only tiny-bf16 > /dev/null 2>&1
+timeout ${SERVER_TIMEOUT:-540} python3 -m benchmark.correctness --model-dir /tmp/models/tiny-bf16 \
+    --prompts ${PROMPTS:-200} ${ONLY:+--only $ONLY} --log-dir "$LOG" \
+    --out "$LOG/correctness.json" > "$LOG/correctness.txt" 2>&1
+stamp "correctness rc=$?"
+tail -n 25 "$LOG/correctness.txt"
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader >> "$LOG/timings.txt"
+ps aux | grep -c "nvidia-cuda-mps" >> "$LOG/timings.txt"

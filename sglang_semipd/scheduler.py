@@ -1,0 +1,250 @@
+"""The semi-PD scheduler process: SGLang's ``run_scheduler_process_func`` for one GPU.
+
+SGLang's launcher (``http_server.launch_server``) starts this function where it would start
+its own scheduler. It brings up, in this order, the memory manager
+(:mod:`sglang_semipd.memory_manager`), the prefill worker and the decode worker
+(:mod:`sglang_semipd.workers`, SGLang ``Scheduler`` subclasses), then reports ready to the
+launcher and routes messages between them:
+
+* from the TokenizerManager (SGLang's pickled messages, forwarded as the same bytes):
+  generation requests, aborts and fire-and-forget control messages go to **both** workers
+  (the decode worker builds its own ``Req`` for every request and parks it until the
+  hand-off); requests that need exactly one reply (flush cache, internal state, profiling,
+  weight updates, ...) and embedding requests go to the **prefill** worker only;
+* from each worker's output socket (SGLang's ``send_to_detokenizer``, pointed at us): its
+  token outputs, forwarded unchanged to the DetokenizerManager through one socket, and -- on
+  the prefill worker's socket only -- :class:`~sglang_semipd.protocol.HandOff` records
+  (typed, msgspec), forwarded to the decode worker. Because a hand-off travels on the same
+  socket as the first token it announces, and we forward in arrival order, the detokenizer
+  always sees the prefill worker's first token of a request before any decode output for it.
+
+Replies to control requests go from the prefill worker straight to the TokenizerManager. If any child dies this process exits non-zero, which makes SGLang's watchdog tear
+the whole server down.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import tempfile
+import time
+from typing import Any, Optional
+
+import zmq
+
+from sglang_semipd import protocol as P
+
+logger = logging.getLogger(__name__)
+
+# SGLang message classes (by name) that both workers must see.
+TO_BOTH = frozenset({
+    "TokenizedGenerateReqInput", "BatchTokenizedGenerateReqInput", "AbortReq",
+    "CloseSessionReqInput", "ShutdownReq", "PauseGenerationReqInput",
+    "ContinueGenerationReqInput", "ConfigureLoggingReq",
+})
+CONFIG_ENV = "SGLANG_SEMIPD_CONFIG"  # JSON of SemiPDConfig, set by our launcher
+
+
+def route(obj: Any) -> tuple[bool, bool]:
+    """``(to_prefill, to_decode)`` for one SGLang message from the TokenizerManager."""
+    name = type(obj).__name__
+    return True, name in TO_BOTH
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerEndpoints:
+    """Private endpoints of one worker (the rest of its PortArgs are SGLang's own)."""
+
+    role: str
+    scheduler_input: str  # we bind PUSH, the worker's Scheduler connects PULL
+    rpc: str
+    output: str  # the worker's detokenizer socket connects here; we bind PULL
+    handoff: str  # decode only: hand-offs for it (we bind PUSH, it connects PULL)
+    nccl_port: int
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_port_args(port_args: Any, ep: WorkerEndpoints) -> Any:
+    """SGLang PortArgs for one worker: its own input, RPC and NCCL port; the tokenizer and
+    detokenizer endpoints (and instance id) stay the server's."""
+    pa = copy.deepcopy(port_args)
+    pa.scheduler_input_ipc_name = ep.scheduler_input
+    pa.rpc_ipc_name = ep.rpc
+    pa.detokenizer_ipc_name = ep.output
+    pa.nccl_port = ep.nccl_port
+    return pa
+
+
+class Coordinator:
+    """Owns the child processes and the routing loop (see the module docstring)."""
+
+    def __init__(self, server_args: Any, port_args: Any, gpu_id: int, tp_rank: int) -> None:
+        self.server_args, self.port_args = server_args, port_args
+        self.gpu_id, self.tp_rank = gpu_id, tp_rank
+        self.run_dir = tempfile.mkdtemp(prefix="semipd-run-")
+        self.kv_endpoint = f"ipc://{self.run_dir}/kv.sock"
+        self.weight_socket = f"{self.run_dir}/weights.sock"
+        self.endpoints = {role: WorkerEndpoints(
+            role, f"ipc://{self.run_dir}/{role}-in", f"ipc://{self.run_dir}/{role}-rpc",
+            f"ipc://{self.run_dir}/{role}-out", f"ipc://{self.run_dir}/{role}-handoff",
+            _free_port())
+            for role in ("prefill", "decode")}
+        self.procs: dict[str, Any] = {}
+        self.ctx = zmq.Context.instance()
+        self.handoffs = 0
+        self._stop = False
+
+    # ------------------------------------------------------------ start-up
+    def start(self) -> dict:
+        from sglang_semipd.memory_manager import MemoryManagerSpec, run_memory_manager
+        from sglang_semipd.workers import run_worker_process
+
+        spawn = mp.get_context("spawn")
+        spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
+                                 weight_socket=self.weight_socket, nccl_port=_free_port(),
+                                 gpu_id=self.gpu_id, tp_rank=self.tp_rank)
+        info = self._start_child(spawn, "memory_manager", run_memory_manager, (spec,))
+        logger.info("memory manager ready: %d KV slots, %.2f GiB weights",
+                    info["max_total_num_tokens"], info["weights_bytes"] / 2**30)
+        self._bind_sockets()
+        ready = {}
+        for role, ep in self.endpoints.items():
+            args = (role, self.server_args, worker_port_args(self.port_args, ep), self.gpu_id,
+                    self.tp_rank, self.kv_endpoint, ep.handoff)
+            ready[role] = self._start_child(spawn, role, run_worker_process, args)
+        return {"status": "ready", "max_total_num_tokens": info["max_total_num_tokens"],
+                "max_req_input_len": ready["prefill"]["max_req_input_len"],
+                "startup_time": ready["prefill"].get("startup_time")}
+
+    def _start_child(self, spawn: Any, name: str, target: Any, args: tuple,
+                     timeout_s: float = 900.0) -> dict:
+        reader, writer = spawn.Pipe(duplex=False)
+        proc = spawn.Process(target=target, args=(*args, writer), name=f"semipd-{name}")
+        proc.start()
+        self.procs[name] = proc
+        deadline = time.monotonic() + timeout_s
+        while not reader.poll(1.0):
+            if not proc.is_alive():
+                raise RuntimeError(f"semi-PD {name} died during start-up "
+                                   f"(exit code {proc.exitcode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"semi-PD {name} did not start in {timeout_s:.0f}s")
+        msg = reader.recv()
+        if not isinstance(msg, dict) or "error" in msg or msg.get("status", "ready") != "ready":
+            raise RuntimeError(f"semi-PD {name} failed to start: {msg}")
+        return msg
+
+    def _bind_sockets(self) -> None:
+        self.from_tokenizer = self.ctx.socket(zmq.PULL)
+        self.from_tokenizer.connect(self.port_args.scheduler_input_ipc_name)
+        self.to_worker = {}
+        for role, ep in self.endpoints.items():
+            s = self.ctx.socket(zmq.PUSH)
+            s.bind(ep.scheduler_input)
+            self.to_worker[role] = s
+        self.from_worker = {}
+        for role, ep in self.endpoints.items():
+            s = self.ctx.socket(zmq.PULL)
+            s.bind(ep.output)
+            self.from_worker[role] = s
+        self.to_detokenizer = self.ctx.socket(zmq.PUSH)
+        self.to_detokenizer.connect(self.port_args.detokenizer_ipc_name)
+        self.to_decode = self.ctx.socket(zmq.PUSH)
+        self.to_decode.bind(self.endpoints["decode"].handoff)
+
+    # ------------------------------------------------------------ routing
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.from_tokenizer, zmq.POLLIN)
+        for sock in self.from_worker.values():
+            poller.register(sock, zmq.POLLIN)
+        last_check = 0.0
+        while not self._stop:
+            events = dict(poller.poll(100))
+            if self.from_tokenizer in events:
+                self._drain_tokenizer()
+            for role, sock in self.from_worker.items():
+                if sock in events:
+                    self._drain_outputs(role, sock)
+            now = time.monotonic()
+            if now - last_check > 1.0:
+                last_check = now
+                self._check_children()
+
+    def _drain_tokenizer(self) -> None:
+        while True:
+            try:
+                raw = self.from_tokenizer.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            obj = pickle.loads(raw.buffer)  # SGLang's own wire format (send_pyobj)
+            to_prefill, to_decode = route(obj)
+            if to_decode:  # decode first: it must know the request before the hand-off
+                self.to_worker["decode"].send(raw, copy=False)
+            if to_prefill:
+                self.to_worker["prefill"].send(raw, copy=False)
+
+    def _drain_outputs(self, role: str, sock: Any) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if role == "prefill" and len(frames) == 2 and frames[0].bytes == P.HANDOFF_TAG:
+                self.handoffs += 1
+                self.to_decode.send_multipart(frames, copy=False)
+            else:
+                self.to_detokenizer.send_multipart(frames, copy=False)
+
+    def _check_children(self) -> None:
+        for name, proc in self.procs.items():
+            if not proc.is_alive():
+                raise RuntimeError(f"semi-PD {name} exited (code {proc.exitcode})")
+
+    def stop(self) -> None:
+        for name in ("prefill", "decode", "memory_manager"):
+            proc = self.procs.get(name)
+            if proc is not None and proc.is_alive():
+                proc.terminate()
+        for proc in self.procs.values():
+            proc.join(20)
+            if proc.is_alive():
+                proc.kill()
+
+
+def run_semipd_scheduler_process(server_args: Any, port_args: Any, gpu_id: int, tp_rank: int,
+                                 attn_cp_rank: int, moe_dp_rank: int, moe_ep_rank: int,
+                                 pp_rank: int, dp_rank: Optional[int], pipe_writer: Any,
+                                 *display_ranks: Any) -> None:
+    """SGLang's ``run_scheduler_process`` contract: send the ready dict on ``pipe_writer``,
+    then serve until the server goes down."""
+    from sglang.srt.managers.scheduler import configure_scheduler_process
+
+    configure_scheduler_process(server_args, gpu_id, tp_rank, attn_cp_rank, moe_dp_rank,
+                                moe_ep_rank, pp_rank, dp_rank)
+    coordinator = Coordinator(server_args, port_args, gpu_id, tp_rank)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "_stop", True))
+    try:
+        pipe_writer.send(coordinator.start())
+        coordinator.serve()
+    except BaseException as exc:
+        logger.exception("semi-PD scheduler failed")
+        try:
+            pipe_writer.send({"status": "error", "error": repr(exc)})
+        except Exception:  # noqa: BLE001 - the launcher may already be gone
+            pass
+        coordinator.stop()
+        os._exit(1)
+    coordinator.stop()
