@@ -186,15 +186,15 @@ class Coordinator:
     def _drain_tokenizer(self) -> None:
         while True:
             try:
-                raw = self.from_tokenizer.recv(zmq.NOBLOCK, copy=False)
+                raw = self.from_tokenizer.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            obj = pickle.loads(raw.buffer)  # SGLang's own wire format (send_pyobj)
+            obj = pickle.loads(raw)  # SGLang's own wire format (send_pyobj); bytes forwarded
             to_prefill, to_decode = route(obj)
             if to_decode:  # decode first: it must know the request before the hand-off
-                self.to_worker["decode"].send(raw, copy=False)
+                self.to_worker["decode"].send(raw)
             if to_prefill:
-                self.to_worker["prefill"].send(raw, copy=False)
+                self.to_worker["prefill"].send(raw)
 
     def _drain_outputs(self, role: str, sock: Any) -> None:
         while True:
