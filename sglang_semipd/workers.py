@@ -66,22 +66,32 @@ def _scheduler_base() -> type:
     return Scheduler
 
 
+class _SharedPoolChecks:
+    """SGLang's invariant checker without the two pool-leak checks: they count this
+    process's allocator as the whole pool, but the pool is shared and its invariant is the
+    memory manager's (``KVStateService.check_invariant``). Everything else delegates."""
+
+    def __init__(self, checker: Any) -> None:
+        self._checker = checker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._checker, name)
+
+    def _check_all_pools(self, *args: Any, **kwargs: Any) -> tuple[bool, list]:
+        return False, []
+
+    def _check_req_pool(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class _SemiPDMixin:
-    """Shared by both workers: the KV-state client and relaxed idle checks."""
+    """Shared by both workers: the KV-state client and the shared-pool invariant checks."""
 
     semipd_client: Any
 
-    def on_idle(self) -> None:
-        # SGLang's idle leak check counts this process's allocator as the whole pool; the
-        # pool is shared, so that check is the memory manager's (KVStateService).
-        checker = self.invariant_checker
-        saved = checker._check_all_pools, checker._check_req_pool
-        checker._check_all_pools = lambda *a, **k: (False, [])
-        checker._check_req_pool = lambda *a, **k: None
-        try:
-            super().on_idle()
-        finally:
-            checker._check_all_pools, checker._check_req_pool = saved
+    def semipd_common_init(self, client: Any) -> None:
+        self.semipd_client = client
+        self.invariant_checker = _SharedPoolChecks(self.invariant_checker)
 
 
 def make_prefill_scheduler_cls() -> type:
@@ -91,7 +101,7 @@ def make_prefill_scheduler_cls() -> type:
         """See the module docstring."""
 
         def semipd_init(self, client: Any, handoff_endpoint: str) -> None:
-            self.semipd_client = client
+            self.semipd_common_init(client)
             self.handoffs_sent = 0
 
         def process_batch_result(self, batch: Any, result: Any) -> None:
@@ -146,9 +156,11 @@ def make_decode_scheduler_cls() -> type:
         """See the module docstring."""
 
         def semipd_init(self, client: Any, handoff_endpoint: str) -> None:
-            self.semipd_client = client
+            self.semipd_common_init(client)
             self.parked: dict[str, Any] = {}
             self.early: dict[str, P.HandOff] = {}  # hand-off before its request (rare)
+            self.dropped: set[str] = set()  # aborted here while still parked
+            self._pending: list[P.HandOff] = []
             self.handoff_sock = zmq.Context.instance().socket(zmq.PULL)
             self.handoff_sock.connect(handoff_endpoint)
             self.adopted = 0
@@ -165,10 +177,10 @@ def make_decode_scheduler_cls() -> type:
             for rid in [r for r in self.parked if recv_req.abort_all
                         or r.startswith(recv_req.rid)]:
                 del self.parked[rid]  # the prefill worker answers for it
+                self.dropped.add(rid)
             return super().abort_request(recv_req)
 
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
-            self._pending = getattr(self, "_pending", [])
             while True:
                 try:
                     frames = self.handoff_sock.recv_multipart(zmq.NOBLOCK)
@@ -185,9 +197,14 @@ def make_decode_scheduler_cls() -> type:
             for h in pending:
                 req = self.parked.pop(h.rid, None)
                 if h.finished:
+                    self.dropped.discard(h.rid)
                     continue
                 if req is None:
-                    self._drop_orphan(h)
+                    if h.rid in self.dropped:
+                        self.dropped.discard(h.rid)
+                        self._drop_orphan(h)
+                    else:
+                        self.early[h.rid] = h  # its request is still on the way
                     continue
                 reqs.append(self._prepare(req, h))
             if not reqs:
