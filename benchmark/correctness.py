@@ -66,7 +66,7 @@ def query(url: str, ids: list[int], max_new: int) -> dict[str, Any]:
 
     out = http_json(url + "/generate", {
         "input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
-        "sampling_params": {"temperature": 0, "max_new_tokens": max_new}}, timeout=600)
+        "sampling_params": {"temperature": 0, "max_new_tokens": max_new}}, timeout=120)
     meta = out["meta_info"]
     return {"output_ids": out["output_ids"],
             "prompt_logprobs": [x[0] for x in meta["input_token_logprobs"]],
