@@ -177,6 +177,26 @@ class KVMachine(RuleBasedStateMachine):
             del self.locks[cid][node]
 
     @precondition(lambda self: self.reqs)
+    @rule(i=st.integers(0, 100), with_row=st.booleans())
+    def hand_off(self, i: int, with_row: bool) -> None:
+        """Prefill -> decode: the request's own slots, its lock (and a row) change owner."""
+        req = self.reqs[i % len(self.reqs)]
+        src = req["cid"]
+        dst = self.cids[1] if src == self.cids[0] else self.cids[0]
+        rows = sorted(self.rows[src])[:1] if with_row else []
+        moved = self.svc.transfer(src, dst, array("q", req["own"]), rows, [req["node"]])
+        assert moved == (len(req["own"]), len(rows), 1)
+        self._lose(src, req["own"])
+        self._gain(dst, req["own"])
+        self.locks[src][req["node"]] -= 1
+        if not self.locks[src][req["node"]]:
+            del self.locks[src][req["node"]]
+        self.locks[dst][req["node"]] += 1
+        self.rows[src] -= set(rows)
+        self.rows[dst] |= set(rows)
+        req["cid"] = dst
+
+    @precondition(lambda self: self.reqs)
     @rule(i=st.integers(0, 100), lock=st.booleans())
     def finish_request(self, i: int, lock: bool) -> None:
         req = self.reqs.pop(i % len(self.reqs))

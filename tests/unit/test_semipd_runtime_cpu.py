@@ -1,0 +1,96 @@
+"""CPU checks of the semi-PD runtime's plumbing: message routing, per-worker PortArgs, the
+hand-off record, logprob export and the private MPS daemon's error paths."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+import numpy as np
+import pytest
+
+from sglang_semipd import protocol as P
+
+
+def test_generation_and_aborts_reach_both_workers_control_only_prefill():
+    from sglang.srt.managers import io_struct
+
+    from sglang_semipd.scheduler import TO_BOTH, route
+
+    for name in TO_BOTH:
+        assert hasattr(io_struct, name), f"{name} is not an SGLang 0.5.17 message"
+    abort = io_struct.AbortReq(rid="x")
+    assert route(abort) == (True, True)
+    for obj in (io_struct.FlushCacheReqInput(), io_struct.GetInternalStateReq()):
+        assert route(obj) == (True, False)  # exactly one reply: prefill answers
+
+
+def test_worker_port_args_differ_only_in_private_endpoints():
+    from types import SimpleNamespace
+
+    from sglang_semipd.scheduler import WorkerEndpoints, worker_port_args
+
+    pa = SimpleNamespace(scheduler_input_ipc_name="ipc://tok", rpc_ipc_name="ipc://rpc",
+                         detokenizer_ipc_name="ipc://detok", tokenizer_ipc_name="ipc://tm",
+                         nccl_port=1, instance_id="i")
+    ep = WorkerEndpoints("prefill", "ipc://p-in", "ipc://p-rpc", "ipc://p-out", "ipc://p-h", 7)
+    out = worker_port_args(pa, ep)
+    assert (out.scheduler_input_ipc_name, out.rpc_ipc_name, out.detokenizer_ipc_name,
+            out.nccl_port) == ("ipc://p-in", "ipc://p-rpc", "ipc://p-out", 7)
+    assert (out.tokenizer_ipc_name, out.instance_id) == ("ipc://tm", "i")
+    assert pa.scheduler_input_ipc_name == "ipc://tok"  # the server's own stay untouched
+
+
+def test_handoff_round_trip_and_refusals():
+    h = P.HandOff(rid="r1", req_pool_idx=3, kv_len=40, first_token=17, cache_protected_len=40,
+                  last_node=9, last_node_prefix_len=40, send_token_offset=1,
+                  logprob={"output_token_logprobs_val": [-0.25]})
+    frames = P.encode_handoff(h)
+    assert frames[0] == P.HANDOFF_TAG
+    assert P.decode_handoff(frames) == h
+    with pytest.raises(P.ProtocolError):
+        P.decode_handoff([b"other", frames[1]])
+    with pytest.raises(P.ProtocolError):
+        P.decode_handoff([P.HANDOFF_TAG, b"\xc1garbage"])
+    old = msgspec.msgpack.encode(msgspec.structs.replace(h, v=P.PROTOCOL_VERSION + 1))
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode_handoff([P.HANDOFF_TAG, old])
+    assert info.value.code == P.ErrorCode.VERSION
+
+
+def test_logprobs_are_exported_as_plain_lists():
+    import torch
+    from sglang.srt.managers.schedule_batch import ReqLogprob
+
+    from sglang_semipd.workers import export_logprobs
+
+    lp = ReqLogprob(top_logprobs_num=2, token_ids_logprob=None,
+                    input_token_logprobs_val=[None, -1.5], input_token_logprobs_idx=[5, 6],
+                    output_token_logprobs_val=[-0.5], output_token_logprobs_idx=[7],
+                    output_top_logprobs_val=[np.array([-0.5, -2.0])],
+                    output_token_ids_logprobs_val=[torch.tensor([-3.0])])
+
+    class R:
+        logprob = lp
+
+    out = export_logprobs(R())
+    assert out["input_token_logprobs_val"] == [None, -1.5]
+    assert out["output_top_logprobs_val"] == [[-0.5, -2.0]]
+    assert out["output_token_ids_logprobs_val"] == [[-3.0]]
+    assert "input_top_logprobs_val" not in out  # unset fields are not sent
+    msgspec.msgpack.encode(P.HandOff(rid="x", logprob=out))  # travels as-is
+
+
+def test_private_mps_errors_are_clear(tmp_path, monkeypatch):
+    from sglang_semipd.mps import MPSError, PrivateMPS
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(MPSError, match="not found on PATH"):
+        PrivateMPS().start()
+    with pytest.raises(MPSError, match="no MPS control pipe"):
+        PrivateMPS(pipe_dir=str(tmp_path)).start()
+    (tmp_path / "control").touch()
+    adopted = PrivateMPS(pipe_dir=str(tmp_path)).start()
+    assert adopted.child_env() == {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}
+    adopted.stop()  # never quits a daemon it did not start
+    assert os.path.exists(tmp_path / "control")
