@@ -11,17 +11,24 @@ never touches a system-wide daemon or another server's, and stops it on exit:
 Rules: the daemon must be up before any child creates a CUDA context, and every client must
 have exited before ``quit`` (MPS waits for its clients). ``stop`` is idempotent and safe to
 call from a signal handler's cleanup path.
+
+A server can also die without unwinding (SGLang's crash path SIGKILLs its own process tree).
+So :meth:`PrivateMPS.start` also leaves a detached *reaper* (``python -m sglang_semipd.mps
+--reap PID ROOT``, double-forked out of the process tree): when PID is gone it quits the
+daemon and removes ROOT; it exits on its own once ROOT is removed by a normal ``stop``.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from sglang_semipd.config import MPS_CONTROL_BINARY
 
@@ -89,6 +96,7 @@ class PrivateMPS:
                 raise MPSError(f"MPS control pipe did not appear in {self.pipe_dir}")
             time.sleep(0.05)
         self.started = True
+        spawn_reaper(os.getpid(), self._root, exe)
         logger.info("private MPS control daemon up (pipe %s)", self.pipe_dir)
         return self
 
@@ -109,3 +117,58 @@ class PrivateMPS:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def spawn_reaper(pid: int, root: str, binary: str) -> None:
+    """Start the detached reaper for ``pid`` (see the module docstring); returns at once."""
+    subprocess.run([sys.executable, "-m", "sglang_semipd.mps", "--reap", str(pid), root,
+                    "--binary", binary], check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (an exited but unreaped process, a zombie, counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def reap(pid: int, root: str, binary: str, poll_s: float = 0.5) -> bool:
+    """Wait until ``pid`` exits or ``root`` disappears; in the first case quit the daemon
+    whose pipe is in ``root`` and remove ``root``. Returns True if it had to clean up."""
+    pipe = os.path.join(root, "pipe")
+    while _alive(pid):
+        if not os.path.isdir(root):
+            return False
+        time.sleep(poll_s)
+    if not os.path.isdir(root):
+        return False
+    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=pipe,
+               CUDA_MPS_LOG_DIRECTORY=os.path.join(root, "log"))
+    try:
+        subprocess.run([binary], input="quit\n", text=True, env=env, timeout=60,
+                       capture_output=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return True
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="reaper of a private MPS daemon (internal)")
+    ap.add_argument("--reap", nargs=2, metavar=("PID", "ROOT"), required=True)
+    ap.add_argument("--binary", default=MPS_CONTROL_BINARY)
+    ap.add_argument("--foreground", action="store_true", help="do not detach (tests)")
+    a = ap.parse_args(argv)
+    if not a.foreground:
+        if os.fork():  # the caller waits for this parent only: the child leaves its tree
+            os._exit(0)
+        os.setsid()
+    reap(int(a.reap[0]), a.reap[1], a.binary)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
 import tempfile
 import time
@@ -222,6 +223,7 @@ class Coordinator:
             proc.join(20)
             if proc.is_alive():
                 proc.kill()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def run_semipd_scheduler_process(server_args: Any, port_args: Any, gpu_id: int, tp_rank: int,

@@ -37,6 +37,8 @@ SAMPLES: list[tuple[object, tuple]] = [
     (P.Goodbye(), ()),
     (P.Shutdown(), ()),
     (P.GetPoolManifest(), ()),
+    (P.Transfer(to_role="decode", rows=[3], locks=[12]), (array("q", [40, 41]),)),
+    (P.Transfer(to_client=2), (array("q"),)),
     (P.HelloReply(client_id=1, page_size=16, capacity=4096, req_rows=256), ()),
     (P.AllocReply(sizes=[2, 0]), (array("q", [1, 2]), array("q"))),
     (P.FreeReply(freed=12), ()),
@@ -52,7 +54,10 @@ SAMPLES: list[tuple[object, tuple]] = [
     (P.ReleaseReply(client_id=2, freed_tokens=10, dropped_locks=1, freed_rows=1,
                     closed_leases=1), ()),
     (P.OkReply(), ()),
-    (P.PoolManifestReply(manifest=P.PoolManifest(device="cuda", records=(
+    (P.TransferReply(tokens=2, rows=1, locks=1), ()),
+    (P.PoolManifestReply(manifest=P.PoolManifest(device="cuda", sizes=P.PoolSizes(
+        max_total_num_tokens=4096, max_running_requests=64, mem_fraction_static=0.8),
+        weight_socket="/tmp/w.sock", weights_bytes=10, records=(
         P.AllocationRecord(index=0, shape=(5, 16), dtype="int32", handle=P.TensorHandle(
             shape=(5, 16), stride=(16, 1), storage_offset=0, dtype="int32", device="cuda",
             device_index=0, storage_handle=b"\x01" * 64, storage_size_bytes=320,

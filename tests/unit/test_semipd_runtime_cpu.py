@@ -94,3 +94,42 @@ def test_private_mps_errors_are_clear(tmp_path, monkeypatch):
     assert adopted.child_env() == {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)}
     adopted.stop()  # never quits a daemon it did not start
     assert os.path.exists(tmp_path / "control")
+
+
+def _fake_control(tmp_path):
+    """Stands in for nvidia-cuda-mps-control (absent on CPU): records what it is told."""
+    marker = tmp_path / "told.txt"
+    script = tmp_path / "control-bin"
+    script.write_text(f"#!/bin/sh\ncat >> {marker}\necho \"$CUDA_MPS_PIPE_DIRECTORY\" >> {marker}\n")
+    script.chmod(0o755)
+    return str(script), marker
+
+
+def test_reaper_quits_the_daemon_when_the_server_dies_without_cleanup(tmp_path):
+    import subprocess
+    import sys
+
+    binary, marker = _fake_control(tmp_path)
+    root = tmp_path / "mps-root"
+    (root / "pipe").mkdir(parents=True)
+    server = subprocess.Popen(["sleep", "1"])
+    reaper = subprocess.run([sys.executable, "-m", "sglang_semipd.mps", "--reap",
+                             str(server.pid), str(root), "--binary", binary, "--foreground"],
+                            timeout=30)
+    server.wait()
+    assert reaper.returncode == 0
+    assert marker.read_text().splitlines() == ["quit", str(root / "pipe")]
+    assert not root.exists()
+
+
+def test_reaper_leaves_quietly_after_a_normal_stop(tmp_path):
+    from sglang_semipd.mps import reap
+
+    binary, marker = _fake_control(tmp_path)
+    root = tmp_path / "mps-root"
+    root.mkdir()
+    import threading
+
+    threading.Timer(0.3, lambda: root.rmdir()).start()  # what PrivateMPS.stop() does
+    assert reap(os.getpid(), str(root), binary, poll_s=0.05) is False
+    assert not marker.exists()
