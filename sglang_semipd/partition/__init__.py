@@ -1,0 +1,1 @@
+"""SM partitioning: split planning and the resize protocol (pure logic, no CUDA)."""

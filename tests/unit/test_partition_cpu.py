@@ -1,0 +1,104 @@
+"""SM split planning and the resize protocol (pure logic)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sglang_semipd.config import DEFAULT_SPLITS
+from sglang_semipd.partition.resize import (Resize, ResizeAck, ResizeTracker,
+                                            WorkerResizeState)
+from sglang_semipd.partition.splits import SplitError, nearest_split, plan_splits
+
+
+def test_default_shares_on_an_h100_give_complementary_groups_of_8():
+    splits = plan_splits(DEFAULT_SPLITS, total_sms=132, granularity=8)
+    assert [(s.prefill_sms, s.decode_sms) for s in splits] == \
+        [(40, 92), (56, 76), (72, 60), (88, 44), (104, 28)]
+    assert all(s.prefill_sms % 8 == 0 and s.total_sms == 132 for s in splits)
+    assert splits[nearest_split(splits, 0.5)].prefill_sms == 72  # 66 asked -> 72 (measured)
+
+
+def test_extreme_and_colliding_shares():
+    splits = plan_splits([0.01, 0.02, 0.99], total_sms=132, granularity=8)
+    assert [(s.prefill_sms, s.decode_sms) for s in splits] == [(8, 124), (124, 8)]
+    assert splits[0].share == 0.01  # the first share mapping there names it
+    with pytest.raises(SplitError):
+        plan_splits([0.5], total_sms=12, granularity=8)
+    with pytest.raises(SplitError):
+        plan_splits([1.0], total_sms=132)
+
+
+def test_resize_waits_for_the_iteration_boundary_and_acks_its_iteration():
+    w = WorkerResizeState("decode", split=2)
+    assert w.receive(Resize(1, 3)) == ResizeAck("decode", 1, 3, 0)  # idle: at once
+    assert w.begin_iteration() == 0
+    assert w.receive(Resize(2, 1)) is None  # mid-iteration: waits
+    assert w.split == 3
+    ack = w.end_iteration()
+    assert ack == ResizeAck("decode", 2, 1, 1) and w.split == 1
+    assert w.receive(Resize(2, 4)) is None and w.receive(Resize(1, 0)) is None  # stale
+    assert w.split == 1
+
+
+def test_a_later_command_supersedes_an_unapplied_one():
+    w = WorkerResizeState("prefill", split=0)
+    w.begin_iteration()
+    w.receive(Resize(1, 3))
+    w.receive(Resize(2, 4))
+    assert w.end_iteration() == ResizeAck("prefill", 2, 4, 1)
+    w.begin_iteration()
+    assert w.end_iteration() is None  # nothing left to apply
+
+
+def test_tracker_completes_only_when_both_workers_switched():
+    t = ResizeTracker(split=2)
+    cmd = t.start(4)
+    assert cmd == Resize(1, 4) and t.start(1) is None  # one in flight at a time
+    assert not t.on_ack(ResizeAck("prefill", 1, 4, 7))
+    assert t.on_ack(ResizeAck("decode", 1, 4, 9)) and t.split == 4
+    assert t.took_effect_at() == {"prefill": 7, "decode": 9}
+    assert t.start(4) is None  # already there
+    with pytest.raises(ValueError):
+        t.on_ack(ResizeAck("decode", 5, 1, 0))
+
+
+def test_random_interleavings_end_with_both_workers_on_the_last_split():
+    rng = random.Random(3)
+    for _ in range(200):
+        t = ResizeTracker(split=0)
+        workers = {r: WorkerResizeState(r, 0) for r in ResizeTracker.ROLES}
+        inbox = {r: [] for r in workers}
+        last = 0
+        for _ in range(rng.randrange(1, 30)):
+            action = rng.random()
+            if action < 0.3:
+                cmd = t.start(rng.randrange(5), force=rng.random() < 0.5)
+                if cmd:
+                    last = cmd.split
+                    for r in workers:
+                        inbox[r].append(cmd)
+            else:
+                r = rng.choice(list(workers))
+                w = workers[r]
+                if inbox[r] and rng.random() < 0.5:
+                    ack = w.receive(inbox[r].pop(0))
+                elif w.in_iteration:
+                    ack = w.end_iteration()
+                else:
+                    w.begin_iteration()
+                    ack = None
+                if ack:
+                    t.on_ack(ack)
+        for r, w in workers.items():  # drain: finish iterations, deliver everything
+            if w.in_iteration:
+                ack = w.end_iteration()
+                if ack:
+                    t.on_ack(ack)
+            for cmd in inbox[r]:
+                ack = w.receive(cmd)
+                if ack:
+                    t.on_ack(ack)
+        assert t.in_flight is None
+        assert {w.split for w in workers.values()} == {t.split} == {last}
