@@ -12,15 +12,7 @@
 # RESULT_DIR gets pytest_gpu.log, timings.txt, probe JSON and logs.tgz (few files: the device
 # tool brings back at most 8).
 set -u
-RES=${1:-${OUT:-/tmp/semipd-out}}
-LOG=/tmp/semipd-logs
-rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG/timings.txt"; }
-finish() { cp "$LOG/timings.txt" "$LOG/pytest_gpu.log" "$RES/" 2>/dev/null
-           cp "$LOG"/*.json "$RES/" 2>/dev/null; tar -C "$LOG" -czf "$RES/logs.tgz" . ; }
-trap finish EXIT
-export PYTHONUNBUFFERED=1 SEMIPD_TEST_LOG_DIR=$LOG
+source "$(dirname "$0")/gpu_common.sh" "${1:-}"
 
 source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"

@@ -7,15 +7,7 @@
 # Logs go to /tmp/semipd-logs; RESULT_DIR gets baseline.json, timings.txt and logs.tgz
 # (few files: the device tool brings back at most 8).
 set -u
-RES=${1:-${OUT:-/tmp/semipd-out}}
-LOG=/tmp/semipd-logs
-rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
-finish() { cp "$LOG/timings.txt" "$RES/" 2>/dev/null; cp "$LOG/baseline.json" "$RES/" 2>/dev/null
-           tar -C "$LOG" -czf "$RES/logs.tgz" . ; }
-trap finish EXIT
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG/timings.txt"; }
-export PYTHONUNBUFFERED=1 SEMIPD_TEST_LOG_DIR=$LOG
+RESULT_FILES="baseline.json"; source "$(dirname "$0")/gpu_common.sh" "${1:-}"
 
 { nvidia-smi -L; nvidia-smi --query-gpu=driver_version,memory.total --format=csv,noheader
   python3 -V; command -v nvidia-cuda-mps-control; } > "$LOG/host.txt" 2>&1

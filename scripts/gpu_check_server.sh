@@ -4,15 +4,7 @@
 # prompts (benchmark/correctness.py); results and server logs under RESULT_DIR.
 #   bash scripts/gpu_check_server.sh [RESULT_DIR]      # ONLY=semipd for a smoke test
 set -u
-RES=${1:-${OUT:-/tmp/semipd-out}}
-LOG=/tmp/semipd-logs
-rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG/timings.txt"; }
-finish() { cp "$LOG/timings.txt" "$LOG"/*.json "$RES/" 2>/dev/null
-           tar -C "$LOG" -czf "$RES/logs.tgz" . ; }
-trap finish EXIT
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_common.sh" "${1:-}"
 source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
 python3 scripts/make_test_models.py /tmp/models --only tiny-bf16 > /dev/null 2>&1
