@@ -1,5 +1,5 @@
-"""On the GPU host: stock ``sglang.launch_server`` and our launcher with ``--no-semi-pd`` serve
-the tiny model, and answer the same way.
+"""On the GPU host: stock ``sglang.launch_server``, our launcher with ``--no-semi-pd`` and the
+semi-PD server serve the tiny model, and answer the same way.
 
 Checks ``/generate`` against transformers on the same weights (bf16 served, float32 reference:
 every greedy token is the reference's argmax up to a small tolerance and every logprob agrees),
@@ -34,14 +34,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
 
 LAUNCHERS = {"stock": ("sglang.launch_server",),
-             "semipd_launcher": ("sglang_semipd.launch_server", "--no-semi-pd")}
+             "semipd_launcher": ("sglang_semipd.launch_server", "--no-semi-pd"),
+             # the semi-PD server itself; its pool pays two workers' headroom, so it needs a
+             # larger static fraction than stock's 0.3 (later flags win)
+             "semipd": ("sglang_semipd.launch_server",)}
+EXTRA_FLAGS = {"semipd": ("--mem-fraction-static", "0.8", "--max-total-tokens", "100000")}
 
 
 @pytest.fixture(scope="module", params=sorted(LAUNCHERS))
 def server(request, tiny, tmp_path_factory: pytest.TempPathFactory):
     log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or tmp_path_factory.mktemp("logs")
     cmd = python_module_cmd(*LAUNCHERS[request.param], "--model-path", str(tiny),
-                            "--port", str(PORT), *SERVE_FLAGS)
+                            "--port", str(PORT), *SERVE_FLAGS,
+                            *EXTRA_FLAGS.get(request.param, ()))
     with ServerProcess(cmd, PORT, os.path.join(log_dir, f"server_{request.param}.log")) as s:
         yield s
 
