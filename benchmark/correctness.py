@@ -89,6 +89,7 @@ def run_server(module_args: list[str], a: argparse.Namespace, name: str,
         chat = http_json(s.url + "/v1/chat/completions", {
             "model": "default", "messages": [{"role": "user", "content": "Hello!"}],
             "max_tokens": 8, "temperature": 0})
+        _flush(s.url)
         stream_ok = _stream_matches(s.url, prompts[1], a.max_new_tokens, first_ids=None)
         info = {"startup_s": s.startup_s, "concurrent_s": elapsed, "warm": first,
                 "sequential": sequential, "chat": chat, "stream_matches_nonstream": stream_ok,
@@ -97,7 +98,8 @@ def run_server(module_args: list[str], a: argparse.Namespace, name: str,
 
 
 def _stream_matches(url: str, ids: list[int], max_new: int, first_ids: Any) -> bool:
-    """Streamed /generate yields the same ids as the non-streamed one."""
+    """Streamed /generate yields the same ids as the non-streamed one (both from an empty
+    prefix cache)."""
     import json
     import urllib.request
 
@@ -111,8 +113,16 @@ def _stream_matches(url: str, ids: list[int], max_new: int, first_ids: Any) -> b
             line = line.decode().strip()
             if line.startswith("data:") and line != "data: [DONE]":
                 last = json.loads(line[5:])
+    _flush(url)  # from scratch again: a radix hit changes bf16 numerics
     plain = query(url, ids, max_new)["output_ids"]
     return last is not None and last["output_ids"] == plain
+
+
+def _flush(url: str) -> None:
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"",
+                                                  method="POST"), timeout=60).read()
 
 
 def main() -> None:
