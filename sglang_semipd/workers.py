@@ -186,7 +186,10 @@ def make_decode_scheduler_cls() -> type:
                     frames = self.handoff_sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._pending.append(P.decode_handoff(frames))
+                try:
+                    self._pending.append(P.decode_handoff(frames))
+                except P.ProtocolError as exc:  # never from our prefill worker; keep serving
+                    logger.error("dropping a malformed hand-off: %s", exc)
             if self._pending:
                 running_batch = self._adopt(running_batch)
             return super().get_next_batch_to_run(running_batch=running_batch,
