@@ -1,0 +1,171 @@
+"""Semi-PD against stock SGLang (chunked prefill 512/2048/8192, PD multiplexing) on one GPU:
+the same model, port and workloads, system after system; goodput, SLO attainment and plots.
+
+Two steps, because the GPU host is offline and takes 64 MiB per call:
+
+  # here: build the workloads (ShareGPT first turns, the Azure conversation trace, long prompts)
+  python -m benchmark.compare prepare --out .gpu/bench --num 400
+  # on the GPU host (carry .gpu): run every system over every workload and rate
+  python -m benchmark.compare run --workloads .gpu/bench --model-dir /tmp/models/llama8b \
+      --load-format dummy --rates 2,4,8,16 [--systems ...] [--dry-run]
+
+``run`` starts each system once (``testing.server.ServerProcess``), replays each workload with
+SGLang's own ``bench_serving`` (``--dataset-name openai --output-details``) at each Poisson
+rate, stops it, and writes ``benchmark/results/<gpu>/`` (``summary.json`` with the keys of
+``report.SYSTEMS``, ``summary.md``, plots, one bench_serving JSONL per run). A system that does
+not start is recorded under ``notes`` with the reason (e.g. pdmux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from benchmark import workloads as W
+from benchmark.metrics import PAPER_SLOS, results_from_details
+
+logger = logging.getLogger(__name__)
+
+# run name -> (launcher module, flags of that system); sglang_chunked_best is chosen per
+# workload among the sglang_chunked_<size> runs by the report.
+SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sglang_chunked_512": ("sglang.launch_server", ("--chunked-prefill-size", "512")),
+    "sglang_chunked_2048": ("sglang.launch_server", ("--chunked-prefill-size", "2048")),
+    "sglang_chunked_8192": ("sglang.launch_server", ("--chunked-prefill-size", "8192")),
+    "sglang_pdmux": ("sglang.launch_server", ("--enable-pdmux",)),
+    "semipd_green_slo": ("sglang_semipd.launch_server",
+                         ("--sm-partition", "green", "--partition-policy", "slo")),
+    "semipd_green_static": ("sglang_semipd.launch_server",
+                            ("--sm-partition", "green", "--partition-policy", "static")),
+    "semipd_mps": ("sglang_semipd.launch_server", ("--sm-partition", "mps")),
+    "semipd_none": ("sglang_semipd.launch_server", ("--sm-partition", "none")),
+}
+COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
+                "--grammar-backend", "none", "--mem-fraction-static", "0.85")
+SLO_SET = {"sharegpt": "sharegpt", "azure_conv": "sharegpt", "long": "longbench"}
+
+
+def server_command(run: str, model_dir: str, load_format: str, port: int,
+                   extra: Sequence[str] = ()) -> list[str]:
+    module, flags = SYSTEM_RUNS[run]
+    return [sys.executable, "-m", module, "--model-path", model_dir, "--load-format",
+            load_format, "--port", str(port), *COMMON_FLAGS, *flags, *extra]
+
+
+# ---------------------------------------------------------------- prepare (CPU, online)
+def prepare(out: Path, num: int, seed: int = 0) -> dict[str, Any]:
+    """Write ``<name>.jsonl`` (bench_serving openai dataset) + ``workloads.json`` (lengths)."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = {"sharegpt": W.sharegpt_workload(num),
+            "azure_conv": W.truncate(W.azure_trace_workload(limit=num), max_requests=num),
+            "long": W.long_prompt_workload(max(num // 4, 20))}
+    index = {}
+    for name, wl in made.items():
+        path = W.export_openai_jsonl(wl, out / f"{name}.jsonl", seed=seed)
+        index[name] = {"file": path.name, "requests": len(wl),
+                       "prompt_lens": [int(r.prompt_len) for r in wl.requests],
+                       "summary": W.summarize(wl), "slo_set": SLO_SET[name]}
+    (out / "workloads.json").write_text(json.dumps(index) + "\n")
+    return index
+
+
+# ---------------------------------------------------------------- run (GPU host)
+def run_bench(port: int, path: Path, num: int, rate: float, out_file: Path, log: Path,
+              timeout_s: float) -> tuple[dict[str, Any], str]:
+    from benchmark.common import run_bench_serving
+
+    return run_bench_serving(port, W.openai_bench_args(path, num, rate), out_file, log,
+                             timeout_s)
+
+
+def run_system(run: str, cmd: list[str], index: dict[str, Any], wl_dir: Path,
+               rates: Sequence[float], port: int, out_dir: Path, timeout_s: float
+               ) -> tuple[dict[str, dict[float, Any]], Optional[str]]:
+    """{workload: {rate: RunPoint}} for one system, or the reason it could not run."""
+    from benchmark.report import RunPoint
+    from sglang_semipd.testing.server import ServerProcess, ServerStartError
+
+    points: dict[str, dict[float, Any]] = {w: {} for w in index}
+    try:
+        with ServerProcess(cmd, port, out_dir / f"server_{run}.log", start_timeout=600):
+            for wname, meta in index.items():
+                for rate in rates:
+                    raw = out_dir / f"{run}_{wname}_{rate:g}.jsonl"
+                    t0 = time.monotonic()
+                    run_bench(port, wl_dir / meta["file"], meta["requests"], rate, raw,
+                              out_dir / f"bench_{run}_{wname}_{rate:g}.log", timeout_s)
+                    rec = json.loads(raw.read_text().splitlines()[-1])
+                    results = results_from_details(rec, input_lens=meta["prompt_lens"])
+                    points[wname][rate] = RunPoint(rate, results, rec.get("duration")
+                                                   or time.monotonic() - t0)
+    except ServerStartError as exc:
+        return points, f"did not start: {str(exc).splitlines()[0][:300]}"
+    return points, None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, default=400)
+    r = sub.add_parser("run")
+    r.add_argument("--workloads", required=True, help="a directory written by `prepare`")
+    r.add_argument("--model-dir", required=True)
+    r.add_argument("--load-format", default="auto")
+    r.add_argument("--rates", default="2,4,8,16")
+    r.add_argument("--systems", default=",".join(SYSTEM_RUNS))
+    r.add_argument("--port", type=int, default=31400)
+    r.add_argument("--out-dir", default=None)
+    r.add_argument("--timeout-s", type=float, default=1800)
+    r.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(message)s")
+    if a.cmd == "prepare":
+        index = prepare(Path(a.out), a.num)
+        print(json.dumps({k: v["summary"] for k, v in index.items()}, indent=1))
+        return
+    wl_dir = Path(a.workloads)
+    index = json.loads((wl_dir / "workloads.json").read_text())
+    rates = [float(x) for x in a.rates.split(",")]
+    systems = [s for s in a.systems.split(",") if s]
+    unknown = set(systems) - set(SYSTEM_RUNS)
+    if unknown:
+        ap.error(f"unknown systems {sorted(unknown)}; known: {sorted(SYSTEM_RUNS)}")
+    cmds = {s: server_command(s, a.model_dir, a.load_format, a.port) for s in systems}
+    if a.dry_run:
+        for s, cmd in cmds.items():
+            print(f"{s}: {shlex.join(cmd[1:])} x {len(index)} workloads x rates {rates}")
+        return
+    from benchmark.common import gpu_name, gpu_slug
+    from benchmark.report import write_report
+
+    name = gpu_name()
+    out_dir = Path(a.out_dir) if a.out_dir else Path(__file__).parent / "results" / gpu_slug(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[str, dict[float, Any]]] = {w: {} for w in index}
+    notes: dict[str, str] = {}
+    for s in systems:
+        points, why = run_system(s, cmds[s], index, wl_dir, rates, a.port, out_dir, a.timeout_s)
+        if why:
+            notes[s] = why
+        for w, pts in points.items():
+            if pts:
+                runs[w][s] = pts
+        time.sleep(5)
+    work = {w: (PAPER_SLOS[meta["slo_set"]]["tight"], runs[w]) for w, meta in index.items()}
+    summary = write_report(out_dir, name, f"{a.model_dir} (load_format={a.load_format})", work,
+                           notes)
+    summary["command"] = shlex.join(["python", "-m", "benchmark.compare", *sys.argv[1:]])
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print((out_dir / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The comparison driver on the CPU: systems, commands, prepared workloads, dry run."""
+
+from __future__ import annotations
+
+import json
+
+from benchmark import compare
+from benchmark.report import CHUNK_SIZES, CHUNKED_PREFIX, SYSTEMS
+
+
+def test_every_reported_system_has_a_run():
+    named = set(compare.SYSTEM_RUNS)
+    for system in SYSTEMS:
+        if system == "sglang_chunked_best":
+            assert {f"{CHUNKED_PREFIX}{c}" for c in CHUNK_SIZES} <= named
+        else:
+            assert system in named
+
+
+def test_server_commands_share_flags_and_differ_by_system():
+    cmds = {s: compare.server_command(s, "/m", "dummy", 31400) for s in compare.SYSTEM_RUNS}
+    for s, cmd in cmds.items():
+        assert cmd[1:3] == ["-m", compare.SYSTEM_RUNS[s][0]]
+        assert " ".join(compare.COMMON_FLAGS) in " ".join(cmd)
+    assert "--enable-pdmux" in cmds["sglang_pdmux"]
+    assert cmds["sglang_chunked_2048"][-2:] == ["--chunked-prefill-size", "2048"]
+    assert cmds["semipd_mps"][-2:] == ["--sm-partition", "mps"]
+
+
+def test_prepare_then_dry_run(tmp_path, capsys):
+    index = compare.prepare(tmp_path, num=12)
+    assert set(index) == {"sharegpt", "azure_conv", "long"}
+    for name, meta in index.items():
+        lines = (tmp_path / meta["file"]).read_text().splitlines()
+        assert len(lines) == meta["requests"] == len(meta["prompt_lens"])
+        assert json.loads(lines[0])["messages"][0]["role"] == "user"
+    compare.main(["run", "--workloads", str(tmp_path), "--model-dir", "/m", "--dry-run",
+                  "--systems", "sglang_chunked_512,semipd_none", "--rates", "1,2"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("sglang_chunked_512: -m sglang.launch_server")
