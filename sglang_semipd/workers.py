@@ -289,6 +289,24 @@ def make_decode_scheduler_cls() -> type:
     return DecodeScheduler
 
 
+def role_server_args(role: str, sa: Any) -> Any:
+    """What a worker's ServerArgs change for its role (``sa`` is already a private copy):
+    the ``semipd`` radix backend and SGLang's non-overlapped loop for both; the prefill worker
+    never runs a decode batch, so it captures no decode CUDA graphs."""
+    overrides: dict[str, Any] = dict(radix_cache_backend="semipd", disable_overlap_schedule=True)
+    if role == "prefill":
+        import copy
+        import dataclasses
+
+        from sglang.srt.model_executor.cuda_graph_config import Backend
+
+        graphs = copy.deepcopy(sa.cuda_graph_config)
+        graphs.decode = dataclasses.replace(graphs.decode, backend=Backend.DISABLED)
+        overrides["cuda_graph_config"] = graphs
+    sa.override(f"sglang-semipd {role} worker", **overrides)
+    return sa
+
+
 def run_worker_process(role: str, server_args: Any, port_args: Any, gpu_id: int,
                        tp_rank: int, kv_endpoint: str, handoff_endpoint: str,
                        pipe_writer: Any) -> None:
@@ -304,9 +322,7 @@ def run_worker_process(role: str, server_args: Any, port_args: Any, gpu_id: int,
         configure_scheduler_process(server_args, gpu_id, tp_rank, 0, 0, 0, 0, None)
         client = KVStateClient(kv_endpoint, f"{role}-{tp_rank}", role, timeout_s=60.0)
         manifest = client.pool_manifest()
-        sa = worker_server_args(server_args, manifest)
-        sa.override(f"sglang-semipd {role} worker", radix_cache_backend="semipd",
-                    disable_overlap_schedule=True)
+        sa = role_server_args(role, worker_server_args(server_args, manifest))
         register_semipd_radix_backend(lambda ctx: client)
         publish(sa, role="scheduler")
         cls = make_prefill_scheduler_cls() if role == "prefill" else make_decode_scheduler_cls()

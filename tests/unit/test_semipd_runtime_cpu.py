@@ -133,3 +133,30 @@ def test_reaper_leaves_quietly_after_a_normal_stop(tmp_path):
     threading.Timer(0.3, lambda: root.rmdir()).start()  # what PrivateMPS.stop() does
     assert reap(os.getpid(), str(root), binary, poll_s=0.05) is False
     assert not marker.exists()
+
+
+def test_role_server_args_turn_off_decode_graphs_in_the_prefill_worker_only(tmp_path):
+    import copy
+
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
+    from sglang.srt.model_executor.model_runner_components.cuda_graph_setup import (
+        check_cuda_graph_backend)
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_semipd.testing.model_maker import make_model
+    from sglang_semipd.workers import role_server_args
+
+    model = make_model(tmp_path / "tiny", "tiny", "bfloat16", seed=0)
+    sa = ServerArgs(model_path=str(model), device="cpu", attention_backend="triton",
+                    sampling_backend="pytorch", grammar_backend="none")
+    assert sa.cuda_graph_config.decode.backend != Backend.DISABLED
+    seen = {}
+    for role in ("prefill", "decode"):
+        w = role_server_args(role, copy.deepcopy(sa))
+        publish(w, role="scheduler")  # what the worker process does before building SGLang
+        seen[role] = check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED)
+        assert w.radix_cache_backend == "semipd" and w.disable_overlap_schedule
+    assert seen == {"prefill": True, "decode": False}
+    assert sa.cuda_graph_config.decode.backend != Backend.DISABLED  # the user's untouched
+    assert sa.radix_cache_backend != "semipd"
