@@ -94,6 +94,22 @@ class _SemiPDMixin:
         self.invariant_checker = _SharedPoolChecks(self.invariant_checker)
 
 
+def tell_decode_about_aborts(sender: Any, notify: Any) -> None:
+    """Wrap SGLang's ``SenderWrapper`` to the TokenizerManager: every ``AbortReq`` echo the
+    prefill worker sends for one request (queue full, bad priority, waiting timeout, abort of a
+    queued request, ...) also calls ``notify(rid)``, so the decode worker drops its parked
+    copy of a request that will never be handed off."""
+    original = sender.send_output
+
+    def send_output(output: Any, recv_obj: Any = None) -> Any:
+        result = original(output, recv_obj)
+        if type(output).__name__ == "AbortReq" and output.rid and not output.abort_all:
+            notify(output.rid)
+        return result
+
+    sender.send_output = send_output
+
+
 def make_prefill_scheduler_cls() -> type:
     Scheduler = _scheduler_base()
 
@@ -103,6 +119,8 @@ def make_prefill_scheduler_cls() -> type:
         def semipd_init(self, client: Any, handoff_endpoint: str) -> None:
             self.semipd_common_init(client)
             self.handoffs_sent = 0
+            tell_decode_about_aborts(self.ipc_channels.send_to_tokenizer,
+                                     lambda rid: self._send(P.HandOff(rid=rid, finished=True)))
 
         def process_batch_result(self, batch: Any, result: Any) -> None:
             if not batch.forward_mode.is_extend() or batch.is_dllm():

@@ -160,3 +160,18 @@ def test_role_server_args_turn_off_decode_graphs_in_the_prefill_worker_only(tmp_
     assert seen == {"prefill": True, "decode": False}
     assert sa.cuda_graph_config.decode.backend != Backend.DISABLED  # the user's untouched
     assert sa.radix_cache_backend != "semipd"
+
+
+def test_prefill_abort_echoes_are_passed_on_to_the_decode_worker():
+    from sglang.srt.managers.io_struct import AbortReq
+    from sglang.srt.managers.scheduler_components.output_sender import SenderWrapper
+
+    from sglang_semipd.workers import tell_decode_about_aborts
+
+    sender = SenderWrapper(None)  # no socket: SGLang's wrapper then sends nothing
+    told = []
+    tell_decode_about_aborts(sender, told.append)
+    sender.send_output(AbortReq(rid="queued-1"))
+    sender.send_output(AbortReq(abort_all=True))
+    sender.send_output(AbortReq(rid=""))
+    assert told == ["queued-1"]
