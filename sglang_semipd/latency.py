@@ -1,0 +1,85 @@
+"""Per-request TTFT and TPOT as the semi-PD scheduler process sees them (pure logic, no torch).
+
+The scheduler process forwards every request to the workers and every output batch to the
+DetokenizerManager, so it can time both ends without asking anyone: a request's *arrival* is
+when it was forwarded, its *first token* the first output batch that carries it (always the
+prefill worker's), its *finish* the batch that finishes it. TTFT = first token - arrival;
+TPOT = (finish - first token) / (tokens - 1) for requests with more than one token.
+:meth:`LatencyTracker.window` hands what completed since the last call to the SLO policy as a
+:class:`~sglang_semipd.slo.policy.WindowStats`. Clocks are the caller's (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional
+
+from sglang_semipd.slo.policy import WindowStats
+
+
+@dataclasses.dataclass
+class _Live:
+    arrival: float
+    first: Optional[float] = None
+    tokens: int = 0
+
+
+class LatencyTracker:
+    """See the module docstring. Not thread-safe (one loop owns it)."""
+
+    def __init__(self, start: float) -> None:
+        self._live: dict[str, _Live] = {}
+        self._ttfts: list[float] = []
+        self._tpots: list[float] = []
+        self._arrivals = 0
+        self._window_start = start
+        self.finished = 0
+
+    def on_request(self, rid: str, t: float) -> None:
+        if rid not in self._live:
+            self._live[rid] = _Live(arrival=t)
+            self._arrivals += 1
+
+    def on_outputs(self, rids: Iterable[str], completion_tokens: Iterable[int],
+                   finished: Iterable[bool], t: float) -> None:
+        """One output batch: per request its cumulative completion tokens and whether it
+        finished with this batch."""
+        for rid, tokens, done in zip(rids, completion_tokens, finished):
+            live = self._live.get(rid)
+            if live is None:
+                continue  # e.g. a health check sent before we saw it, or already aborted
+            if live.first is None and tokens > 0:
+                live.first = t
+                self._ttfts.append(t - live.arrival)
+            live.tokens = max(live.tokens, int(tokens))
+            if done:
+                del self._live[rid]
+                self.finished += 1
+                if live.first is not None and live.tokens > 1:
+                    self._tpots.append((t - live.first) / (live.tokens - 1))
+
+    def on_abort(self, rid: str) -> None:
+        self._live.pop(rid, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live)
+
+    @property
+    def waiting_first_token(self) -> int:
+        return sum(1 for v in self._live.values() if v.first is None)
+
+    def window(self, t: float, share: float) -> WindowStats:
+        """What completed since the last window (then forgotten)."""
+        span = max(t - self._window_start, 1e-9)
+        decoding = sum(1 for v in self._live.values() if v.first is not None)
+        stats = WindowStats(t=t, window_s=span, share=share, ttfts=tuple(self._ttfts),
+                            tpots=tuple(self._tpots), arrivals=self._arrivals,
+                            arrival_rate=self._arrivals / span,
+                            prefill_queue_len=self.waiting_first_token,
+                            decode_batch_size=decoding,
+                            prefill_idle=self.waiting_first_token == 0,
+                            decode_idle=decoding == 0)
+        self._ttfts, self._tpots, self._arrivals = [], [], 0
+        self._window_start = t
+        return stats
