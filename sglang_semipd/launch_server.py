@@ -106,17 +106,13 @@ def run_semipd_server(server_args, cfg: SemiPDConfig) -> None:
     """SGLang's HTTP server, TokenizerManager and DetokenizerManager, with the semi-PD
     scheduler process (:mod:`sglang_semipd.scheduler`) in place of SGLang's, under a
     private MPS control daemon that is stopped when the server exits."""
-    import dataclasses
-    import json
-
     from sglang.srt.entrypoints.http_server import launch_server
 
     from sglang_semipd.mps import PrivateMPS
-    from sglang_semipd.scheduler import CONFIG_ENV, run_semipd_scheduler_process
+    from sglang_semipd.scheduler import run_semipd_scheduler_process
 
     with PrivateMPS(cfg.mps_pipe_dir) as mps:
         os.environ.update(mps.child_env())  # inherited by every GPU process we start
-        os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(cfg))
         try:
             launch_server(server_args, run_scheduler_process_func=run_semipd_scheduler_process)
         finally:

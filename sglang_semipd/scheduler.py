@@ -37,6 +37,7 @@ import time
 from typing import Any, Optional
 
 import zmq
+from sglang.srt.utils.network import get_free_port
 
 from sglang_semipd import protocol as P
 
@@ -48,13 +49,12 @@ TO_BOTH = frozenset({
     "CloseSessionReqInput", "ShutdownReq", "PauseGenerationReqInput",
     "ContinueGenerationReqInput", "ConfigureLoggingReq",
 })
-CONFIG_ENV = "SGLANG_SEMIPD_CONFIG"  # JSON of SemiPDConfig, set by our launcher
 
 
-def route(obj: Any) -> tuple[bool, bool]:
-    """``(to_prefill, to_decode)`` for one SGLang message from the TokenizerManager."""
-    name = type(obj).__name__
-    return True, name in TO_BOTH
+def also_to_decode(obj: Any) -> bool:
+    """Whether one SGLang message from the TokenizerManager goes to the decode worker too
+    (every message goes to the prefill worker)."""
+    return type(obj).__name__ in TO_BOTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +67,6 @@ class WorkerEndpoints:
     output: str  # the worker's detokenizer socket connects here; we bind PULL
     handoff: str  # decode only: hand-offs for it (we bind PUSH, it connects PULL)
     nccl_port: int
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_port_args(port_args: Any, ep: WorkerEndpoints) -> Any:
@@ -100,7 +92,7 @@ class Coordinator:
         self.endpoints = {role: WorkerEndpoints(
             role, f"ipc://{self.run_dir}/{role}-in", f"ipc://{self.run_dir}/{role}-rpc",
             f"ipc://{self.run_dir}/{role}-out", f"ipc://{self.run_dir}/{role}-handoff",
-            _free_port())
+            get_free_port())
             for role in ("prefill", "decode")}
         self.procs: dict[str, Any] = {}
         self.ctx = zmq.Context.instance()
@@ -114,7 +106,7 @@ class Coordinator:
 
         spawn = mp.get_context("spawn")
         spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
-                                 weight_socket=self.weight_socket, nccl_port=_free_port(),
+                                 weight_socket=self.weight_socket, nccl_port=get_free_port(),
                                  gpu_id=self.gpu_id, tp_rank=self.tp_rank)
         info = self._start_child(spawn, "memory_manager", run_memory_manager, (spec,))
         logger.info("memory manager ready: %d KV slots, %.2f GiB weights",
@@ -150,16 +142,12 @@ class Coordinator:
     def _bind_sockets(self) -> None:
         self.from_tokenizer = self.ctx.socket(zmq.PULL)
         self.from_tokenizer.connect(self.port_args.scheduler_input_ipc_name)
-        self.to_worker = {}
+        self.to_worker, self.from_worker = {}, {}
         for role, ep in self.endpoints.items():
-            s = self.ctx.socket(zmq.PUSH)
-            s.bind(ep.scheduler_input)
-            self.to_worker[role] = s
-        self.from_worker = {}
-        for role, ep in self.endpoints.items():
-            s = self.ctx.socket(zmq.PULL)
-            s.bind(ep.output)
-            self.from_worker[role] = s
+            self.to_worker[role] = self.ctx.socket(zmq.PUSH)
+            self.to_worker[role].bind(ep.scheduler_input)
+            self.from_worker[role] = self.ctx.socket(zmq.PULL)
+            self.from_worker[role].bind(ep.output)
         self.to_detokenizer = self.ctx.socket(zmq.PUSH)
         self.to_detokenizer.connect(self.port_args.detokenizer_ipc_name)
         self.to_decode = self.ctx.socket(zmq.PUSH)
@@ -190,12 +178,10 @@ class Coordinator:
                 raw = self.from_tokenizer.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            obj = pickle.loads(raw)  # SGLang's own wire format (send_pyobj); bytes forwarded
-            to_prefill, to_decode = route(obj)
-            if to_decode:  # decode first: it must know the request before the hand-off
-                self.to_worker["decode"].send(raw)
-            if to_prefill:
-                self.to_worker["prefill"].send(raw)
+            # SGLang's own wire format (send_pyobj), read only to route; the bytes go on
+            if also_to_decode(pickle.loads(raw)):  # first: it must know the request before
+                self.to_worker["decode"].send(raw)  # the hand-off
+            self.to_worker["prefill"].send(raw)
 
     def _drain_outputs(self, role: str, sock: Any) -> None:
         while True:

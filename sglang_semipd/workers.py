@@ -118,7 +118,6 @@ def make_prefill_scheduler_cls() -> type:
 
         def semipd_init(self, client: Any, handoff_endpoint: str) -> None:
             self.semipd_common_init(client)
-            self.handoffs_sent = 0
             tell_decode_about_aborts(self.ipc_channels.send_to_tokenizer,
                                      lambda rid: self._send(P.HandOff(rid=rid, finished=True)))
 
@@ -156,7 +155,6 @@ def make_prefill_scheduler_cls() -> type:
                 send_output_token_logprobs_offset=int(r.send_output_token_logprobs_offset),
                 input_logprob_sent=bool(r.input_logprob_sent),
                 logprob=export_logprobs(r) if r.return_logprob else None))
-            self.handoffs_sent += 1
             r.req_pool_idx = None  # the decode worker owns the row now
             r.kv = None
 
@@ -181,7 +179,6 @@ def make_decode_scheduler_cls() -> type:
             self._pending: list[P.HandOff] = []
             self.handoff_sock = zmq.Context.instance().socket(zmq.PULL)
             self.handoff_sock.connect(handoff_endpoint)
-            self.adopted = 0
 
         def _add_request_to_queue(self, req: Any, is_retracted: bool = False) -> None:
             if is_retracted or req.finished():
@@ -239,7 +236,6 @@ def make_decode_scheduler_cls() -> type:
                 running_batch.merge_batch(batch)
             running_batch.batch_is_full = False
             self.running_batch = running_batch
-            self.adopted += len(reqs)
             return running_batch
 
         def _drop_orphan(self, h: P.HandOff) -> None:
@@ -330,10 +326,10 @@ def run_worker_process(role: str, server_args: Any, port_args: Any, gpu_id: int,
                        pipe_writer: Any) -> None:
     """Process entry of a prefill or decode worker (spawned by the semi-PD scheduler)."""
     from sglang.srt.managers.scheduler import configure_scheduler_process
-    from sglang.srt.runtime_context import publish
 
     from sglang_semipd.memory.backend import register_semipd_radix_backend
     from sglang_semipd.memory.client import KVStateClient
+    from sglang_semipd.runner import publish_server_args
     from sglang_semipd.worker_attach import attached_pools, worker_server_args
 
     try:
@@ -342,7 +338,7 @@ def run_worker_process(role: str, server_args: Any, port_args: Any, gpu_id: int,
         manifest = client.pool_manifest()
         sa = role_server_args(role, worker_server_args(server_args, manifest))
         register_semipd_radix_backend(lambda ctx: client)
-        publish(sa, role="scheduler")
+        publish_server_args(sa)
         cls = make_prefill_scheduler_cls() if role == "prefill" else make_decode_scheduler_cls()
         with attached_pools(client, manifest):
             scheduler = cls(sa, port_args, gpu_id, tp_rank, 0, 0, 0, 0, None)

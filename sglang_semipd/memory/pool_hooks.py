@@ -98,10 +98,12 @@ class ManagerPoolHooks:
         """The manifest of the recorded pools (after SGLang built them)."""
         if self.recorder is None or self.pools is None:
             raise RuntimeError("no pools were built under these hooks")
-        shared = [self.pools.req_to_token_pool, self.pools.token_to_kv_pool]
-        base = self.recorder.manifest(shared)
-        return P.PoolManifest(device=base.device, records=base.records, sizes=self.sizes,
-                              weight_socket=weight_socket, weights_bytes=weights_bytes)
+        import msgspec
+
+        base = self.recorder.manifest([self.pools.req_to_token_pool,
+                                       self.pools.token_to_kv_pool])
+        return msgspec.structs.replace(base, sizes=self.sizes, weight_socket=weight_socket,
+                                       weights_bytes=weights_bytes)
 
 
 @dataclasses.dataclass
@@ -112,7 +114,6 @@ class WorkerPoolHooks:
     client: Any  # KVStateClient (registered)
     lease_block: int = 256
     opened: Any = None  # OpenedTensors; close() at exit
-    pools: Any = None
 
     def profile_available_bytes(self, original: Callable, kvc: Any,
                                 pre_model_load_memory: float) -> int:
@@ -149,10 +150,10 @@ class WorkerPoolHooks:
                                          kvcache=pools.token_to_kv_pool,
                                          lease_block=self.lease_block)
         adopt_req_pool(pools.req_to_token_pool, self.client)
-        self.pools = msgspec.structs.replace(pools, token_to_kv_pool_allocator=allocator)
+        pools = msgspec.structs.replace(pools, token_to_kv_pool_allocator=allocator)
         logger.info("attached to the shared KV pool: %d tensors opened, %.1f MiB, %d slots",
                     len(self.opened), self.opened.nbytes / 2**20, self.client.capacity)
-        return self.pools
+        return pools
 
     def close(self) -> None:
         if self.opened is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import weakref
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -345,9 +346,7 @@ class KVStateService:
         client, dest = self._client(cid), self._client(to_cid)
         if cid == to_cid:
             raise KVStateError(ErrorCode.BAD_REQUEST, "transfer to oneself")
-        need: dict[int, int] = {}
-        for h in locks:
-            need[h] = need.get(h, 0) + 1
+        need = Counter(locks)
         for h, n in need.items():
             entry = client.locks.get(h)
             if entry is None or entry[1] < n:

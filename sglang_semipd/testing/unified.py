@@ -164,14 +164,6 @@ def run_request(runner: Any, tree: Any, tokens: list[int], insert: bool,
             "slots": slots}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class UnifiedStack:
     """A memory manager plus attached workers in spawned processes (a context manager).
 
@@ -197,12 +189,14 @@ class UnifiedStack:
     def __enter__(self) -> "UnifiedStack":
         import multiprocessing as mp
 
+        from sglang.srt.utils.network import get_free_port
+
         from sglang_semipd.memory_manager import MemoryManagerSpec
         from sglang_semipd.testing.procs import recv_reply
 
         ctx = mp.get_context("spawn")
         spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
-                                 weight_socket=self.weight_socket, nccl_port=free_port(),
+                                 weight_socket=self.weight_socket, nccl_port=get_free_port(),
                                  workers=max(len(self.worker_cfg), 1),
                                  log_level=self.log_level)
         try:
@@ -210,7 +204,7 @@ class UnifiedStack:
             self.manager = recv_reply(self.conns["manager"], self.timeout)
             for name, cfg in self.worker_cfg.items():
                 full = dict(cfg, server_args=self.server_args, kv_endpoint=self.kv_endpoint,
-                            name=name, nccl_port=free_port(), log_level=self.log_level)
+                            name=name, nccl_port=get_free_port(), log_level=self.log_level)
                 self._start(ctx, name, worker_main, full)
             for name in self.worker_cfg:
                 self.reports[name] = recv_reply(self.conns[name], self.timeout)

@@ -15,14 +15,14 @@ from sglang_semipd import protocol as P
 def test_generation_and_aborts_reach_both_workers_control_only_prefill():
     from sglang.srt.managers import io_struct
 
-    from sglang_semipd.scheduler import TO_BOTH, route
+    from sglang_semipd.scheduler import TO_BOTH, also_to_decode
 
     for name in TO_BOTH:
         assert hasattr(io_struct, name), f"{name} is not an SGLang 0.5.17 message"
     abort = io_struct.AbortReq(rid="x")
-    assert route(abort) == (True, True)
+    assert also_to_decode(abort) is True
     for obj in (io_struct.FlushCacheReqInput(), io_struct.GetInternalStateReq()):
-        assert route(obj) == (True, False)  # exactly one reply: prefill answers
+        assert also_to_decode(obj) is False  # exactly one reply: prefill answers
 
 
 def test_worker_port_args_differ_only_in_private_endpoints():
