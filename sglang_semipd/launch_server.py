@@ -12,6 +12,7 @@ line on a bad combination) -> resolve the model -> build ``ServerArgs`` -> run. 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -114,7 +115,8 @@ def run_semipd_server(server_args, cfg: SemiPDConfig) -> None:
     with PrivateMPS(cfg.mps_pipe_dir) as mps:
         os.environ.update(mps.child_env())  # inherited by every GPU process we start
         try:
-            launch_server(server_args, run_scheduler_process_func=run_semipd_scheduler_process)
+            launch_server(server_args, run_scheduler_process_func=functools.partial(
+                run_semipd_scheduler_process, semipd=cfg))
         finally:
             from sglang.srt.utils import kill_process_tree
 

@@ -112,10 +112,29 @@ MANAGER_PATCHES: tuple[Patch, ...] = (
           "pre-expands its RoPE caches itself, as a stock weight-cache client does"),
 )
 
+def _capture_on_split_stream(original: Any) -> Any:
+    def graph_capture(stream: Any = None) -> Any:
+        from sglang_semipd.partition.streams import current_capture_stream
+
+        return original(stream=stream if stream is not None else current_capture_stream())
+
+    graph_capture.__doc__ = ("sglang-semipd: SGLang's graph_capture, on the active split's "
+                             "stream when one is set (partition.streams.capture_stream).")
+    return graph_capture
+
+
+WORKER_PATCHES: tuple[Patch, ...] = (
+    Patch("sglang.srt.model_executor.runner.decode_cuda_graph_runner", "graph_capture",
+          _capture_on_split_stream,
+          "decode worker: capture each split's decode CUDA graphs on that split's green "
+          "stream (a graph keeps the SM set of its capture stream; SGLang would capture on a "
+          "fresh ordinary stream, whose replay escapes the partition)"),
+)
+
 # The registry: (role -> patches). Roles are the process roles of ARCHITECTURE.md section 2.
 PATCHES: dict[str, tuple[Patch, ...]] = {
     "memory_manager": POOL_PATCHES + MANAGER_PATCHES,
-    "worker": POOL_PATCHES,
+    "worker": POOL_PATCHES + WORKER_PATCHES,
 }
 
 

@@ -627,3 +627,99 @@ def decode_handoff(frames: Sequence[Any]) -> HandOff:
         raise ProtocolError(ErrorCode.VERSION, f"hand-off version {h.v}, expected "
                             f"{PROTOCOL_VERSION}")
     return h
+
+
+# ------------------------------------------------------------------ scheduler <-> workers
+CONTROL_TAG = b"semipd/ctl"
+
+
+class Resize(msgspec.Struct, frozen=True, tag="resize", forbid_unknown_fields=True):
+    """Scheduler -> both workers: run on planned split ``split`` from the next iteration on.
+    ``seq`` increases with every command; ``sent_at`` is the scheduler's ``time.monotonic()``
+    (one clock for all processes of a host), so a worker's ack yields the resize latency."""
+
+    seq: int
+    split: int
+    sent_at: float = 0.0
+    v: int = PROTOCOL_VERSION
+
+
+class ResizeAck(msgspec.Struct, frozen=True, tag="resize_ack", forbid_unknown_fields=True):
+    """Worker -> scheduler: ``seq`` took effect; ``iteration`` is the first iteration that runs
+    on ``split``; ``applied_at`` the worker's ``time.monotonic()`` when it switched."""
+
+    role: str
+    seq: int
+    split: int
+    iteration: int
+    applied_at: float = 0.0
+    v: int = PROTOCOL_VERSION
+
+
+class ResizeRequest(msgspec.Struct, frozen=True, tag="resize_request",
+                    forbid_unknown_fields=True):
+    """Prefill worker -> scheduler: an operator asked for a prefill SM share through SGLang's
+    ``/set_internal_state`` (``{"semipd_prefill_sm_share": x}``); the scheduler picks the
+    nearest planned split."""
+
+    share: float
+    v: int = PROTOCOL_VERSION
+
+
+class IterationStat(msgspec.Struct, frozen=True, tag="iteration",
+                    forbid_unknown_fields=True):
+    """Worker -> scheduler, after every forward pass: what ran, on which split, and how long
+    it took (``start``/``end``: ``time.monotonic()``, ``end`` after the GPU finished)."""
+
+    role: str
+    iteration: int
+    split: int
+    mode: str  # "extend" | "decode" | other SGLang forward modes, lower case
+    batch_size: int
+    tokens: int
+    start: float
+    end: float
+    queued: int = 0  # requests waiting in this worker when the iteration started
+    v: int = PROTOCOL_VERSION
+
+
+class ReleaseIdle(msgspec.Struct, frozen=True, tag="release_idle",
+                  forbid_unknown_fields=True):
+    """Scheduler -> decode worker, before a cache flush reaches the prefill worker: hand back
+    what the worker holds idle in the shared pool (buffered frees, its slot lease), so the
+    memory manager can reset the tree once no request holds anything."""
+
+    seq: int
+    v: int = PROTOCOL_VERSION
+
+
+class Released(msgspec.Struct, frozen=True, tag="released", forbid_unknown_fields=True):
+    """Decode worker -> scheduler: :class:`ReleaseIdle` ``seq`` done."""
+
+    seq: int
+    v: int = PROTOCOL_VERSION
+
+
+ControlMsg = Union[Resize, ResizeAck, ResizeRequest, IterationStat, ReleaseIdle, Released]
+_control_decoder = msgspec.msgpack.Decoder(ControlMsg)
+
+
+def encode_control(msg: Any) -> list[bytes]:
+    """``[CONTROL_TAG, msgpack(msg)]`` for any :data:`ControlMsg` record."""
+    return [CONTROL_TAG, msgspec.msgpack.encode(msg)]
+
+
+def decode_control(frames: Sequence[Any]) -> Any:
+    """Inverse of :func:`encode_control`; raises :class:`ProtocolError` on anything else
+    (wrong tag or frame count, unknown record type, bad field, other protocol version)."""
+    raw = [bytes(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    if len(raw) != 2 or raw[0] != CONTROL_TAG:
+        raise ProtocolError(ErrorCode.BAD_FRAMES, "not a control message")
+    try:
+        msg = _control_decoder.decode(raw[1])
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"bad control message: {exc}") from None
+    if msg.v != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION, f"control message version {msg.v}, expected "
+                            f"{PROTOCOL_VERSION}")
+    return msg

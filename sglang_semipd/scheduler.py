@@ -40,6 +40,10 @@ import zmq
 from sglang.srt.utils.network import get_free_port
 
 from sglang_semipd import protocol as P
+from sglang_semipd.config import SemiPDConfig
+from sglang_semipd.partition.resize import ResizeTracker
+from sglang_semipd.partition.splits import SMSplit, nearest_split
+from sglang_semipd.trace import Trace
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,9 @@ TO_BOTH = frozenset({
     "CloseSessionReqInput", "ShutdownReq", "PauseGenerationReqInput",
     "ContinueGenerationReqInput", "ConfigureLoggingReq",
 })
+
+
+HOLD_TIMEOUT_S = 10.0  # longest a cache flush waits for the decode worker's release
 
 
 def also_to_decode(obj: Any) -> bool:
@@ -66,7 +73,12 @@ class WorkerEndpoints:
     rpc: str
     output: str  # the worker's detokenizer socket connects here; we bind PULL
     handoff: str  # decode only: hand-offs for it (we bind PUSH, it connects PULL)
+    control: str  # resize commands (we bind PUSH, it connects PULL)
     nccl_port: int
+
+
+def _sms(split: SMSplit) -> str:
+    return f"{split.prefill_sms}/{split.decode_sms}"
 
 
 def worker_port_args(port_args: Any, ep: WorkerEndpoints) -> Any:
@@ -83,55 +95,83 @@ def worker_port_args(port_args: Any, ep: WorkerEndpoints) -> Any:
 class Coordinator:
     """Owns the child processes and the routing loop (see the module docstring)."""
 
-    def __init__(self, server_args: Any, port_args: Any, gpu_id: int, tp_rank: int) -> None:
+    def __init__(self, server_args: Any, port_args: Any, gpu_id: int, tp_rank: int,
+                 semipd: Optional[SemiPDConfig] = None) -> None:
         self.server_args, self.port_args = server_args, port_args
         self.gpu_id, self.tp_rank = gpu_id, tp_rank
+        self.cfg = semipd or SemiPDConfig()
         self.run_dir = tempfile.mkdtemp(prefix="semipd-run-")
         self.kv_endpoint = f"ipc://{self.run_dir}/kv.sock"
         self.weight_socket = f"{self.run_dir}/weights.sock"
         self.endpoints = {role: WorkerEndpoints(
             role, f"ipc://{self.run_dir}/{role}-in", f"ipc://{self.run_dir}/{role}-rpc",
             f"ipc://{self.run_dir}/{role}-out", f"ipc://{self.run_dir}/{role}-handoff",
-            get_free_port())
+            f"ipc://{self.run_dir}/{role}-ctl", get_free_port())
             for role in ("prefill", "decode")}
         self.procs: dict[str, Any] = {}
         self.ctx = zmq.Context.instance()
         self.handoffs = 0
+        self.splits: list[SMSplit] = []
+        self.resizes: Optional[ResizeTracker] = None
+        self.trace = Trace.from_env()
+        self._held: list[bytes] = []  # prefill-bound messages behind a cache flush
+        self._release_seq = 0
+        self._held_since = 0.0
         self._stop = False
 
     # ------------------------------------------------------------ start-up
     def start(self) -> dict:
+        """Spawn the memory manager and both workers at once (the workers import SGLang while
+        the manager loads the model, and touch CUDA only once it is ready), then wait for all
+        three."""
         from sglang_semipd.memory_manager import MemoryManagerSpec, run_memory_manager
-        from sglang_semipd.workers import run_worker_process
+        from sglang_semipd.workers import WorkerPlan, run_worker_process
 
         spawn = mp.get_context("spawn")
+        manager_ready = spawn.Event()
         spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
                                  weight_socket=self.weight_socket, nccl_port=get_free_port(),
                                  gpu_id=self.gpu_id, tp_rank=self.tp_rank)
-        info = self._start_child(spawn, "memory_manager", run_memory_manager, (spec,))
+        pipes = {"memory_manager": self._spawn(spawn, "memory_manager", run_memory_manager,
+                                               (spec,))}
+        for role, ep in self.endpoints.items():
+            plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint,
+                              handoff_endpoint=ep.handoff, control_endpoint=ep.control,
+                              sm_partition=self.cfg.sm_partition, shares=self.cfg.sm_splits,
+                              start_share=self.cfg.prefill_sm_share, gpu_id=self.gpu_id,
+                              tp_rank=self.tp_rank)
+            args = (plan, self.server_args, worker_port_args(self.port_args, ep), manager_ready)
+            pipes[role] = self._spawn(spawn, role, run_worker_process, args)
+        info = self._wait_ready("memory_manager", pipes["memory_manager"])
         logger.info("memory manager ready: %d KV slots, %.2f GiB weights",
                     info["max_total_num_tokens"], info["weights_bytes"] / 2**30)
         self._bind_sockets()
-        ready = {}
-        for role, ep in self.endpoints.items():
-            args = (role, self.server_args, worker_port_args(self.port_args, ep), self.gpu_id,
-                    self.tp_rank, self.kv_endpoint, ep.handoff)
-            ready[role] = self._start_child(spawn, role, run_worker_process, args)
+        manager_ready.set()
+        ready = {role: self._wait_ready(role, pipes[role]) for role in self.endpoints}
+        self.splits = [SMSplit(p, d, p / (p + d)) for p, d in ready["prefill"]["semipd_splits"]]
+        start = ready["prefill"]["semipd_start_split"]
+        self.resizes = ResizeTracker(start)
+        logger.info("SM partition %s: splits (prefill/decode SMs) %s, starting on %s",
+                    self.cfg.sm_partition, ", ".join(map(_sms, self.splits)),
+                    _sms(self.splits[start]))
         return {"status": "ready", "max_total_num_tokens": info["max_total_num_tokens"],
                 "max_req_input_len": ready["prefill"]["max_req_input_len"],
                 "startup_time": ready["prefill"].get("startup_time")}
 
-    def _start_child(self, spawn: Any, name: str, target: Any, args: tuple,
-                     timeout_s: float = 900.0) -> dict:
+    def _spawn(self, spawn: Any, name: str, target: Any, args: tuple) -> Any:
         reader, writer = spawn.Pipe(duplex=False)
         proc = spawn.Process(target=target, args=(*args, writer), name=f"semipd-{name}")
         proc.start()
         self.procs[name] = proc
+        return reader
+
+    def _wait_ready(self, name: str, reader: Any, timeout_s: float = 900.0) -> dict:
         deadline = time.monotonic() + timeout_s
         while not reader.poll(1.0):
-            if not proc.is_alive():
-                raise RuntimeError(f"semi-PD {name} died during start-up "
-                                   f"(exit code {proc.exitcode})")
+            for other, proc in self.procs.items():
+                if not proc.is_alive():
+                    raise RuntimeError(f"semi-PD {other} died during start-up "
+                                       f"(exit code {proc.exitcode})")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"semi-PD {name} did not start in {timeout_s:.0f}s")
         msg = reader.recv()
@@ -152,6 +192,10 @@ class Coordinator:
         self.to_detokenizer.connect(self.port_args.detokenizer_ipc_name)
         self.to_decode = self.ctx.socket(zmq.PUSH)
         self.to_decode.bind(self.endpoints["decode"].handoff)
+        self.to_control = {}
+        for role, ep in self.endpoints.items():
+            self.to_control[role] = self.ctx.socket(zmq.PUSH)
+            self.to_control[role].bind(ep.control)
 
     # ------------------------------------------------------------ routing
     def serve(self) -> None:
@@ -168,6 +212,10 @@ class Coordinator:
                 if sock in events:
                     self._drain_outputs(role, sock)
             now = time.monotonic()
+            if self._held and now - self._held_since > HOLD_TIMEOUT_S:
+                logger.warning("decode worker did not release its idle slots in %.0f s; "
+                               "flushing anyway", HOLD_TIMEOUT_S)
+                self._release_held()
             if now - last_check > 1.0:
                 last_check = now
                 self._check_children()
@@ -179,8 +227,25 @@ class Coordinator:
             except zmq.Again:
                 return
             # SGLang's own wire format (send_pyobj), read only to route; the bytes go on
-            if also_to_decode(pickle.loads(raw)):  # first: it must know the request before
+            obj = pickle.loads(raw)
+            if also_to_decode(obj):  # first: it must know the request before
                 self.to_worker["decode"].send(raw)  # the hand-off
+            if type(obj).__name__ == "FlushCacheReqInput" and not self._held:
+                # the decode worker gives back its idle slots first, or the memory
+                # manager's reset would see them held
+                self._release_seq += 1
+                self._held_since = time.monotonic()
+                self.to_control["decode"].send_multipart(
+                    P.encode_control(P.ReleaseIdle(seq=self._release_seq)))
+                self._held.append(raw)
+            elif self._held:
+                self._held.append(raw)  # keep the prefill worker's order
+            else:
+                self.to_worker["prefill"].send(raw)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for raw in held:
             self.to_worker["prefill"].send(raw)
 
     def _drain_outputs(self, role: str, sock: Any) -> None:
@@ -189,11 +254,73 @@ class Coordinator:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if role == "prefill" and len(frames) == 2 and frames[0].bytes == P.HANDOFF_TAG:
+            tag = frames[0].bytes if len(frames) == 2 else None
+            if tag == P.HANDOFF_TAG and role == "prefill":
                 self.handoffs += 1
                 self.to_decode.send_multipart(frames, copy=False)
+            elif tag == P.CONTROL_TAG:
+                self._on_control(role, frames)
             else:
                 self.to_detokenizer.send_multipart(frames, copy=False)
+
+    # ------------------------------------------------------------ SM partition
+    def _on_control(self, role: str, frames: Any) -> None:
+        try:
+            msg = P.decode_control(frames)
+        except P.ProtocolError as exc:
+            logger.error("dropping a malformed control message from %s: %s", role, exc)
+            return
+        if isinstance(msg, P.IterationStat):
+            self.trace.write("iteration", msg)
+        elif isinstance(msg, P.ResizeAck):
+            self._on_ack(msg)
+        elif isinstance(msg, P.ResizeRequest):
+            self.resize_to_share(msg.share, reason="set_internal_state")
+        elif isinstance(msg, P.Released):
+            if msg.seq == self._release_seq and self._held:
+                self._release_held()
+        else:
+            logger.error("unexpected control message from %s: %r", role, msg)
+
+    def resize_to_share(self, share: float, reason: str = "") -> Optional[P.Resize]:
+        """Resize both workers to the planned split nearest to ``share`` (prefill)."""
+        return self.resize(nearest_split(self.splits, share), reason)
+
+    def resize(self, split: int, reason: str = "") -> Optional[P.Resize]:
+        """Send a resize to both workers (a newer one supersedes one still in flight);
+        None when they already run on ``split`` or the mode cannot resize in place."""
+        if self.resizes is None or not 0 <= split < len(self.splits):
+            raise ValueError(f"no planned split {split}")
+        if self.cfg.sm_partition != "green":
+            logger.warning("--sm-partition %s does not resize in place; ignoring a resize "
+                           "to %s (%s)", self.cfg.sm_partition, _sms(self.splits[split]),
+                           reason)
+            return None
+        cmd = self.resizes.start(split, force=True, now=time.monotonic())
+        if cmd is None:
+            return None
+        for sock in self.to_control.values():
+            sock.send_multipart(P.encode_control(cmd))
+        logger.info("resize #%d to %s prefill/decode SMs (%s)", cmd.seq, _sms(self.splits[split]),
+                    reason or "requested")
+        self.trace.write("resize", cmd, reason=reason)
+        return cmd
+
+    def _on_ack(self, ack: P.ResizeAck) -> None:
+        tracker = self.resizes
+        sent = tracker.in_flight.sent_at if tracker.in_flight is not None and \
+            tracker.in_flight.seq == ack.seq else None
+        try:
+            tracker.on_ack(ack)
+        except ValueError as exc:
+            logger.error("dropping a resize ack: %s", exc)
+            return
+        latency_ms = (ack.applied_at - sent) * 1e3 if sent is not None else None
+        self.trace.write("resize_ack", ack, latency_ms=latency_ms)
+        logger.info("resize #%d: %s runs %s from iteration %d%s", ack.seq, ack.role,
+                    _sms(self.splits[ack.split]), ack.iteration,
+                    f" ({latency_ms:.2f} ms after the command)" if latency_ms is not None
+                    else "")
 
     def _check_children(self) -> None:
         for name, proc in self.procs.items():
@@ -209,20 +336,23 @@ class Coordinator:
             proc.join(20)
             if proc.is_alive():
                 proc.kill()
+        self.trace.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def run_semipd_scheduler_process(server_args: Any, port_args: Any, gpu_id: int, tp_rank: int,
                                  attn_cp_rank: int, moe_dp_rank: int, moe_ep_rank: int,
                                  pp_rank: int, dp_rank: Optional[int], pipe_writer: Any,
-                                 *display_ranks: Any) -> None:
+                                 *display_ranks: Any,
+                                 semipd: Optional[SemiPDConfig] = None) -> None:
     """SGLang's ``run_scheduler_process`` contract: send the ready dict on ``pipe_writer``,
-    then serve until the server goes down."""
+    then serve until the server goes down. ``semipd``: the semi-PD flags (bound by the
+    launcher with ``functools.partial``)."""
     from sglang.srt.managers.scheduler import configure_scheduler_process
 
     configure_scheduler_process(server_args, gpu_id, tp_rank, attn_cp_rank, moe_dp_rank,
                                 moe_ep_rank, pp_rank, dp_rank)
-    coordinator = Coordinator(server_args, port_args, gpu_id, tp_rank)
+    coordinator = Coordinator(server_args, port_args, gpu_id, tp_rank, semipd)
     signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "_stop", True))
     try:
         pipe_writer.send(coordinator.start())

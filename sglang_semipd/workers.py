@@ -23,7 +23,10 @@ and KV pool (:mod:`sglang_semipd.worker_attach`). What differs:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import time
 from typing import Any
 
 import zmq
@@ -85,13 +88,97 @@ class _SharedPoolChecks:
 
 
 class _SemiPDMixin:
-    """Shared by both workers: the KV-state client and the shared-pool invariant checks."""
+    """Shared by both workers: the KV-state client, the shared-pool invariant checks, and the
+    SM partition -- every forward pass runs on the active split's stream, resize commands from
+    the scheduler are taken between iterations only (:class:`WorkerResizeState`), and each
+    iteration is reported to the scheduler as an :class:`~sglang_semipd.protocol.IterationStat`.
+    """
 
     semipd_client: Any
+    semipd_role: str = ""
 
-    def semipd_common_init(self, client: Any) -> None:
+    def semipd_common_init(self, client: Any, streams: Any, start_split: int,
+                           control_endpoint: str) -> None:
+        from sglang_semipd.partition.resize import WorkerResizeState
+
         self.semipd_client = client
         self.invariant_checker = _SharedPoolChecks(self.invariant_checker)
+        self.semipd_streams = streams
+        self.semipd_resize = WorkerResizeState(self.semipd_role, start_split)
+        self.semipd_control = zmq.Context.instance().socket(zmq.PULL)
+        self.semipd_control.connect(control_endpoint)
+
+    # -------------------------------------------------------------- control channel
+    def _send_control(self, msg: Any) -> None:
+        self.ipc_channels.send_to_detokenizer.socket.send_multipart(P.encode_control(msg))
+
+    def _poll_control(self) -> None:
+        while True:
+            try:
+                frames = self.semipd_control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode_control(frames)
+            except P.ProtocolError as exc:
+                logger.error("dropping a malformed control message: %s", exc)
+                continue
+            if isinstance(msg, P.ReleaseIdle):
+                self.token_to_kv_pool_allocator.clear()  # frees + lease back to the manager
+                self._send_control(P.Released(seq=msg.seq))
+                continue
+            if not isinstance(msg, P.Resize) or not 0 <= msg.split < len(
+                    self.semipd_streams.splits):
+                logger.error("dropping an unexpected control message: %r", msg)
+                continue
+            ack = self.semipd_resize.receive(msg)
+            if ack is not None:
+                self._switch(ack)
+
+    def _switch(self, ack: Any) -> None:
+        self.semipd_activate(ack.split)
+        import msgspec
+
+        self._send_control(msgspec.structs.replace(ack, applied_at=time.monotonic()))
+
+    def semipd_activate(self, split: int) -> None:
+        """Make ``split`` the one the next iteration runs on (the stream is looked up per
+        iteration; the decode worker also swaps its decode CUDA graphs)."""
+
+    # -------------------------------------------------------------- SGLang seams
+    def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
+        self._poll_control()
+        return super().get_next_batch_to_run(running_batch=running_batch,
+                                             last_batch=last_batch)
+
+    def run_batch(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        state = self.semipd_resize
+        split = state.split
+        stream = self.semipd_streams.streams[split]
+        queued = len(self.waiting_queue)
+        iteration = state.begin_iteration()
+        start = time.monotonic()
+        try:
+            current = torch.cuda.current_stream()
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                result = super().run_batch(batch, *args, **kwargs)
+            current.wait_stream(stream)
+            stream.synchronize()  # SGLang's non-overlapped loop waits for it next anyway
+        finally:
+            ack = state.end_iteration()
+        end = time.monotonic()
+        mode = batch.forward_mode
+        tokens = batch.extend_num_tokens if mode.is_extend() else batch.batch_size()
+        self._send_control(P.IterationStat(
+            role=self.semipd_role, iteration=iteration, split=split,
+            mode=mode.name.lower(), batch_size=batch.batch_size(), tokens=int(tokens or 0),
+            start=start, end=end, queued=queued))
+        if ack is not None:
+            self._switch(ack)
+        return result
 
 
 def tell_decode_about_aborts(sender: Any, notify: Any) -> None:
@@ -116,8 +203,11 @@ def make_prefill_scheduler_cls() -> type:
     class PrefillScheduler(_SemiPDMixin, Scheduler):
         """See the module docstring."""
 
-        def semipd_init(self, client: Any, handoff_endpoint: str) -> None:
-            self.semipd_common_init(client)
+        semipd_role = "prefill"
+
+        def semipd_init(self, client: Any, plan: "WorkerPlan", streams: Any,
+                        start_split: int) -> None:
+            self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             tell_decode_about_aborts(self.ipc_channels.send_to_tokenizer,
                                      lambda rid: self._send(P.HandOff(rid=rid, finished=True)))
 
@@ -162,6 +252,52 @@ def make_prefill_scheduler_cls() -> type:
             sock = self.ipc_channels.send_to_detokenizer.socket
             sock.send_multipart(P.encode_handoff(h))
 
+        def flush_cache(self, empty_cache: bool = True) -> bool:
+            """SGLang's flush; refused (False, not a crash) while the decode worker still
+            holds requests in the shared pool -- the memory manager's reset is BUSY then."""
+            try:
+                return super().flush_cache(empty_cache)
+            except P.KVStateError as exc:
+                logger.warning("cache not flushed: %s", exc)
+                return False
+
+        def set_internal_state(self, recv_req: Any) -> Any:
+            """SGLang's ``/set_internal_state``, plus ``semipd_prefill_sm_share``: passed to
+            the scheduler, which resizes both workers to the nearest planned split."""
+            args = dict(recv_req.server_args or {})
+            share = args.pop(SHARE_KEY, None)
+            if share is None:
+                return super().set_internal_state(recv_req)
+            from sglang.srt.managers.io_struct import SetInternalStateReqOutput
+
+            if not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+                logger.warning("%s=%r rejected: a prefill SM share is in (0, 1)", SHARE_KEY,
+                               share)
+                return SetInternalStateReqOutput(updated=False)
+            if args:
+                recv_req.server_args = args
+                out = super().set_internal_state(recv_req)
+                if not out.updated:
+                    return out
+            self._send_control(P.ResizeRequest(share=float(share)))
+            return SetInternalStateReqOutput(updated=True)
+
+        def get_internal_state(self, recv_req: Any) -> Any:
+            out = super().get_internal_state(recv_req)
+            try:
+                out.internal_state["semipd"] = self._semipd_state()
+            except (AttributeError, TypeError):  # SGLang changed the reply's shape
+                logger.debug("no internal_state dict to extend")
+            return out
+
+        def _semipd_state(self) -> dict:
+            streams, state = self.semipd_streams, self.semipd_resize
+            split = streams.splits[state.split]
+            return {"sm_partition": streams.mode, "split": state.split,
+                    "prefill_sms": split.prefill_sms, "decode_sms": split.decode_sms,
+                    "resizes_applied": state.applied_seq, "iterations": state.iteration,
+                    "splits": [[s.prefill_sms, s.decode_sms] for s in streams.splits]}
+
     return PrefillScheduler
 
 
@@ -171,14 +307,50 @@ def make_decode_scheduler_cls() -> type:
     class DecodeScheduler(_SemiPDMixin, Scheduler):
         """See the module docstring."""
 
-        def semipd_init(self, client: Any, handoff_endpoint: str) -> None:
-            self.semipd_common_init(client)
+        semipd_role = "decode"
+
+        def semipd_init(self, client: Any, plan: "WorkerPlan", streams: Any,
+                        start_split: int) -> None:
+            self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
+            self.semipd_graph_runners = self._capture_split_graphs(start_split)
             self.parked: dict[str, Any] = {}
             self.early: dict[str, P.HandOff] = {}  # hand-off before its request (rare)
             self.dropped: set[str] = set()  # aborted here while still parked
             self._pending: list[P.HandOff] = []
             self.handoff_sock = zmq.Context.instance().socket(zmq.PULL)
-            self.handoff_sock.connect(handoff_endpoint)
+            self.handoff_sock.connect(plan.handoff_endpoint)
+
+        def _capture_split_graphs(self, start: int) -> dict[int, Any]:
+            """Decode CUDA graphs for every split, each captured on its split's stream (the
+            start split's were captured by SGLang's init, on its stream), each with its own
+            attention backend (a runner keeps the backend whose graph buffers it captured)."""
+            from sglang_semipd.partition.streams import capture_stream
+
+            mr = self.tp_worker.model_runner
+            runners = {start: mr.decode_cuda_graph_runner}
+            if mr.decode_cuda_graph_runner is None or self.semipd_streams.mode != "green":
+                return runners
+            original = mr.attn_backend
+            t0 = time.monotonic()
+            try:
+                for i, stream in enumerate(self.semipd_streams.streams):
+                    if i == start:
+                        continue
+                    mr.attn_backend = mr._get_attention_backend()
+                    with capture_stream(stream):
+                        mr.init_decode_cuda_graph()
+                    runners[i] = mr.decode_cuda_graph_runner
+            finally:
+                mr.attn_backend = original
+                mr.decode_cuda_graph_runner = runners[start]
+            logger.info("decode CUDA graphs captured for %d splits (%.1f s for the extra %d)",
+                        len(runners), time.monotonic() - t0, len(runners) - 1)
+            return runners
+
+        def semipd_activate(self, split: int) -> None:
+            runner = self.semipd_graph_runners.get(split)
+            if runner is not None:
+                self.tp_worker.model_runner.decode_cuda_graph_runner = runner
 
         def _add_request_to_queue(self, req: Any, is_retracted: bool = False) -> None:
             if is_retracted or req.finished():
@@ -305,45 +477,89 @@ def make_decode_scheduler_cls() -> type:
 
 def role_server_args(role: str, sa: Any) -> Any:
     """What a worker's ServerArgs change for its role (``sa`` is already a private copy):
-    the ``semipd`` radix backend and SGLang's non-overlapped loop for both; the prefill worker
-    never runs a decode batch, so it captures no decode CUDA graphs."""
-    overrides: dict[str, Any] = dict(radix_cache_backend="semipd", disable_overlap_schedule=True)
+    the ``semipd`` radix backend and SGLang's non-overlapped loop for both. No worker captures
+    prefill CUDA graphs (the decode worker never prefills; in the prefill worker a graph
+    captured off its split's stream would escape the partition), and the prefill worker, which
+    never runs a decode batch, captures no decode graphs either."""
+    import copy
+
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    graphs = copy.deepcopy(sa.cuda_graph_config)
+    graphs.prefill = dataclasses.replace(graphs.prefill, backend=Backend.DISABLED)
     if role == "prefill":
-        import copy
-        import dataclasses
-
-        from sglang.srt.model_executor.cuda_graph_config import Backend
-
-        graphs = copy.deepcopy(sa.cuda_graph_config)
         graphs.decode = dataclasses.replace(graphs.decode, backend=Backend.DISABLED)
-        overrides["cuda_graph_config"] = graphs
-    sa.override(f"sglang-semipd {role} worker", **overrides)
+    sa.override(f"sglang-semipd {role} worker", radix_cache_backend="semipd",
+                disable_overlap_schedule=True, cuda_graph_config=graphs)
     return sa
 
 
-def run_worker_process(role: str, server_args: Any, port_args: Any, gpu_id: int,
-                       tp_rank: int, kv_endpoint: str, handoff_endpoint: str,
-                       pipe_writer: Any) -> None:
-    """Process entry of a prefill or decode worker (spawned by the semi-PD scheduler)."""
+SHARE_KEY = "semipd_prefill_sm_share"
+
+
+def mps_thread_percentage(role: str, prefill_share: float) -> int:
+    """``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` of a worker under ``--sm-partition mps``."""
+    prefill = min(99, max(1, round(prefill_share * 100)))
+    return prefill if role == "prefill" else 100 - prefill
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerPlan:
+    """What the scheduler tells a worker at spawn, besides SGLang's own arguments."""
+
+    role: str
+    kv_endpoint: str
+    handoff_endpoint: str  # decode: hand-offs arrive here
+    control_endpoint: str  # resize commands arrive here
+    sm_partition: str  # green | mps | none
+    shares: tuple[float, ...]  # planned prefill shares (partition.splits.plan_splits)
+    start_share: float
+    gpu_id: int
+    tp_rank: int
+
+
+def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
+                       manager_ready: Any, pipe_writer: Any) -> None:
+    """Process entry of a prefill or decode worker (spawned by the semi-PD scheduler at the
+    same time as the memory manager: SGLang's imports happen here while the manager loads the
+    model; nothing touches CUDA before ``manager_ready`` is set, so the manager's memory
+    accounting sees no worker context)."""
     from sglang.srt.managers.scheduler import configure_scheduler_process
 
     from sglang_semipd.memory.backend import register_semipd_radix_backend
     from sglang_semipd.memory.client import KVStateClient
+    from sglang_semipd.partition.splits import nearest_split
+    from sglang_semipd.partition.streams import build_split_streams, capture_stream
     from sglang_semipd.runner import publish_server_args
     from sglang_semipd.worker_attach import attached_pools, worker_server_args
 
+    role = plan.role
     try:
-        configure_scheduler_process(server_args, gpu_id, tp_rank, 0, 0, 0, 0, None)
-        client = KVStateClient(kv_endpoint, f"{role}-{tp_rank}", role, timeout_s=60.0)
+        cls = make_prefill_scheduler_cls() if role == "prefill" else make_decode_scheduler_cls()
+        if plan.sm_partition == "mps":  # the paper's mechanism: a fixed share per process
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(mps_thread_percentage(
+                role, plan.start_share))
+        while not manager_ready.wait(1.0):
+            pass
+        configure_scheduler_process(server_args, plan.gpu_id, plan.tp_rank, 0, 0, 0, 0, None)
+        client = KVStateClient(plan.kv_endpoint, f"{role}-{plan.tp_rank}", role,
+                               timeout_s=60.0)
         manifest = client.pool_manifest()
         sa = role_server_args(role, worker_server_args(server_args, manifest))
         register_semipd_radix_backend(lambda ctx: client)
         publish_server_args(sa)
-        cls = make_prefill_scheduler_cls() if role == "prefill" else make_decode_scheduler_cls()
-        with attached_pools(client, manifest):
-            scheduler = cls(sa, port_args, gpu_id, tp_rank, 0, 0, 0, 0, None)
-        scheduler.semipd_init(client, handoff_endpoint)
-        pipe_writer.send(scheduler.get_init_info())
+        import torch
+
+        streams = build_split_streams(role, plan.sm_partition, plan.shares,
+                                      torch.cuda.current_device())
+        start = nearest_split(streams.splits, plan.start_share)
+        with attached_pools(client, manifest), capture_stream(streams.streams[start]):
+            scheduler = cls(sa, port_args, plan.gpu_id, plan.tp_rank, 0, 0, 0, 0, None)
+        scheduler.semipd_init(client, plan, streams, start)
+        info = scheduler.get_init_info()
+        info["semipd_splits"] = [[s.prefill_sms, s.decode_sms] for s in streams.splits]
+        info["semipd_start_split"] = start
+        pipe_writer.send(info)
     except BaseException as exc:
         logger.exception("semi-PD %s worker failed to start", role)
         pipe_writer.send({"status": "error", "error": repr(exc)})

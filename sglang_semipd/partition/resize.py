@@ -15,22 +15,11 @@ newer supersedes it).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
+from sglang_semipd.protocol import Resize, ResizeAck
 
-@dataclasses.dataclass(frozen=True)
-class Resize:
-    seq: int
-    split: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ResizeAck:
-    role: str
-    seq: int
-    split: int
-    iteration: int
+__all__ = ["Resize", "ResizeAck", "ResizeTracker", "WorkerResizeState"]
 
 
 class WorkerResizeState:
@@ -84,15 +73,16 @@ class ResizeTracker:
         self.in_flight: Optional[Resize] = None
         self.acks: dict[str, ResizeAck] = {}
 
-    def start(self, split: int, force: bool = False) -> Optional[Resize]:
-        """A command for ``split``, or None when nothing needs to change / one is in flight."""
+    def start(self, split: int, force: bool = False, now: float = 0.0) -> Optional[Resize]:
+        """A command for ``split`` (stamped ``sent_at=now``), or None when nothing needs to
+        change / one is in flight."""
         if self.in_flight is not None and not force:
             return None
         target = self.in_flight.split if self.in_flight else self.split
         if split == target:
             return None
         self.seq += 1
-        self.in_flight = Resize(self.seq, split)
+        self.in_flight = Resize(self.seq, split, now)
         return self.in_flight
 
     def on_ack(self, ack: ResizeAck) -> bool:

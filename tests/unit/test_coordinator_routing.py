@@ -4,7 +4,10 @@ processes are played by sockets in this test).
 Checks: generation requests and aborts reach both workers (decode first), control requests
 only the prefill worker, all as the same bytes; worker outputs reach the detokenizer through
 one socket in arrival order; a hand-off on the prefill worker's output socket goes to the
-decode worker and never to the detokenizer, after the first-token output sent before it."""
+decode worker and never to the detokenizer, after the first-token output sent before it;
+the resize protocol: a share asked through the prefill worker becomes one ``Resize`` to both
+workers, acknowledgements complete it (with the latency in the trace), iteration reports are
+traced and never reach the detokenizer, malformed control messages are dropped."""
 
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ import pytest
 import zmq
 
 from sglang_semipd import protocol as P
+from sglang_semipd.config import SemiPDConfig
+from sglang_semipd.partition.resize import ResizeTracker
+from sglang_semipd.partition.splits import plan_splits
 from sglang_semipd.scheduler import Coordinator
+from sglang_semipd.trace import TRACE_ENV
 
 
 def _recv(sock: zmq.Socket, timeout_ms: int = 5000):
@@ -25,8 +32,9 @@ def _recv(sock: zmq.Socket, timeout_ms: int = 5000):
     return sock.recv_multipart()
 
 
-@pytest.fixture
-def wired(tmp_path):
+@pytest.fixture(params=["green"])
+def wired(tmp_path, monkeypatch, request):
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace.jsonl"))
     ctx = zmq.Context.instance()
     port_args = SimpleNamespace(scheduler_input_ipc_name=f"ipc://{tmp_path}/sched-in",
                                 detokenizer_ipc_name=f"ipc://{tmp_path}/detok",
@@ -36,25 +44,32 @@ def wired(tmp_path):
     tokenizer.bind(port_args.scheduler_input_ipc_name)
     detok = ctx.socket(zmq.PULL)  # the DetokenizerManager binds PULL
     detok.bind(port_args.detokenizer_ipc_name)
-    coord = Coordinator(SimpleNamespace(), port_args, gpu_id=0, tp_rank=0)
+    coord = Coordinator(SimpleNamespace(), port_args, gpu_id=0, tp_rank=0,
+                        semipd=SemiPDConfig(sm_partition=request.param))
+    coord.splits = list(plan_splits([0.25, 0.5, 0.75], total_sms=132))  # 40, 72, 104
+    coord.resizes = ResizeTracker(1)
     coord._bind_sockets()
-    worker_in, worker_out = {}, {}
+    worker_in, worker_out, worker_ctl = {}, {}, {}
     for role, ep in coord.endpoints.items():
         worker_in[role] = ctx.socket(zmq.PULL)
         worker_in[role].connect(ep.scheduler_input)
         worker_out[role] = ctx.socket(zmq.PUSH)
         worker_out[role].connect(ep.output)
+        worker_ctl[role] = ctx.socket(zmq.PULL)
+        worker_ctl[role].connect(ep.control)
     decode_handoffs = ctx.socket(zmq.PULL)
     decode_handoffs.connect(coord.endpoints["decode"].handoff)
     thread = threading.Thread(target=coord.serve, daemon=True)
     thread.start()
     time.sleep(0.2)
     yield SimpleNamespace(coord=coord, tokenizer=tokenizer, detok=detok, worker_in=worker_in,
-                          worker_out=worker_out, decode_handoffs=decode_handoffs)
+                          worker_out=worker_out, worker_ctl=worker_ctl,
+                          decode_handoffs=decode_handoffs, trace=tmp_path / "trace.jsonl")
     coord._stop = True
     thread.join(5)
     coord.stop()  # no children here: only removes its run directory
-    for s in [tokenizer, detok, decode_handoffs, *worker_in.values(), *worker_out.values()]:
+    for s in [tokenizer, detok, decode_handoffs, *worker_in.values(), *worker_out.values(),
+              *worker_ctl.values()]:
         s.close(0)
 
 
@@ -63,11 +78,20 @@ def test_requests_are_routed_by_type_as_the_same_bytes(wired):
 
     abort = pickle.dumps(io_struct.AbortReq(rid="r1"))
     flush = pickle.dumps(io_struct.FlushCacheReqInput())
+    later = pickle.dumps(io_struct.AbortReq(rid="r2"))
     wired.tokenizer.send(abort)
     wired.tokenizer.send(flush)
+    wired.tokenizer.send(later)
     assert _recv(wired.worker_in["decode"]) == [abort]
     assert _recv(wired.worker_in["prefill"]) == [abort]
+    # a flush waits until the decode worker handed back its idle slots ...
+    release = P.decode_control(_recv(wired.worker_ctl["decode"]))
+    assert isinstance(release, P.ReleaseIdle)
+    assert _recv(wired.worker_in["decode"]) == [later]
+    assert not wired.worker_in["prefill"].poll(300)  # ... and so does what came after it
+    wired.worker_out["decode"].send_multipart(P.encode_control(P.Released(seq=release.seq)))
     assert _recv(wired.worker_in["prefill"]) == [flush]
+    assert _recv(wired.worker_in["prefill"]) == [later]
     assert not wired.worker_in["decode"].poll(300)  # one reply only: prefill's
 
 
@@ -86,3 +110,63 @@ def test_handoff_follows_the_first_token_and_skips_the_detokenizer(wired):
     assert _recv(wired.detok) == [decode_out]
     assert not wired.detok.poll(300)
     assert wired.coord.handoffs == 1
+
+
+def _trace(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _until(pred, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_requested_share_resizes_both_workers_and_acks_complete_it(wired):
+    prefill_out = wired.worker_out["prefill"]
+    prefill_out.send_multipart(P.encode_control(P.ResizeRequest(share=0.3)))  # -> 40/92
+    cmds = {r: P.decode_control(_recv(wired.worker_ctl[r])) for r in ("prefill", "decode")}
+    assert cmds["prefill"] == cmds["decode"]
+    cmd = cmds["prefill"]
+    assert isinstance(cmd, P.Resize) and (cmd.seq, cmd.split) == (1, 0) and cmd.sent_at > 0
+    assert wired.coord.resizes.in_flight == cmd
+    # both workers switch at their next iteration boundary and say so
+    applied = cmd.sent_at + 0.0004
+    prefill_out.send_multipart(P.encode_control(P.ResizeAck("prefill", 1, 0, 17, applied)))
+    stat = P.IterationStat(role="decode", iteration=40, split=1, mode="decode", batch_size=8,
+                           tokens=8, start=1.0, end=1.01)
+    wired.worker_out["decode"].send_multipart(P.encode_control(stat))
+    wired.worker_out["decode"].send_multipart(
+        P.encode_control(P.ResizeAck("decode", 1, 0, 41, applied)))
+    _until(lambda: wired.coord.resizes.in_flight is None)
+    assert wired.coord.resizes.split == 0
+    assert wired.coord.resizes.took_effect_at() == {"prefill": 17, "decode": 41}
+    rows = _trace(wired.trace)
+    assert sorted(r["kind"] for r in rows) == ["iteration", "resize", "resize_ack", "resize_ack"]
+    assert rows[0]["kind"] == "resize"
+    acks = [r for r in rows if r["kind"] == "resize_ack"]
+    assert len(acks) == 2 and all(abs(r["latency_ms"] - 0.4) < 1e-6 for r in acks)
+    assert [r for r in rows if r["kind"] == "iteration"][0]["batch_size"] == 8
+    assert not wired.detok.poll(200)  # control traffic never reaches the detokenizer
+
+
+def test_the_same_share_again_sends_nothing_and_garbage_is_dropped(wired):
+    prefill_out = wired.worker_out["prefill"]
+    prefill_out.send_multipart([P.CONTROL_TAG, b"\x81\xa4type\xa5bogus"])  # unknown record
+    prefill_out.send_multipart(P.encode_control(P.ResizeAck("decode", 9, 0, 1)))  # never sent
+    prefill_out.send_multipart(P.encode_control(P.ResizeRequest(share=0.5)))  # already there
+    assert not wired.worker_ctl["decode"].poll(300)
+    prefill_out.send_multipart(P.encode_control(P.ResizeRequest(share=0.8)))  # -> 104/28
+    cmd = P.decode_control(_recv(wired.worker_ctl["decode"]))
+    assert (cmd.seq, cmd.split) == (1, 2)
+    assert not wired.detok.poll(200)
+
+
+@pytest.mark.parametrize("wired", ["none", "mps"], indirect=True)
+def test_modes_without_in_place_resize_ignore_requests(wired):
+    wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.3)))
+    assert not wired.worker_ctl["prefill"].poll(300)
+    assert wired.coord.resizes.seq == 0

@@ -33,7 +33,8 @@ def test_worker_port_args_differ_only_in_private_endpoints():
     pa = SimpleNamespace(scheduler_input_ipc_name="ipc://tok", rpc_ipc_name="ipc://rpc",
                          detokenizer_ipc_name="ipc://detok", tokenizer_ipc_name="ipc://tm",
                          nccl_port=1, instance_id="i")
-    ep = WorkerEndpoints("prefill", "ipc://p-in", "ipc://p-rpc", "ipc://p-out", "ipc://p-h", 7)
+    ep = WorkerEndpoints("prefill", "ipc://p-in", "ipc://p-rpc", "ipc://p-out", "ipc://p-h",
+                         "ipc://p-ctl", 7)
     out = worker_port_args(pa, ep)
     assert (out.scheduler_input_ipc_name, out.rpc_ipc_name, out.detokenizer_ipc_name,
             out.nccl_port) == ("ipc://p-in", "ipc://p-rpc", "ipc://p-out", 7)
@@ -135,7 +136,7 @@ def test_reaper_leaves_quietly_after_a_normal_stop(tmp_path):
     assert not marker.exists()
 
 
-def test_role_server_args_turn_off_decode_graphs_in_the_prefill_worker_only(tmp_path):
+def test_role_server_args_graphs_decode_worker_decode_only(tmp_path):
     import copy
 
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
@@ -155,9 +156,11 @@ def test_role_server_args_turn_off_decode_graphs_in_the_prefill_worker_only(tmp_
     for role in ("prefill", "decode"):
         w = role_server_args(role, copy.deepcopy(sa))
         publish(w, role="scheduler")  # what the worker process does before building SGLang
-        seen[role] = check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED)
+        seen[role] = (check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED),
+                      check_cuda_graph_backend(Phase.PREFILL, Backend.DISABLED))
         assert w.radix_cache_backend == "semipd" and w.disable_overlap_schedule
-    assert seen == {"prefill": True, "decode": False}
+    # (decode graphs disabled?, prefill graphs disabled?)
+    assert seen == {"prefill": (True, True), "decode": (False, True)}
     assert sa.cuda_graph_config.decode.backend != Backend.DISABLED  # the user's untouched
     assert sa.radix_cache_backend != "semipd"
 
