@@ -41,6 +41,7 @@ from sglang.srt.utils.network import get_free_port
 
 from sglang_semipd import protocol as P
 from sglang_semipd.config import SemiPDConfig
+from sglang_semipd.partition.controller import PartitionController
 from sglang_semipd.partition.resize import ResizeTracker
 from sglang_semipd.partition.splits import SMSplit, nearest_split
 from sglang_semipd.trace import Trace
@@ -113,6 +114,8 @@ class Coordinator:
         self.handoffs = 0
         self.splits: list[SMSplit] = []
         self.resizes: Optional[ResizeTracker] = None
+        self.controller: Optional[PartitionController] = None
+        self.controller_s = 0.0  # time spent feeding the controller (overhead)
         self.trace = Trace.from_env()
         self._held: list[bytes] = []  # prefill-bound messages behind a cache flush
         self._release_seq = 0
@@ -151,6 +154,12 @@ class Coordinator:
         self.splits = [SMSplit(p, d, p / (p + d)) for p, d in ready["prefill"]["semipd_splits"]]
         start = ready["prefill"]["semipd_start_split"]
         self.resizes = ResizeTracker(start)
+        cfg = self.cfg
+        self.controller = PartitionController(
+            [x.prefill_fraction for x in self.splits], start,
+            policy=cfg.partition_policy if cfg.sm_partition == "green" else "static",
+            ttft_s=cfg.slo_ttft_ms / 1e3, tpot_s=cfg.slo_tpot_ms / 1e3,
+            attainment=cfg.slo_attainment, now=time.monotonic())
         logger.info("SM partition %s: splits (prefill/decode SMs) %s, starting on %s",
                     self.cfg.sm_partition, ", ".join(map(_sms, self.splits)),
                     _sms(self.splits[start]))
@@ -216,6 +225,10 @@ class Coordinator:
                 logger.warning("decode worker did not release its idle slots in %.0f s; "
                                "flushing anyway", HOLD_TIMEOUT_S)
                 self._release_held()
+            if self.controller is not None:
+                t0 = time.monotonic()
+                self._apply_decision(self.controller.tick(now))
+                self.controller_s += time.monotonic() - t0
             if now - last_check > 1.0:
                 last_check = now
                 self._check_children()
@@ -228,6 +241,8 @@ class Coordinator:
                 return
             # SGLang's own wire format (send_pyobj), read only to route; the bytes go on
             obj = pickle.loads(raw)
+            if self.controller is not None:
+                self._observe_request(obj)
             if also_to_decode(obj):  # first: it must know the request before
                 self.to_worker["decode"].send(raw)  # the hand-off
             if type(obj).__name__ == "FlushCacheReqInput" and not self._held:
@@ -242,6 +257,40 @@ class Coordinator:
                 self._held.append(raw)  # keep the prefill worker's order
             else:
                 self.to_worker["prefill"].send(raw)
+
+    def _observe_request(self, obj: Any) -> None:
+        t0 = time.monotonic()
+        name = type(obj).__name__
+        decision = None
+        if name == "TokenizedGenerateReqInput":
+            decision = self.controller.on_request(obj.rid, t0)
+        elif name == "BatchTokenizedGenerateReqInput":
+            for req in obj.batch:
+                decision = self.controller.on_request(req.rid, t0) or decision
+        elif name == "AbortReq" and obj.rid:
+            self.controller.on_abort(obj.rid)
+        self._apply_decision(decision)
+        self.controller_s += time.monotonic() - t0
+
+    def _observe_output(self, frames: Any) -> None:
+        """Per-request first tokens and finishes from SGLang's output batches (read only: the
+        same bytes go on to the detokenizer)."""
+        t0 = time.monotonic()
+        obj = pickle.loads(frames[0].buffer)
+        if type(obj).__name__ == "BatchTokenIDOutput":
+            self.controller.on_output(obj.rids, obj.completion_tokens,
+                                      [r is not None for r in obj.finished_reasons], t0)
+        self.controller_s += time.monotonic() - t0
+
+    def _apply_decision(self, decision: Any) -> None:
+        if decision is None:
+            return
+        self.trace.write("decision", {
+            "t": decision.t, "share": decision.share, "previous": decision.previous_share,
+            "target": decision.target_share, "mode": decision.mode, "reason": decision.reason,
+            "loan": decision.loan, "inputs": dict(decision.inputs)})
+        if decision.changed:
+            self.resize_to_share(decision.share, reason=f"{decision.mode}: {decision.reason}")
 
     def _release_held(self) -> None:
         held, self._held = self._held, []
@@ -261,6 +310,9 @@ class Coordinator:
             elif tag == P.CONTROL_TAG:
                 self._on_control(role, frames)
             else:
+                if self.controller is not None and self.controller.kind == "slo" \
+                        and len(frames) == 1:
+                    self._observe_output(frames)
                 self.to_detokenizer.send_multipart(frames, copy=False)
 
     # ------------------------------------------------------------ SM partition
@@ -272,6 +324,8 @@ class Coordinator:
             return
         if isinstance(msg, P.IterationStat):
             self.trace.write("iteration", msg)
+            if self.controller is not None:
+                self._apply_decision(self.controller.on_iteration(msg))
         elif isinstance(msg, P.ResizeAck):
             self._on_ack(msg)
         elif isinstance(msg, P.ResizeRequest):
@@ -311,10 +365,12 @@ class Coordinator:
         sent = tracker.in_flight.sent_at if tracker.in_flight is not None and \
             tracker.in_flight.seq == ack.seq else None
         try:
-            tracker.on_ack(ack)
+            done = tracker.on_ack(ack)
         except ValueError as exc:
             logger.error("dropping a resize ack: %s", exc)
             return
+        if done and self.controller is not None:
+            self.controller.on_resized(tracker.split)
         latency_ms = (ack.applied_at - sent) * 1e3 if sent is not None else None
         self.trace.write("resize_ack", ack, latency_ms=latency_ms)
         logger.info("resize #%d: %s runs %s from iteration %d%s", ack.seq, ack.role,
@@ -336,6 +392,10 @@ class Coordinator:
             proc.join(20)
             if proc.is_alive():
                 proc.kill()
+        if self.controller is not None:
+            logger.info("partition controller (%s): %d decisions, %.1f ms of bookkeeping in "
+                        "the scheduler loop", self.controller.kind, self.controller.decisions,
+                        self.controller_s * 1e3)
         self.trace.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

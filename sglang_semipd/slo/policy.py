@@ -245,6 +245,11 @@ class SLOPolicy:
         return self._share
 
     @property
+    def loan(self) -> str | None:
+        """The idle side whose SMs are lent out now (None: no loan)."""
+        return self._loan
+
+    @property
     def base_share(self) -> float:
         """The SLO-chosen split (what applies when neither side is idle)."""
         return self._base

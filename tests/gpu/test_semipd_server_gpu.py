@@ -75,14 +75,28 @@ def test_stream_grows_token_by_token_and_ends_like_the_plain_request(server):
     assert _gen(server, PROMPT, max_new_tokens=12, ignore_eos=True)["output_ids"] == ids[-1]
 
 
+def _first_new_token(full: list[int]) -> int:
+    """Index >= 1 of the first token that did not occur before it in ``full`` (0: none)."""
+    return next((i for i in range(1, len(full)) if full[i] not in full[:i]), 0)
+
+
 def test_stop_token_n_and_single_token_requests(server):
-    full = _gen(server, PROMPT, max_new_tokens=8, ignore_eos=True)["output_ids"]
-    stopped = _gen(server, PROMPT, max_new_tokens=8, stop_token_ids=[full[2]])
-    assert stopped["output_ids"] == full[:3]  # ends at the stop token (decode worker)
-    one = _gen(server, PROMPT, max_new_tokens=1)  # ends at prefill: never handed off
+    # the tiny random model repeats itself: pick a prompt whose greedy output has a token
+    # that first appears after the first one, so stopping on it must happen in decode
+    for shift in range(20):
+        prompt = [t + 37 * shift for t in PROMPT]
+        full = _gen(server, prompt, max_new_tokens=8, ignore_eos=True)["output_ids"]
+        stop_at = _first_new_token(full)
+        if stop_at:
+            break
+    assert stop_at, "no prompt gave a stop token past the first one"
+    stopped = _gen(server, prompt, max_new_tokens=8, stop_token_ids=[full[stop_at]])
+    assert stopped["output_ids"] == full[:stop_at + 1]  # ends at the stop token (decode)
+    assert stopped["meta_info"]["finish_reason"]["type"] == "stop"
+    one = _gen(server, prompt, max_new_tokens=1)  # ends at prefill: never handed off
     assert one["output_ids"] == full[:1] and one["meta_info"]["finish_reason"]["type"] == "length"
     both = http_json(server.url + "/generate", {
-        "input_ids": PROMPT, "sampling_params": {"temperature": 0, "n": 2,
+        "input_ids": prompt, "sampling_params": {"temperature": 0, "n": 2,
                                                  "max_new_tokens": 8, "ignore_eos": True}})
     assert [b["output_ids"] for b in both] == [full, full]
 

@@ -1,0 +1,114 @@
+"""The scheduler's partition controller: feeds the SLO policy and says when to resize (pure).
+
+The semi-PD scheduler process calls, from its one loop:
+
+* :meth:`PartitionController.on_request` / :meth:`on_abort` for every generation request and
+  abort it forwards, :meth:`on_output` for every output batch it forwards to the detokenizer
+  (rids, cumulative completion tokens, finished flags) -- per-request TTFT and TPOT come from
+  :class:`~sglang_semipd.latency.LatencyTracker`;
+* :meth:`on_iteration` for every worker :class:`~sglang_semipd.protocol.IterationStat`;
+* :meth:`tick` on every loop pass: once per ``window_s`` it builds a
+  :class:`~sglang_semipd.slo.policy.WindowStats` (latencies, queue, arrival rate and the mean
+  iteration times at the split in force) and returns the policy's decision.
+
+It also ends an idle loan (``policy.reclaim``) the moment the lent side gets work: a new
+request for a lent prefill side, a decode iteration for a lent decode side. With
+``--partition-policy static`` it only measures (the static policy never moves).
+No torch, no sockets: the caller applies decisions (``Coordinator.resize_to_share``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterable, Optional, Sequence
+
+from sglang_semipd.latency import LatencyTracker
+from sglang_semipd.slo.policy import (PartitionDecision, SLOPolicy, SLOTargets, StaticPolicy,
+                                      WindowStats)
+
+logger = logging.getLogger(__name__)
+
+
+class PartitionController:
+    """See the module docstring. ``fractions[i]`` is split ``i``'s prefill fraction."""
+
+    def __init__(self, fractions: Sequence[float], start: int, policy: str = "slo",
+                 ttft_s: float = 1.0, tpot_s: float = 0.1, attainment: float = 0.9,
+                 window_s: float = 1.0, now: float = 0.0, **policy_kwargs: Any) -> None:
+        if not fractions or not 0 <= start < len(fractions):
+            raise ValueError("need the planned splits and a start split among them")
+        self.fractions = tuple(fractions)
+        self.split = start
+        if policy == "slo":
+            self.policy: Any = SLOPolicy(SLOTargets(ttft_s, tpot_s, attainment),
+                                         self.fractions, initial_share=self.fractions[start],
+                                         **policy_kwargs)
+        elif policy == "static":
+            self.policy = StaticPolicy(self.fractions[start])
+        else:
+            raise ValueError(f"unknown partition policy {policy!r}")
+        self.kind = policy
+        self.window_s = window_s
+        self.latency = LatencyTracker(now)
+        self._last_tick = now
+        self._iters: list[Any] = []
+        self.decisions = 0
+
+    # ---------------------------------------------------------------- events
+    def on_request(self, rid: str, t: float) -> Optional[PartitionDecision]:
+        self.latency.on_request(rid, t)
+        return self._reclaim_if_lent("prefill", t)
+
+    def on_abort(self, rid: str) -> None:
+        self.latency.on_abort(rid)
+
+    def on_output(self, rids: Iterable[str], completion_tokens: Iterable[int],
+                  finished: Iterable[bool], t: float) -> None:
+        self.latency.on_outputs(rids, completion_tokens, finished, t)
+
+    def on_iteration(self, stat: Any) -> Optional[PartitionDecision]:
+        self._iters.append(stat)
+        if stat.role == "decode":
+            return self._reclaim_if_lent("decode", stat.end)
+        return None
+
+    def on_resized(self, split: int) -> None:
+        """Both workers acknowledged ``split`` (iterations before it are not timed for it)."""
+        self.split = split
+
+    # ---------------------------------------------------------------- windows
+    def tick(self, t: float) -> Optional[PartitionDecision]:
+        """The policy's decision once per ``window_s`` (None in between)."""
+        if t - self._last_tick < self.window_s:
+            return None
+        self._last_tick = t
+        stats = self.window(t)
+        self.decisions += 1
+        return self.policy.observe(stats)
+
+    def window(self, t: float) -> WindowStats:
+        """Latencies since the last window plus the iteration times at the split in force."""
+        stats = self.latency.window(t, self.fractions[self.split])
+        here = [s for s in self._iters if s.split == self.split]
+        self._iters = []
+        pre = [s for s in here if s.role == "prefill" and s.mode == "extend"]
+        dec = [s for s in here if s.role == "decode" and s.mode == "decode"]
+        mean = (lambda xs: sum(xs) / len(xs) if xs else None)  # noqa: E731
+        return dataclasses.replace(
+            stats,
+            prefill_iter_time_s=mean([s.end - s.start for s in pre]),
+            prefill_iter_requests=mean([s.batch_size for s in pre]) or 1.0,
+            prefill_iters=len(pre),
+            decode_iter_time_s=mean([s.end - s.start for s in dec]),
+            decode_iters=len(dec),
+            decode_iter_batch=mean([s.batch_size for s in dec]),
+            prefill_tokens_waiting=0)
+
+    def _reclaim_if_lent(self, side: str, t: float) -> Optional[PartitionDecision]:
+        if getattr(self.policy, "loan", None) != side:  # the static policy never lends
+            return None
+        return self.policy.reclaim(t)
+
+    def share_index(self, share: float) -> int:
+        return min(range(len(self.fractions)), key=lambda i: abs(self.fractions[i] - share))

@@ -1,0 +1,71 @@
+"""The scheduler's partition controller (pure): windows built from what the scheduler sees,
+SLO-policy decisions, idle loans ended the moment the lent side gets work, and a static policy
+that never moves."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_semipd import protocol as P
+from sglang_semipd.partition.controller import PartitionController
+
+FRACTIONS = (40 / 132, 72 / 132, 104 / 132)
+
+
+def _it(role: str, split: int, start: float, dur: float, bs: int, mode: str = "") -> P.IterationStat:
+    mode = mode or ("extend" if role == "prefill" else "decode")
+    return P.IterationStat(role=role, iteration=0, split=split, mode=mode, batch_size=bs,
+                           tokens=bs, start=start, end=start + dur)
+
+
+def test_window_has_latencies_and_iteration_times_at_the_split_in_force():
+    c = PartitionController(FRACTIONS, 1, policy="static", now=0.0)
+    c.on_request("a", 0.0)
+    c.on_request("b", 0.1)
+    c.on_output(["a"], [1], [False], 0.3)  # a: first token, TTFT 0.3
+    for k in range(4):
+        c.on_iteration(_it("decode", 1, 0.4 + k * 0.02, 0.02, 8))
+    c.on_iteration(_it("decode", 0, 0.6, 0.5, 8))  # another split: not timed for this one
+    c.on_iteration(_it("prefill", 1, 0.2, 0.1, 2))
+    c.on_output(["a"], [11], [True], 0.5)  # a: 10 more tokens in 0.2 s
+    w = c.window(1.0)
+    assert w.share == pytest.approx(72 / 132)
+    assert w.ttfts == pytest.approx((0.3,)) and w.tpots == pytest.approx((0.02,))
+    assert w.decode_iters == 4 and w.decode_iter_time_s == pytest.approx(0.02)
+    assert w.decode_iter_batch == 8
+    assert w.prefill_iters == 1 and w.prefill_iter_time_s == pytest.approx(0.1)
+    assert w.prefill_iter_requests == 2
+    assert w.prefill_queue_len == 1 and not w.prefill_idle  # b still waits
+    assert c.window(2.0).decode_iters == 0  # consumed
+
+
+def test_static_policy_never_moves():
+    c = PartitionController(FRACTIONS, 0, policy="static", now=0.0)
+    c.on_request("a", 0.5)  # prefill busy, decode idle: an SLO policy would lend
+    d = c.tick(1.0)
+    assert d is not None and not d.changed and d.share == pytest.approx(FRACTIONS[0])
+    assert c.tick(1.5) is None  # once per window
+
+
+def test_idle_side_lends_its_sms_and_gets_them_back_at_once():
+    c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0)
+    c.on_request("a", 0.1)  # only prefill has work
+    d = c.tick(1.0)
+    assert d.changed and d.loan == "decode" and d.share == pytest.approx(FRACTIONS[2])
+    c.on_resized(2)
+    back = c.on_iteration(_it("decode", 2, 1.1, 0.01, 1))  # decode got work
+    assert back is not None and back.changed and back.share == pytest.approx(FRACTIONS[1])
+    c.on_resized(1)
+    c.on_output(["a"], [1], [False], 1.2)  # a decodes; nothing waits for prefill
+    d = c.tick(2.0)
+    assert d.changed and d.loan == "prefill" and d.share == pytest.approx(FRACTIONS[0])
+    back = c.on_request("b", 2.1)
+    assert back is not None and back.share == pytest.approx(FRACTIONS[1])
+    assert c.decisions == 2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        PartitionController(FRACTIONS, 3)
+    with pytest.raises(ValueError):
+        PartitionController(FRACTIONS, 0, policy="round-robin")
