@@ -227,7 +227,7 @@ class Coordinator:
                 self._release_held()
             if self.controller is not None:
                 t0 = time.monotonic()
-                self._apply_decision(self.controller.tick(now))
+                self._guarded(lambda t: self._apply_decision(self.controller.tick(t)), now)
                 self.controller_s += time.monotonic() - t0
             if now - last_check > 1.0:
                 last_check = now
@@ -242,7 +242,7 @@ class Coordinator:
             # SGLang's own wire format (send_pyobj), read only to route; the bytes go on
             obj = pickle.loads(raw)
             if self.controller is not None:
-                self._observe_request(obj)
+                self._guarded(self._observe_request, obj)
             if also_to_decode(obj):  # first: it must know the request before
                 self.to_worker["decode"].send(raw)  # the hand-off
             if type(obj).__name__ == "FlushCacheReqInput" and not self._held:
@@ -257,6 +257,16 @@ class Coordinator:
                 self._held.append(raw)  # keep the prefill worker's order
             else:
                 self.to_worker["prefill"].send(raw)
+
+    def _guarded(self, fn: Any, arg: Any) -> None:
+        """Run a partition-controller step; a failure there must not take the server down:
+        log it once and keep serving on the current split."""
+        try:
+            fn(arg)
+        except Exception:  # noqa: BLE001
+            logger.exception("partition controller failed; serving on, split fixed at %s",
+                             _sms(self.splits[self.resizes.split]) if self.resizes else "?")
+            self.controller = None
 
     def _observe_request(self, obj: Any) -> None:
         t0 = time.monotonic()
@@ -312,7 +322,7 @@ class Coordinator:
             else:
                 if self.controller is not None and self.controller.kind == "slo" \
                         and len(frames) == 1:
-                    self._observe_output(frames)
+                    self._guarded(self._observe_output, frames)
                 self.to_detokenizer.send_multipart(frames, copy=False)
 
     # ------------------------------------------------------------ SM partition
@@ -325,7 +335,8 @@ class Coordinator:
         if isinstance(msg, P.IterationStat):
             self.trace.write("iteration", msg)
             if self.controller is not None:
-                self._apply_decision(self.controller.on_iteration(msg))
+                self._guarded(lambda m: self._apply_decision(self.controller.on_iteration(m)),
+                              msg)
         elif isinstance(msg, P.ResizeAck):
             self._on_ack(msg)
         elif isinstance(msg, P.ResizeRequest):

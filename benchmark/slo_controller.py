@@ -1,0 +1,218 @@
+"""The SLO controller on the GPU: a load step against a semi-PD server with
+``--partition-policy slo``; the split over time and the SLO attainment over time.
+
+    python -m benchmark.slo_controller --model-dir /tmp/models/llama8b --load-format dummy
+
+Poisson arrivals at ``--rate`` req/s for ``--phase-s`` seconds, then at twice the rate; random
+token prompts of ``--input-len`` tokens, ``--output-len`` output tokens (ignore_eos), streamed,
+so TTFT and TPOT are measured at the client. The split in force comes from the scheduler's trace
+(``SGLANG_SEMIPD_TRACE``: its ``decision`` and ``resize_ack`` records). Writes
+``benchmark/results/slo_controller_<gpu>.json`` (+ ``.png``) with a ``timeline`` of
+``{t_s, prefill_share, attainment}`` per ``--bucket-s`` bucket (attainment of the requests that
+arrived in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
+from sglang_semipd.testing.server import ServerProcess, python_module_cmd
+
+logger = logging.getLogger(__name__)
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--rate", type=float, default=8.0)
+    ap.add_argument("--phase-s", type=float, default=25.0)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--slo-ttft-ms", type=float, default=500.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=25.0)
+    ap.add_argument("--bucket-s", type=float, default=2.0)
+    ap.add_argument("--mem-fraction-static", type=float, default=0.85)
+    ap.add_argument("--port", type=int, default=31400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-dir", default="/tmp/semipd-logs")
+    ap.add_argument("--out", default=None)
+    return ap.parse_args()
+
+
+def stream_one(url: str, ids: list[int], output_len: int) -> dict[str, Any]:
+    """One streamed /generate; client-side arrival, first-token and end times."""
+    body = json.dumps({"input_ids": ids, "stream": True, "sampling_params": {
+        "temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}}).encode()
+    req = urllib.request.Request(url + "/generate", data=body,
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    first: Optional[float] = None
+    tokens = 0
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            for line in resp:
+                line = line.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                n = len(json.loads(line[5:]).get("output_ids", []))
+                if n > 0 and first is None:
+                    first = time.monotonic()
+                tokens = max(tokens, n)
+    except Exception as exc:  # noqa: BLE001 - counted as a miss
+        return {"arrival": t0, "error": repr(exc)}
+    end = time.monotonic()
+    return {"arrival": t0, "first": first, "end": end, "tokens": tokens}
+
+
+def run_load(url: str, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(a.seed)
+    phases, t, plan = [], 0.0, []
+    for k, rate in enumerate((a.rate, 2 * a.rate)):
+        start = t
+        while True:
+            t += rng.expovariate(rate)
+            if t >= start + a.phase_s:
+                t = start + a.phase_s
+                break
+            plan.append(t)
+        phases.append({"rate": rate, "start_s": start, "end_s": t})
+    results: list[dict] = []
+    lock = threading.Lock()
+    t_begin = time.monotonic()
+
+    def task(ids: list[int]) -> None:
+        r = stream_one(url, ids, a.output_len)
+        with lock:
+            results.append(r)
+
+    with ThreadPoolExecutor(512) as pool:
+        for at in plan:
+            delay = t_begin + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(task, [rng.randrange(100, 30000) for _ in range(a.input_len)])
+    for p in phases:
+        p["start_mono"], p["end_mono"] = t_begin + p["start_s"], t_begin + p["end_s"]
+    return results, phases
+
+
+def met(r: dict, ttft_s: float, tpot_s: float) -> bool:
+    if "error" in r or r.get("first") is None or r.get("tokens", 0) < 1:
+        return False
+    tpot = (r["end"] - r["first"]) / max(r["tokens"] - 1, 1)
+    return r["first"] - r["arrival"] <= ttft_s and tpot <= tpot_s
+
+
+def share_at(changes: list[tuple[float, float]], t: float, default: float) -> float:
+    share = default
+    for tc, s in changes:
+        if tc <= t:
+            share = s
+    return share
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    a = parse()
+    log_dir = Path(a.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    trace = log_dir / "trace_slo.jsonl"
+    trace.unlink(missing_ok=True)
+    cmd = python_module_cmd(
+        "sglang_semipd.launch_server", "--model-path", a.model_dir, "--port", str(a.port),
+        "--load-format", a.load_format, "--attention-backend", "triton",
+        "--sampling-backend", "pytorch", "--grammar-backend", "none",
+        "--mem-fraction-static", str(a.mem_fraction_static),
+        "--cuda-graph-max-bs-decode", "128", "--disable-radix-cache",
+        "--partition-policy", "slo", "--slo-ttft-ms", str(a.slo_ttft_ms),
+        "--slo-tpot-ms", str(a.slo_tpot_ms))
+    env = dict(os.environ, SGLANG_SEMIPD_TRACE=str(trace))
+    gpu = gpu_name()
+    with ServerProcess(cmd, a.port, log_dir / "server_slo.log", start_timeout=600,
+                       env=env) as s:
+        results, phases = run_load(s.url, a)
+        time.sleep(2.0)
+    rows = [json.loads(x) for x in trace.read_text().splitlines() if x.strip()]
+    decisions = [r for r in rows if r["kind"] == "decision"]
+    changes = [(r["t"], r["share"]) for r in decisions if abs(r["share"] - r["previous"]) > 1e-9]
+    start_share = decisions[0]["previous"] if decisions else 0.5
+    ttft_s, tpot_s = a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3
+    t0 = phases[0]["start_mono"]
+    timeline = []
+    t = t0
+    while t < phases[-1]["end_mono"]:
+        bucket = [r for r in results if t <= r["arrival"] < t + a.bucket_s]
+        timeline.append({"t_s": round(t - t0, 3),
+                         "prefill_share": share_at(changes, t + a.bucket_s / 2, start_share),
+                         "attainment": (sum(met(r, ttft_s, tpot_s) for r in bucket) / len(bucket)
+                                        if bucket else None),
+                         "requests": len(bucket)})
+        t += a.bucket_s
+    step = phases[1]["start_mono"]
+    first_move = next((tc - step for tc, _ in changes if tc >= step), None)
+    per_phase = []
+    for p in phases:
+        sel = [r for r in results if p["start_mono"] <= r["arrival"] < p["end_mono"]]
+        per_phase.append({"rate": p["rate"], "requests": len(sel),
+                          "attainment": sum(met(r, ttft_s, tpot_s) for r in sel) / len(sel)
+                          if sel else None,
+                          "errors": sum(1 for r in sel if "error" in r)})
+    record = {
+        "gpu": gpu, "model": Path(a.model_dir).name,
+        "slo": {"ttft_ms": a.slo_ttft_ms, "tpot_ms": a.slo_tpot_ms, "attainment_target": 0.9},
+        "phases": per_phase, "timeline": timeline,
+        "split_changes": [{"t_s": round(tc - t0, 3), "prefill_share": sh} for tc, sh in changes],
+        "decisions": len(decisions), "first_move_after_step_s": first_move,
+        "attainment_slo_policy": sum(met(r, ttft_s, tpot_s) for r in results) / len(results)
+        if results else None,
+        "attainment_static_best": None,
+        "notes": ["attainment_static_best not measured in this run (needs one run per static "
+                  "split on the same load)"],
+        "command": "python -m benchmark.slo_controller " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None)}
+    out = Path(a.out) if a.out else RESULTS_DIR / f"slo_controller_{gpu_slug(gpu)}.json"
+    write_result(out, record)
+    try:
+        plot(record, out.with_suffix(".png"))
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("plot failed: %s", exc)
+    print_table([(f"phase {p['rate']} req/s", p) for p in per_phase]
+                + [("split changes", len(changes)), ("first move after step (s)", first_move),
+                   ("attainment (slo policy)", record["attainment_slo_policy"])],
+                f"SLO controller on {gpu}")
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = record["timeline"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.step([x["t_s"] for x in tl], [x["prefill_share"] for x in tl], where="post",
+            label="prefill SM share")
+    ax.plot([x["t_s"] for x in tl], [x["attainment"] for x in tl], "o-",
+            label="SLO attainment (by arrival)")
+    ax.set_xlabel("time (s); the rate doubles halfway")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title(f"SLO controller, {record['model']} on {record['gpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
