@@ -88,8 +88,14 @@ class PartitionController:
         return self.policy.observe(stats)
 
     def window(self, t: float) -> WindowStats:
-        """Latencies since the last window plus the iteration times at the split in force."""
+        """Latencies since the last window plus the iteration times at the split in force.
+
+        A side counts as idle only if it was idle for the *whole* window: prefill with nothing
+        waiting, no arrival and no prefill iteration in it; decode with nothing decoding and no
+        decode iteration in it (a Poisson gap at a window's end is not idleness: lending on it
+        would resize twice a second under steady load)."""
         stats = self.latency.window(t, self.fractions[self.split])
+        ran = {s.role for s in self._iters}
         here = [s for s in self._iters if s.split == self.split]
         self._iters = []
         pre = [s for s in here if s.role == "prefill" and s.mode == "extend"]
@@ -103,7 +109,9 @@ class PartitionController:
             decode_iter_time_s=mean([s.end - s.start for s in dec]),
             decode_iters=len(dec),
             decode_iter_batch=mean([s.batch_size for s in dec]),
-            prefill_tokens_waiting=0)
+            prefill_tokens_waiting=0,
+            prefill_idle=stats.prefill_idle and stats.arrivals == 0 and "prefill" not in ran,
+            decode_idle=stats.decode_idle and "decode" not in ran)
 
     def _reclaim_if_lent(self, side: str, t: float) -> Optional[PartitionDecision]:
         if getattr(self.policy, "loan", None) != side:  # the static policy never lends

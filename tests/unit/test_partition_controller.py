@@ -56,12 +56,31 @@ def test_idle_side_lends_its_sms_and_gets_them_back_at_once():
     back = c.on_iteration(_it("decode", 2, 1.1, 0.01, 1))  # decode got work
     assert back is not None and back.changed and back.share == pytest.approx(FRACTIONS[1])
     c.on_resized(1)
+    c.on_iteration(_it("prefill", 1, 1.15, 0.05, 1))  # a's prefill
     c.on_output(["a"], [1], [False], 1.2)  # a decodes; nothing waits for prefill
     d = c.tick(2.0)
+    assert d.loan is None  # prefill was busy during this window
+    c.on_output(["a"], [2], [False], 2.5)
+    d = c.tick(3.0)  # a whole window without arrivals or prefill work
     assert d.changed and d.loan == "prefill" and d.share == pytest.approx(FRACTIONS[0])
     back = c.on_request("b", 2.1)
     assert back is not None and back.share == pytest.approx(FRACTIONS[1])
-    assert c.decisions == 2
+    assert c.decisions == 3
+
+
+def test_steady_arrivals_never_lend_the_prefill_side():
+    c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0)
+    t, k, loans = 0.0, 0, 0
+    while t < 20.0:  # a request every 0.3 s, first token 50 ms later, 5 tokens each
+        c.on_request(f"r{k}", t)
+        c.on_iteration(_it("prefill", c.split, t, 0.05, 1))
+        c.on_output([f"r{k}"], [1], [False], t + 0.05)
+        c.on_iteration(_it("decode", c.split, t + 0.06, 0.02, 1))
+        c.on_output([f"r{k}"], [5], [True], t + 0.15)
+        t, k = t + 0.3, k + 1
+        d = c.tick(t)
+        loans += bool(d is not None and d.loan)
+    assert loans == 0
 
 
 def test_bad_arguments():
