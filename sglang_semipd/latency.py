@@ -34,6 +34,7 @@ class LatencyTracker:
         self._arrivals = 0
         self._window_start = start
         self.finished = 0
+        self.completed: list[tuple[float, float]] = []  # (ttft, tpot) finished this window
 
     def on_request(self, rid: str, t: float) -> None:
         if rid not in self._live:
@@ -57,6 +58,9 @@ class LatencyTracker:
                 self.finished += 1
                 if live.first is not None and live.tokens > 1:
                     self._tpots.append((t - live.first) / (live.tokens - 1))
+                if live.first is not None:
+                    self.completed.append((live.first - live.arrival, self._tpots[-1]
+                                           if live.tokens > 1 else 0.0))
 
     def on_abort(self, rid: str) -> None:
         self._live.pop(rid, None)
@@ -81,5 +85,6 @@ class LatencyTracker:
                             prefill_idle=self.waiting_first_token == 0,
                             decode_idle=decoding == 0)
         self._ttfts, self._tpots, self._arrivals = [], [], 0
+        self.completed = []
         self._window_start = t
         return stats

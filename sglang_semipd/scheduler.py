@@ -115,6 +115,7 @@ class Coordinator:
         self.splits: list[SMSplit] = []
         self.resizes: Optional[ResizeTracker] = None
         self.controller: Optional[PartitionController] = None
+        self.metrics: Any = None  # PartitionMetrics with --enable-metrics
         self.controller_s = 0.0  # time spent feeding the controller (overhead)
         self.trace = Trace.from_env()
         self._held: list[bytes] = []  # prefill-bound messages behind a cache flush
@@ -160,6 +161,12 @@ class Coordinator:
             policy=cfg.partition_policy if cfg.sm_partition == "green" else "static",
             ttft_s=cfg.slo_ttft_ms / 1e3, tpot_s=cfg.slo_tpot_ms / 1e3,
             attainment=cfg.slo_attainment, now=time.monotonic())
+        if getattr(self.server_args, "enable_metrics", False):
+            from sglang_semipd.partition.metrics import PartitionMetrics
+
+            self.metrics = PartitionMetrics(
+                {"model_name": str(self.server_args.served_model_name)})
+            self.metrics.set_split(self.splits[start].prefill_sms, self.splits[start].decode_sms)
         logger.info("SM partition %s: splits (prefill/decode SMs) %s, starting on %s",
                     self.cfg.sm_partition, ", ".join(map(_sms, self.splits)),
                     _sms(self.splits[start]))
@@ -227,7 +234,7 @@ class Coordinator:
                 self._release_held()
             if self.controller is not None:
                 t0 = time.monotonic()
-                self._guarded(lambda t: self._apply_decision(self.controller.tick(t)), now)
+                self._guarded(self._tick, now)
                 self.controller_s += time.monotonic() - t0
             if now - last_check > 1.0:
                 last_check = now
@@ -292,6 +299,11 @@ class Coordinator:
                                       [r is not None for r in obj.finished_reasons], t0)
         self.controller_s += time.monotonic() - t0
 
+    def _tick(self, now: float) -> None:
+        self._apply_decision(self.controller.tick(now))
+        if self.metrics is not None and self.controller.attainment is not None:
+            self.metrics.attainment.set(self.controller.attainment)
+
     def _apply_decision(self, decision: Any) -> None:
         if decision is None:
             return
@@ -334,6 +346,8 @@ class Coordinator:
             return
         if isinstance(msg, P.IterationStat):
             self.trace.write("iteration", msg)
+            if self.metrics is not None:
+                self.metrics.observe_iteration(msg.role, msg.end - msg.start)
             if self.controller is not None:
                 self._guarded(lambda m: self._apply_decision(self.controller.on_iteration(m)),
                               msg)
@@ -380,9 +394,16 @@ class Coordinator:
         except ValueError as exc:
             logger.error("dropping a resize ack: %s", exc)
             return
+        latency_ms = (ack.applied_at - sent) * 1e3 if sent is not None else None
         if done and self.controller is not None:
             self.controller.on_resized(tracker.split)
-        latency_ms = (ack.applied_at - sent) * 1e3 if sent is not None else None
+        if self.metrics is not None:
+            if latency_ms is not None:
+                self.metrics.resize_latency.observe(latency_ms / 1e3)
+            if done:
+                self.metrics.resizes.inc()
+                split = self.splits[tracker.split]
+                self.metrics.set_split(split.prefill_sms, split.decode_sms)
         self.trace.write("resize_ack", ack, latency_ms=latency_ms)
         logger.info("resize #%d: %s runs %s from iteration %d%s", ack.seq, ack.role,
                     _sms(self.splits[ack.split]), ack.iteration,

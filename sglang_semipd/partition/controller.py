@@ -49,6 +49,8 @@ class PartitionController:
         else:
             raise ValueError(f"unknown partition policy {policy!r}")
         self.kind = policy
+        self.ttft_s, self.tpot_s = ttft_s, tpot_s
+        self.attainment: Optional[float] = None  # of the requests finished in the last window
         self.window_s = window_s
         self.latency = LatencyTracker(now)
         self._last_tick = now
@@ -94,6 +96,10 @@ class PartitionController:
         waiting, no arrival and no prefill iteration in it; decode with nothing decoding and no
         decode iteration in it (a Poisson gap at a window's end is not idleness: lending on it
         would resize twice a second under steady load)."""
+        done = self.latency.completed
+        if done:
+            self.attainment = sum(1 for a, b in done if a <= self.ttft_s and b <= self.tpot_s) \
+                / len(done)
         stats = self.latency.window(t, self.fractions[self.split])
         ran = {s.role for s in self._iters}
         here = [s for s in self._iters if s.split == self.split]

@@ -36,7 +36,13 @@ def test_window_has_latencies_and_iteration_times_at_the_split_in_force():
     assert w.prefill_iters == 1 and w.prefill_iter_time_s == pytest.approx(0.1)
     assert w.prefill_iter_requests == 2
     assert w.prefill_queue_len == 1 and not w.prefill_idle  # b still waits
+    assert c.attainment == 1.0  # a: TTFT 0.3 <= 1.0 s, TPOT 0.02 <= 0.1 s
     assert c.window(2.0).decode_iters == 0  # consumed
+    c.on_request("c", 2.0)
+    c.on_output(["b", "c"], [1, 1], [False, False], 2.2)
+    c.on_output(["b", "c"], [3, 3], [True, True], 2.6)  # b: TTFT 2.1 s, misses
+    c.window(3.0)
+    assert c.attainment == 0.5
 
 
 def test_static_policy_never_moves():
