@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from array import array
 
 import msgspec
@@ -202,3 +203,54 @@ def test_mutated_valid_messages_decode_or_fail_cleanly(i: int, data: st.DataObje
     except P.ProtocolError:
         return
     assert type(out) in P.message_types()  # a flip that still parses is a valid message
+
+
+# ------------------------------------------------------------------ scheduler <-> workers
+CONTROL_SAMPLES = (
+    P.Resize(3, 1, 12.5), P.ResizeAck("decode", 3, 1, 40, 12.6), P.ResizeRequest(0.3),
+    P.IterationStat(role="prefill", iteration=7, split=2, mode="extend", batch_size=3,
+                    tokens=4096, start=1.0, end=1.2, queued=5),
+    P.ReleaseIdle(2), P.Released(2),
+)
+
+
+def test_control_records_round_trip() -> None:
+    for msg in CONTROL_SAMPLES:
+        assert P.decode_control(P.encode_control(msg)) == msg
+
+
+def test_control_decoder_refuses_other_tags_versions_and_types() -> None:
+    with pytest.raises(P.ProtocolError):
+        P.decode_control(P.encode_handoff(P.HandOff(rid="r")))  # a hand-off is not control
+    with pytest.raises(P.ProtocolError):
+        P.decode_control([P.CONTROL_TAG, msgspec.msgpack.encode(P.Resize(1, 0, v=1))])
+    with pytest.raises(P.ProtocolError):
+        P.decode_control([P.CONTROL_TAG, msgspec.msgpack.encode({"type": "resize", "seq": "x",
+                                                                 "split": 0})])
+    with pytest.raises(P.ProtocolError):
+        P.decode_control([P.CONTROL_TAG, msgspec.msgpack.encode({"type": "reboot"})])
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(st.sampled_from(range(len(CONTROL_SAMPLES))), st.data())
+def test_mutated_control_records_decode_or_fail_cleanly(i: int, data: st.DataObject) -> None:
+    frames = P.encode_control(CONTROL_SAMPLES[i])
+    body = bytearray(frames[1])
+    for _ in range(data.draw(st.integers(1, 3))):
+        body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(body)))
+    try:
+        out = P.decode_control([frames[0], bytes(body[:cut])])
+    except P.ProtocolError:
+        return
+    assert type(out) in typing.get_args(P.ControlMsg)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.binary(max_size=48), min_size=0, max_size=3))
+def test_random_frames_are_never_a_control_record_or_a_crash(frames: list[bytes]) -> None:
+    for decode in (P.decode_control, P.decode_handoff):
+        try:
+            decode(frames)
+        except P.ProtocolError:
+            pass
