@@ -29,6 +29,7 @@ import os
 import time
 from typing import Any
 
+import msgspec
 import zmq
 
 from sglang_semipd import protocol as P
@@ -137,8 +138,6 @@ class _SemiPDMixin:
 
     def _switch(self, ack: Any) -> None:
         self.semipd_activate(ack.split)
-        import msgspec
-
         self._send_control(msgspec.structs.replace(ack, applied_at=time.monotonic()))
 
     def semipd_activate(self, split: int) -> None:
