@@ -285,14 +285,15 @@ def make_prefill_scheduler_cls() -> type:
             """SGLang's internal state plus ``semipd``: the split in force and the memory
             manager's full invariant report of the shared pool (``pool``)."""
             out = super().get_internal_state(recv_req)
+            state = self._semipd_state()
             try:
-                state = self._semipd_state()
                 pool = msgspec.structs.asdict(self.semipd_client.check_invariant())
                 state["pool"] = {k: {str(c): n for c, n in v.items()} if isinstance(v, dict)
                                  else v for k, v in pool.items()}  # JSON: string keys
+            except P.KVStateError as exc:  # reported, never fatal for a status request
+                state["pool"] = {"error": str(exc)}
+            if isinstance(getattr(out, "internal_state", None), dict):
                 out.internal_state["semipd"] = state
-            except (AttributeError, TypeError):  # SGLang changed the reply's shape
-                logger.debug("no internal_state dict to extend")
             return out
 
         def _semipd_state(self) -> dict:
