@@ -80,6 +80,13 @@ class PrivateMPS:
             if not os.path.exists(os.path.join(self.pipe_dir, "control")):
                 raise MPSError(f"--mps-pipe-dir {self.pipe_dir}: no MPS control pipe there")
             return self
+        try:
+            return self._start_owned()
+        except BaseException:
+            shutil.rmtree(self._root, ignore_errors=True)  # nothing of ours stays behind
+            raise
+
+    def _start_owned(self) -> "PrivateMPS":
         exe = shutil.which(self.binary)
         if exe is None:
             raise MPSError(f"{self.binary} not found on PATH: semi-PD needs CUDA MPS")

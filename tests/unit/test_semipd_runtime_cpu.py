@@ -86,8 +86,10 @@ def test_private_mps_errors_are_clear(tmp_path, monkeypatch):
     from sglang_semipd.mps import MPSError, PrivateMPS
 
     monkeypatch.setenv("PATH", "/nonexistent")
+    failed = PrivateMPS()
     with pytest.raises(MPSError, match="not found on PATH"):
-        PrivateMPS().start()
+        failed.start()
+    assert not os.path.exists(failed.pipe_dir)  # its private directory is gone too
     with pytest.raises(MPSError, match="no MPS control pipe"):
         PrivateMPS(pipe_dir=str(tmp_path)).start()
     (tmp_path / "control").touch()
