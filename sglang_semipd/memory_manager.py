@@ -91,8 +91,19 @@ def _wait_then_report(ready_path: str, ready_conn: Any, info: dict, stop: thread
         time.sleep(0.05)
 
 
+def set_process_title(role: str) -> None:
+    """``sglang::semipd_<role>`` in ps/top, next to SGLang's ``sglang::scheduler`` (the
+    semi-PD scheduler process) and its other ``sglang::`` processes."""
+    try:
+        import setproctitle
+    except ImportError:  # cosmetic only
+        return
+    setproctitle.setproctitle(f"sglang::semipd_{role}")
+
+
 def run_memory_manager(spec: MemoryManagerSpec, ready_conn: Any = None) -> None:
     """Process entry (``multiprocessing`` target); see the module docstring."""
+    set_process_title("memory_manager")
     if spec.log_level:
         logging.basicConfig(level=spec.log_level, format="%(asctime)s %(process)d "
                             "[memory-manager] %(name)s %(levelname)s %(message)s")

@@ -534,6 +534,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
 
     from sglang_semipd.memory.backend import register_semipd_radix_backend
     from sglang_semipd.memory.client import KVStateClient
+    from sglang_semipd.memory_manager import set_process_title
     from sglang_semipd.partition.splits import nearest_split
     from sglang_semipd.partition.streams import build_split_streams, capture_stream
     from sglang_semipd.runner import publish_server_args
@@ -548,6 +549,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
         while not manager_ready.wait(1.0):
             pass
         configure_scheduler_process(server_args, plan.gpu_id, plan.tp_rank, 0, 0, 0, 0, None)
+        set_process_title(role)  # after SGLang's "sglang::scheduler"
         client = KVStateClient(plan.kv_endpoint, f"{role}-{plan.tp_rank}", role,
                                timeout_s=60.0)
         manifest = client.pool_manifest()

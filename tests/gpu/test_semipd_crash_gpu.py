@@ -1,0 +1,87 @@
+"""On the GPU host: a semi-PD process killed with SIGKILL takes the whole server down cleanly.
+
+For each of the decode worker, the prefill worker and the memory manager: start the server
+(tiny bf16 model), check it serves, ``kill -9`` that process, and require within a minute that
+the launcher exits, ``/health`` stops answering, the log names the dead process, and no GPU
+process, no process of ours and no MPS daemon is left. No hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from sglang_semipd.testing.model_maker import make_model
+from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
+
+pytestmark = pytest.mark.gpu
+
+PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 17
+FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch", "--grammar-backend",
+         "none", "--mem-fraction-static", "0.8", "--max-total-tokens", "100000",
+         "--cuda-graph-max-bs-decode", "8", "--sm-splits", "0.5")
+
+
+def _procs_named(name: str) -> list[int]:
+    """PIDs whose command line / process title contains ``name`` (our processes set
+    ``sglang::semipd_<role>``)."""
+    out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def _gone(server: ServerProcess) -> bool:
+    if server.proc is not None and server.proc.poll() is None:
+        return False
+    try:
+        urllib.request.urlopen(server.url + "/health", timeout=2)
+        return False
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return True
+
+
+@pytest.mark.parametrize("victim", ["sglang::semipd_decode", "sglang::semipd_prefill",
+                                    "sglang::semipd_memory_manager"])
+def test_a_killed_process_stops_the_server_and_frees_the_gpu(victim, tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    tiny = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
+                      seed=0)
+    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or str(tmp_path_factory.mktemp("logs"))
+    role = victim.removeprefix("sglang::semipd_")
+    log = os.path.join(log_dir, f"server_crash_{role}.log")
+    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny),
+                            "--port", str(PORT), *FLAGS)
+    server = ServerProcess(cmd, PORT, log).start()
+    try:
+        out = http_json(server.url + "/generate", {"input_ids": [5, 6, 7], "sampling_params": {
+            "temperature": 0, "max_new_tokens": 4}})
+        assert len(out["output_ids"]) == 4
+        pids = _procs_named(victim)
+        assert pids, f"no process titled {victim}"
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _gone(server):
+            time.sleep(1)
+        assert _gone(server), "server still up a minute after a process died"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                   "--format=csv,noheader"], capture_output=True,
+                                  text=True).stdout.strip()
+            ours = _procs_named("sglang::") + _procs_named("semipd-mps-") + \
+                _procs_named("nvidia-cuda-mps")
+            if not apps and not ours:
+                break
+            time.sleep(2)
+        assert not apps, f"GPU processes left: {apps}"
+        assert not ours, f"processes left: {ours}"
+        text = open(log, errors="replace").read()
+        assert f"semi-PD {role} exited" in text
+    finally:
+        server.stop(grace_s=10)
