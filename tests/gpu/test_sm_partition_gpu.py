@@ -107,7 +107,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         "--attention-backend", "triton", "--sampling-backend", "pytorch",
         "--grammar-backend", "none", "--mem-fraction-static", "0.8",
         "--max-total-tokens", "100000", "--cuda-graph-max-bs-decode", "16",
-        "--sm-splits", ",".join(map(str, SHARES)), "--prefill-sm-share", "0.5")
+        "--sm-splits", ",".join(map(str, SHARES)), "--prefill-sm-share", "0.5",
+        "--partition-policy", "static")  # only the test resizes
     env = dict(os.environ, SGLANG_SEMIPD_TRACE=trace)
     s = ServerProcess(cmd, PORT, os.path.join(log_dir, "server_semipd_resize.log"), env=env)
     s.start()
