@@ -9,6 +9,11 @@ Two steps, because the GPU host is offline and takes 64 MiB per call:
   python -m benchmark.compare run --workloads .gpu/bench --model-dir /tmp/models/llama8b \
       --load-format dummy --rates 2,4,8,16 [--systems ...] [--dry-run]
 
+Runs: stock chunked prefill at each size (the report keeps the best per workload), stock
+``--enable-pdmux``, semi-PD ``green`` with the SLO policy (one server per SLO set, started with
+that set's tight targets), ``green`` static at each share of ``report.STATIC_SHARES`` (the best
+is reported as ``semipd_green_static``), ``mps`` and ``none``.
+
 ``run`` starts each system once (``testing.server.ServerProcess``), replays each workload with
 SGLang's own ``bench_serving`` (``--dataset-name openai --output-details``) at each Poisson
 rate, stops it, and writes ``benchmark/results/<gpu>/`` (``summary.json`` with the keys of
@@ -29,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 from benchmark import workloads as W
 from benchmark.metrics import PAPER_SLOS, results_from_details
+from benchmark.report import STATIC_SHARES
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +47,36 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sglang_pdmux": ("sglang.launch_server", ("--enable-pdmux",)),
     "semipd_green_slo": ("sglang_semipd.launch_server",
                          ("--sm-partition", "green", "--partition-policy", "slo")),
-    "semipd_green_static": ("sglang_semipd.launch_server",
-                            ("--sm-partition", "green", "--partition-policy", "static")),
+    **{f"semipd_green_static_{share:g}": (
+        "sglang_semipd.launch_server", ("--sm-partition", "green", "--partition-policy",
+                                        "static", "--prefill-sm-share", f"{share:g}"))
+       for share in STATIC_SHARES},
     "semipd_mps": ("sglang_semipd.launch_server", ("--sm-partition", "mps")),
     "semipd_none": ("sglang_semipd.launch_server", ("--sm-partition", "none")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none", "--mem-fraction-static", "0.85")
 SLO_SET = {"sharegpt": "sharegpt", "azure_conv": "sharegpt", "long": "longbench"}
+SLO_DRIVEN = frozenset({"semipd_green_slo"})  # started once per SLO set, with its targets
+
+
+def slo_flags(slo_set: str) -> tuple[str, ...]:
+    """The SLO-policy flags for a workload's (tight) SLOs."""
+    slo = PAPER_SLOS[slo_set]["tight"]
+    return ("--slo-ttft-ms", f"{slo.ttft_s * 1e3:g}", "--slo-tpot-ms", f"{slo.tpot_s * 1e3:g}")
+
+
+def server_runs(system: str, index: dict[str, Any], model_dir: str, load_format: str,
+                port: int) -> list[tuple[list[str], dict[str, Any]]]:
+    """(server command, the workloads it serves) for one system: one server for all
+    workloads, or, for an SLO-driven system, one per SLO set with that set's targets."""
+    if system not in SLO_DRIVEN:
+        return [(server_command(system, model_dir, load_format, port), index)]
+    groups: dict[str, dict[str, Any]] = {}
+    for wname, meta in index.items():
+        groups.setdefault(meta["slo_set"], {})[wname] = meta
+    return [(server_command(system, model_dir, load_format, port, slo_flags(slo_set)), group)
+            for slo_set, group in sorted(groups.items())]
 
 
 def server_command(run: str, model_dir: str, load_format: str, port: int,
@@ -93,7 +121,8 @@ def run_system(run: str, cmd: list[str], index: dict[str, Any], wl_dir: Path,
 
     points: dict[str, dict[float, Any]] = {w: {} for w in index}
     try:
-        with ServerProcess(cmd, port, out_dir / f"server_{run}.log", start_timeout=600):
+        log = out_dir / f"server_{run}_{'-'.join(index)}.log"
+        with ServerProcess(cmd, port, log, start_timeout=600):
             for wname, meta in index.items():
                 for rate in rates:
                     raw = out_dir / f"{run}_{wname}_{rate:g}.jsonl"
@@ -138,10 +167,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     unknown = set(systems) - set(SYSTEM_RUNS)
     if unknown:
         ap.error(f"unknown systems {sorted(unknown)}; known: {sorted(SYSTEM_RUNS)}")
-    cmds = {s: server_command(s, a.model_dir, a.load_format, a.port) for s in systems}
+    plans = {s: server_runs(s, index, a.model_dir, a.load_format, a.port) for s in systems}
     if a.dry_run:
-        for s, cmd in cmds.items():
-            print(f"{s}: {shlex.join(cmd[1:])} x {len(index)} workloads x rates {rates}")
+        for s, plan in plans.items():
+            for cmd, group in plan:
+                print(f"{s}: {shlex.join(cmd[1:])} x {len(group)} workloads x rates {rates}")
         return
     from benchmark.common import gpu_name, gpu_slug
     from benchmark.report import write_report
@@ -152,13 +182,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     runs: dict[str, dict[str, dict[float, Any]]] = {w: {} for w in index}
     notes: dict[str, str] = {}
     for s in systems:
-        points, why = run_system(s, cmds[s], index, wl_dir, rates, a.port, out_dir, a.timeout_s)
-        if why:
-            notes[s] = why
-        for w, pts in points.items():
-            if pts:
-                runs[w][s] = pts
-        time.sleep(5)
+        for cmd, group in plans[s]:
+            points, why = run_system(s, cmd, group, wl_dir, rates, a.port, out_dir,
+                                     a.timeout_s)
+            if why:
+                notes[s] = why
+            for w, pts in points.items():
+                if pts:
+                    runs[w][s] = pts
+            time.sleep(5)
     work = {w: (PAPER_SLOS[meta["slo_set"]]["tight"], runs[w]) for w, meta in index.items()}
     summary = write_report(out_dir, name, f"{a.model_dir} (load_format={a.load_format})", work,
                            notes)

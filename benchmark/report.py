@@ -10,8 +10,10 @@ chunked-prefill run), per swept request rate, a ``RunPoint`` (per-request result
                           "max_throughput_req_s": {system: value|null}}},
      "notes": {system: reason}}
 
-with the systems of ``SYSTEMS``. ``sglang_chunked_best`` is, per workload, the chunk-size run
-with the best goodput (ties: higher max throughput); the choice is recorded in ``notes``.
+with the systems of ``SYSTEMS``. Two systems are sweeps (``SWEEPS``): ``sglang_chunked_best`` is,
+per workload, the ``sglang_chunked_<size>`` run with the best goodput (ties: higher max
+throughput), ``semipd_green_static`` likewise the best ``semipd_green_static_<share>`` run; the
+choices are recorded in ``notes``.
 A system without any run gets null values and must have a reason in ``notes``.
 """
 
@@ -32,6 +34,11 @@ SYSTEMS: tuple[str, ...] = ("sglang_chunked_best", "sglang_pdmux", "semipd_green
                             "semipd_green_static", "semipd_mps", "semipd_none")
 CHUNKED_PREFIX = "sglang_chunked_"
 CHUNK_SIZES: tuple[int, ...] = (512, 2048, 8192)
+STATIC_PREFIX = "semipd_green_static_"
+STATIC_SHARES: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75)
+# reported system -> prefix of the runs it is the best of (per workload)
+SWEEPS: dict[str, str] = {"sglang_chunked_best": CHUNKED_PREFIX,
+                          "semipd_green_static": STATIC_PREFIX}
 
 
 @dataclass
@@ -69,11 +76,11 @@ def system_scores(points: Mapping[float, RunPoint], slo: SLO, interpolate: bool 
     return gp, (max(tps) if tps else None)
 
 
-def select_chunked_best(runs: Runs, slo: SLO, interpolate: bool = False
-                        ) -> tuple[str | None, float | None, float | None]:
-    """The ``sglang_chunked_<size>`` run with the best goodput: (run name, goodput, max tput)."""
+def select_best(runs: Runs, prefix: str, slo: SLO, interpolate: bool = False
+                ) -> tuple[str | None, float | None, float | None]:
+    """The ``<prefix><variant>`` run with the best goodput: (run name, goodput, max tput)."""
     best: tuple[str | None, float | None, float | None] = (None, None, None)
-    for name in sorted(n for n in runs if n.startswith(CHUNKED_PREFIX) and n != "sglang_chunked_best"):
+    for name in sorted(n for n in runs if n.startswith(prefix) and n not in SWEEPS):
         gp, tp = system_scores(runs[name], slo, interpolate)
         if best[0] is None or (_key(gp), _key(tp)) > (_key(best[1]), _key(best[2])):
             best = (name, gp, tp)
@@ -86,15 +93,15 @@ def build_summary(gpu: str, model: str, workloads: Mapping[str, tuple[SLO, Runs]
     """``summary.json`` content (see module docstring) from per-workload (SLO, runs)."""
     notes_out: dict[str, str] = dict(notes or {})
     wl_out: dict[str, Any] = {}
-    chosen: dict[str, str] = {}
+    chosen: dict[str, dict[str, str]] = {system: {} for system in SWEEPS}
     for wname, (slo, runs) in workloads.items():
         gps: dict[str, float | None] = {}
         tps: dict[str, float | None] = {}
         for system in SYSTEMS:
-            if system == "sglang_chunked_best" and system not in runs:
-                name, gp, tp = select_chunked_best(runs, slo, interpolate)
+            if system in SWEEPS and system not in runs:
+                name, gp, tp = select_best(runs, SWEEPS[system], slo, interpolate)
                 if name is not None:
-                    chosen[wname] = name[len(CHUNKED_PREFIX):]
+                    chosen[system][wname] = name[len(SWEEPS[system]):]
             elif system in runs and runs[system]:
                 gp, tp = system_scores(runs[system], slo, interpolate)
             else:
@@ -108,9 +115,12 @@ def build_summary(gpu: str, model: str, workloads: Mapping[str, tuple[SLO, Runs]
         if slo_names and wname in slo_names:
             slo_json["name"] = slo_names[wname]
         wl_out[wname] = {"slo": slo_json, "goodput_req_s": gps, "max_throughput_req_s": tps}
-    if chosen and "sglang_chunked_best" not in notes_out:
-        notes_out["sglang_chunked_best"] = "best chunked_prefill_size by goodput: " + ", ".join(
-            f"{w}={c}" for w, c in chosen.items())
+    what = {"sglang_chunked_best": "chunked_prefill_size",
+            "semipd_green_static": "prefill SM share"}
+    for system, picks in chosen.items():
+        if picks and system not in notes_out:
+            notes_out[system] = f"best {what[system]} by goodput: " + ", ".join(
+                f"{w}={c}" for w, c in picks.items())
     return {"gpu": gpu, "model": model, "workloads": wl_out, "notes": notes_out}
 
 

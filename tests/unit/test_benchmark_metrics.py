@@ -91,7 +91,9 @@ def test_report_shape_chunked_selection_and_plots(tmp_path: Path) -> None:
     runs = {"sglang_chunked_512": _runs({1.0: 0.1, 2.0: 0.5}),
             "sglang_chunked_2048": _runs({1.0: 0.1, 2.0: 0.2, 3.0: 0.9}),
             "sglang_pdmux": _runs({1.0: 0.5}),
-            "semipd_green_slo": _runs({1.0: 0.1, 2.0: 0.1, 3.0: 0.1})}
+            "semipd_green_slo": _runs({1.0: 0.1, 2.0: 0.1, 3.0: 0.1}),
+            "semipd_green_static_0.25": _runs({1.0: 0.1, 2.0: 0.9}),
+            "semipd_green_static_0.5": _runs({1.0: 0.1, 2.0: 0.1, 3.0: 0.9})}
     summary = R.write_report(tmp_path, "NVIDIA H100", "llama-8b", {"sharegpt": (slo, runs)},
                              notes={"semipd_mps": "MPS daemon unavailable"},
                              slo_names={"sharegpt": "tight"})
@@ -106,7 +108,9 @@ def test_report_shape_chunked_selection_and_plots(tmp_path: Path) -> None:
     assert w["goodput_req_s"]["semipd_green_slo"] == 3.0
     assert w["max_throughput_req_s"]["semipd_green_slo"] == pytest.approx(3.0)
     assert w["goodput_req_s"]["sglang_pdmux"] is None and "sglang_pdmux" in summary["notes"]
-    for s in ("semipd_mps", "semipd_none", "semipd_green_static"):
+    assert w["goodput_req_s"]["semipd_green_static"] == 2.0
+    assert "sharegpt=0.5" in summary["notes"]["semipd_green_static"]
+    for s in ("semipd_mps", "semipd_none"):
         assert w["goodput_req_s"][s] is None and w["max_throughput_req_s"][s] is None
         assert summary["notes"][s]
     assert summary["notes"]["semipd_mps"] == "MPS daemon unavailable"
