@@ -19,7 +19,7 @@ def _it(role: str, split: int, start: float, dur: float, bs: int, mode: str = ""
 
 
 def test_window_has_latencies_and_iteration_times_at_the_split_in_force():
-    c = PartitionController(FRACTIONS, 1, policy="static", now=0.0)
+    c = PartitionController(FRACTIONS, 1, policy="static", now=0.0, warmup_iters=0)
     c.on_request("a", 0.0)
     c.on_request("b", 0.1)
     c.on_output(["a"], [1], [False], 0.3)  # a: first token, TTFT 0.3
@@ -45,6 +45,16 @@ def test_window_has_latencies_and_iteration_times_at_the_split_in_force():
     assert c.attainment == 0.5
 
 
+def test_the_first_iterations_on_each_split_are_not_timed():
+    c = PartitionController(FRACTIONS, 1, policy="static", now=0.0, warmup_iters=2)
+    for k, dur in enumerate((1.0, 0.5, 0.03, 0.03)):  # compile-heavy first passes
+        c.on_iteration(_it("prefill", 1, 0.1 * k, dur, 1))
+    c.on_iteration(_it("decode", 1, 0.5, 0.4, 1))  # decode's first on this split
+    w = c.window(1.0)
+    assert w.prefill_iters == 2 and w.prefill_iter_time_s == pytest.approx(0.03)
+    assert w.decode_iters == 0
+
+
 def test_static_policy_never_moves():
     c = PartitionController(FRACTIONS, 0, policy="static", now=0.0)
     c.on_request("a", 0.5)  # prefill busy, decode idle: an SLO policy would lend
@@ -54,7 +64,8 @@ def test_static_policy_never_moves():
 
 
 def test_idle_side_lends_its_sms_and_gets_them_back_at_once():
-    c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0)
+    c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0,
+                            warmup_iters=0)
     c.on_request("a", 0.1)  # only prefill has work
     d = c.tick(1.0)
     assert d.changed and d.loan == "decode" and d.share == pytest.approx(FRACTIONS[2])
