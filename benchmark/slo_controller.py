@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
 from sglang_semipd.testing.server import ServerProcess, python_module_cmd
+from sglang_semipd.trace import read_trace
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def main() -> None:
                        env=env) as s:
         results, phases = run_load(s.url, a)
         time.sleep(2.0)
-    rows = [json.loads(x) for x in trace.read_text().splitlines() if x.strip()]
+    rows = read_trace(trace)
     decisions = [r for r in rows if r["kind"] == "decision"]
     changes = [(r["t"], r["share"]) for r in decisions if abs(r["share"] - r["previous"]) > 1e-9]
     start_share = decisions[0]["previous"] if decisions else 0.5

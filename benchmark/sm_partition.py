@@ -20,7 +20,6 @@ Prints a table and writes ``benchmark/results/sm_partition_<gpu>.json`` (+ ``.pn
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -34,6 +33,7 @@ from typing import Any, Optional
 
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
 from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
+from sglang_semipd.trace import read_trace
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +75,13 @@ def measure_confinement() -> dict[str, Any]:
 
 
 class Trace:
-    """Reads the server's trace file from a remembered offset."""
+    """The server's trace file (``SGLANG_SEMIPD_TRACE``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_trace(self.path)
 
 
 class Load:

@@ -45,3 +45,14 @@ class Trace:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a trace file so far (none if it does not exist yet)."""
+    import json
+
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from sglang_semipd.trace import read_trace
+
 pytestmark = pytest.mark.gpu
 
 PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 11
@@ -117,11 +119,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     s.stop()
 
 
-def _trace(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _resize(server, share: float) -> dict:
     from sglang_semipd.testing.server import http_json
 
@@ -132,7 +129,7 @@ def _resize(server, share: float) -> dict:
 def _wait_acks(server, seq: int, timeout_s: float = 30.0) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        acks = [r for r in _trace(server.trace)
+        acks = [r for r in read_trace(server.trace)
                 if r["kind"] == "resize_ack" and r["seq"] == seq]
         if len(acks) == 2:
             return acks
@@ -188,7 +185,7 @@ def test_resizing_under_load_loses_nothing(server):
         stop.set()
         sent = r.result()
     assert sent >= 3 and all(len(o) == 64 for o in outs)
-    rows = _trace(server.trace)
+    rows = read_trace(server.trace)
     decode_splits = {r["split"] for r in rows if r["kind"] == "iteration"
                      and r["role"] == "decode"}
     assert len(decode_splits) >= 2, "decode iterations ran on more than one split"

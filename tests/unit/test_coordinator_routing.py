@@ -24,7 +24,7 @@ from sglang_semipd.config import SemiPDConfig
 from sglang_semipd.partition.resize import ResizeTracker
 from sglang_semipd.partition.splits import plan_splits
 from sglang_semipd.scheduler import Coordinator
-from sglang_semipd.trace import TRACE_ENV
+from sglang_semipd.trace import TRACE_ENV, read_trace
 
 
 def _recv(sock: zmq.Socket, timeout_ms: int = 5000):
@@ -112,12 +112,6 @@ def test_handoff_follows_the_first_token_and_skips_the_detokenizer(wired):
     assert wired.coord.handoffs == 1
 
 
-def _trace(path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _until(pred, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():
@@ -144,7 +138,7 @@ def test_a_requested_share_resizes_both_workers_and_acks_complete_it(wired):
     _until(lambda: wired.coord.resizes.in_flight is None)
     assert wired.coord.resizes.split == 0
     assert wired.coord.resizes.took_effect_at() == {"prefill": 17, "decode": 41}
-    rows = _trace(wired.trace)
+    rows = read_trace(wired.trace)
     assert sorted(r["kind"] for r in rows) == ["iteration", "resize", "resize_ack", "resize_ack"]
     assert rows[0]["kind"] == "resize"
     acks = [r for r in rows if r["kind"] == "resize_ack"]
