@@ -74,16 +74,6 @@ def measure_confinement() -> dict[str, Any]:
     return out
 
 
-class Trace:
-    """The server's trace file (``SGLANG_SEMIPD_TRACE``)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def rows(self) -> list[dict[str, Any]]:
-        return read_trace(self.path)
-
-
 class Load:
     """Background request generators against one server."""
 
@@ -131,10 +121,10 @@ def resize(url: str, share: float) -> None:
         raise RuntimeError(f"resize to {share} refused: {out}")
 
 
-def wait_split(trace: Trace, seq: int, timeout_s: float = 30.0) -> None:
+def wait_split(trace: Path, seq: int, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if sum(1 for r in trace.rows() if r["kind"] == "resize_ack" and r["seq"] >= seq) >= 2:
+        if sum(1 for r in read_trace(trace) if r["kind"] == "resize_ack" and r["seq"] >= seq) >= 2:
             return
         time.sleep(0.05)
     raise TimeoutError(f"resize {seq} not acknowledged")
@@ -153,7 +143,7 @@ def prefill_tok_s(rows: list[dict], t0: float, t1: float) -> Optional[float]:
     return sum(r["tokens"] for r in rows) / (t1 - t0) if rows else None
 
 
-def measure_split(url: str, trace: Trace, a: argparse.Namespace, share: Optional[float]
+def measure_split(url: str, trace: Path, a: argparse.Namespace, share: Optional[float]
                   ) -> dict[str, Any]:
     load = Load(url, seed=int((share or 0) * 1000))
     min_bs = int(a.batch * 0.9)
@@ -179,7 +169,7 @@ def measure_split(url: str, trace: Trace, a: argparse.Namespace, share: Optional
         for f in flood:
             f.result()
     time.sleep(1.0)
-    rows = trace.rows()
+    rows = read_trace(trace)
     alone = window(rows, "decode", t0, t1, min_bs)
     mixed = window(rows, "decode", t2, t3, min_bs)
     pre_mixed = window(rows, "prefill", t2, t3)
@@ -191,13 +181,13 @@ def measure_split(url: str, trace: Trace, a: argparse.Namespace, share: Optional
             "prefill_iterations": len(pre_mixed)}
 
 
-def measure_resizes(url: str, trace: Trace, a: argparse.Namespace, shares: list[float]
+def measure_resizes(url: str, trace: Path, a: argparse.Namespace, shares: list[float]
                     ) -> dict[str, Any]:
     load = Load(url, seed=7)
     with ThreadPoolExecutor(a.batch + 2) as pool:
         futs = load.decode_batch(pool, a.batch, max_new=2000)
         time.sleep(3.0)
-        first = max([r["seq"] for r in trace.rows() if r["kind"] == "resize"] or [0])
+        first = max([r["seq"] for r in read_trace(trace) if r["kind"] == "resize"] or [0])
         for i in range(a.resizes):
             resize(url, shares[i % len(shares)])
             time.sleep(0.1)
@@ -205,7 +195,7 @@ def measure_resizes(url: str, trace: Trace, a: argparse.Namespace, shares: list[
         abort_all(url)
         for f in futs:
             f.result()
-    lat = sorted(r["latency_ms"] for r in trace.rows() if r["kind"] == "resize_ack"
+    lat = sorted(r["latency_ms"] for r in read_trace(trace) if r["kind"] == "resize_ack"
                  and r["seq"] > first and r.get("latency_ms") is not None)
     if not lat:
         return {"p50": None, "p99": None, "n": 0}
@@ -228,20 +218,19 @@ def server_cmd(a: argparse.Namespace, mode: str, shares: list[float]) -> list[st
 
 def run_mode(a: argparse.Namespace, mode: str, shares: list[float], log_dir: Path
              ) -> dict[str, Any]:
-    trace_path = log_dir / f"trace_{mode}.jsonl"
-    trace_path.unlink(missing_ok=True)
-    env = dict(os.environ, SGLANG_SEMIPD_TRACE=str(trace_path))
+    trace = log_dir / f"trace_{mode}.jsonl"
+    trace.unlink(missing_ok=True)
+    env = dict(os.environ, SGLANG_SEMIPD_TRACE=str(trace))
     out: dict[str, Any] = {"isolation": [], "resize_ms": None}
     a.current_mode = mode
     with ServerProcess(server_cmd(a, mode, shares), a.port, log_dir / f"server_{mode}.log",
                        start_timeout=600, env=env) as s:
         out["startup_s"] = s.startup_s
-        trace = Trace(trace_path)
         if mode == "green":
             seq = 0
             for share in shares:
                 resize(s.url, share)
-                seq = max([r["seq"] for r in trace.rows() if r["kind"] == "resize"] or [0])
+                seq = max([r["seq"] for r in read_trace(trace) if r["kind"] == "resize"] or [0])
                 wait_split(trace, seq)
                 out["isolation"].append(measure_split(s.url, trace, a, share))
                 logger.info("green %.2f: %s", share, out["isolation"][-1])

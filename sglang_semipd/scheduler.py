@@ -233,9 +233,7 @@ class Coordinator:
                                "flushing anyway", HOLD_TIMEOUT_S)
                 self._release_held()
             if self.controller is not None:
-                t0 = time.monotonic()
                 self._guarded(self._tick, now)
-                self.controller_s += time.monotonic() - t0
             if now - last_check > 1.0:
                 last_check = now
                 self._check_children()
@@ -266,14 +264,16 @@ class Coordinator:
                 self.to_worker["prefill"].send(raw)
 
     def _guarded(self, fn: Any, arg: Any) -> None:
-        """Run a partition-controller step; a failure there must not take the server down:
-        log it once and keep serving on the current split."""
+        """Run (and time, in ``controller_s``) a partition-controller step; a failure there
+        must not take the server down: log it once and keep serving on the current split."""
+        t0 = time.monotonic()
         try:
             fn(arg)
         except Exception:  # noqa: BLE001
             logger.exception("partition controller failed; serving on, split fixed at %s",
                              _sms(self.splits[self.resizes.split]) if self.resizes else "?")
             self.controller = None
+        self.controller_s += time.monotonic() - t0
 
     def _observe_request(self, obj: Any) -> None:
         t0 = time.monotonic()
@@ -287,17 +287,15 @@ class Coordinator:
         elif name == "AbortReq" and obj.rid:
             self.controller.on_abort(obj.rid)
         self._apply_decision(decision)
-        self.controller_s += time.monotonic() - t0
 
     def _observe_output(self, frames: Any) -> None:
         """Per-request first tokens and finishes from SGLang's output batches (read only: the
         same bytes go on to the detokenizer)."""
-        t0 = time.monotonic()
         obj = pickle.loads(frames[0].buffer)
         if type(obj).__name__ == "BatchTokenIDOutput":
             self.controller.on_output(obj.rids, obj.completion_tokens,
-                                      [r is not None for r in obj.finished_reasons], t0)
-        self.controller_s += time.monotonic() - t0
+                                      [r is not None for r in obj.finished_reasons],
+                                      time.monotonic())
 
     def _tick(self, now: float) -> None:
         self._apply_decision(self.controller.tick(now))

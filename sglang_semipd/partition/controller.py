@@ -134,6 +134,3 @@ class PartitionController:
         if getattr(self.policy, "loan", None) != side:  # the static policy never lends
             return None
         return self.policy.reclaim(t)
-
-    def share_index(self, share: float) -> int:
-        return min(range(len(self.fractions)), key=lambda i: abs(self.fractions[i] - share))

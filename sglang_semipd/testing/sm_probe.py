@@ -70,13 +70,13 @@ def graph_confinement(device_index: int = 0, share: float = 0.25) -> dict[str, A
     """Rates on the prefill side of the split nearest ``share`` (see module docstring)."""
     import torch
 
-    from sglang_semipd.partition.streams import build_split_streams
+    from sglang_semipd.partition.streams import build_split_streams, total_sms
 
     torch.cuda.set_device(device_index)
     streams = build_split_streams("prefill", "green", [share], device_index)
     green, sms = streams.streams[0], streams.sm_counts[0]
     plain = torch.cuda.Stream()
-    total = torch.cuda.get_device_properties(device_index).multi_processor_count
+    total = total_sms(device_index)
     full = gemm_tflops(plain)
     eager = gemm_tflops(green)
     captured_green = gemm_tflops(green, capture_on=green)
