@@ -658,11 +658,14 @@ class ResizeAck(msgspec.Struct, frozen=True, tag="resize_ack", forbid_unknown_fi
 
 class ResizeRequest(msgspec.Struct, frozen=True, tag="resize_request",
                     forbid_unknown_fields=True):
-    """Prefill worker -> scheduler: an operator asked for a prefill SM share through SGLang's
-    ``/set_internal_state`` (``{"semipd_prefill_sm_share": x}``); the scheduler picks the
-    nearest planned split."""
+    """Prefill worker -> scheduler: an operator asked, through SGLang's
+    ``/set_internal_state``, for a prefill SM share (``{"semipd_prefill_sm_share": x}``: the
+    scheduler picks the nearest planned split) and/or a partition policy
+    (``{"semipd_partition_policy": "static" | "slo"}``: ``static`` pins the split, ``slo``
+    hands it back to the SLO controller). At least one of the two is set."""
 
-    share: float
+    share: Optional[float] = None
+    policy: Optional[str] = None
     v: int = PROTOCOL_VERSION
 
 

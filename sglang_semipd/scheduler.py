@@ -352,12 +352,34 @@ class Coordinator:
         elif isinstance(msg, P.ResizeAck):
             self._on_ack(msg)
         elif isinstance(msg, P.ResizeRequest):
-            self.resize_to_share(msg.share, reason="set_internal_state")
+            self._on_resize_request(msg)
         elif isinstance(msg, P.Released):
             if msg.seq == self._release_seq and self._held:
                 self._release_held()
         else:
             logger.error("unexpected control message from %s: %r", role, msg)
+
+    def _on_resize_request(self, msg: P.ResizeRequest) -> None:
+        """An operator's ``/set_internal_state``: a policy switch and/or a share."""
+        if msg.share is not None and not 0.0 < msg.share < 1.0:
+            logger.error("dropping a resize request for share %r", msg.share)
+            return
+        split = None if msg.share is None else nearest_split(self.splits, msg.share)
+        if msg.policy is not None:
+            if self.controller is None or self.cfg.sm_partition != "green":
+                logger.warning("partition policy %r ignored: no controller for --sm-partition "
+                               "%s", msg.policy, self.cfg.sm_partition)
+            else:
+                try:
+                    self.controller.set_policy(msg.policy, split)
+                except ValueError as exc:
+                    logger.error("dropping a resize request: %s", exc)
+                    return
+                logger.info("partition policy set to %s (set_internal_state)", msg.policy)
+                self.trace.write("policy", {"t": time.monotonic(), "policy": msg.policy,
+                                            "split": split})
+        if split is not None:
+            self.resize(split, reason="set_internal_state")
 
     def resize_to_share(self, share: float, reason: str = "") -> Optional[P.Resize]:
         """Resize both workers to the planned split nearest to ``share`` (prefill)."""

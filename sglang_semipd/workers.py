@@ -33,6 +33,7 @@ import msgspec
 import zmq
 
 from sglang_semipd import protocol as P
+from sglang_semipd.config import PARTITION_POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -261,24 +262,33 @@ def make_prefill_scheduler_cls() -> type:
                 return False
 
         def set_internal_state(self, recv_req: Any) -> Any:
-            """SGLang's ``/set_internal_state``, plus ``semipd_prefill_sm_share``: passed to
-            the scheduler, which resizes both workers to the nearest planned split."""
+            """SGLang's ``/set_internal_state``, plus ``semipd_prefill_sm_share`` (the
+            scheduler resizes both workers to the nearest planned split) and
+            ``semipd_partition_policy`` (``static`` pins the split, ``slo`` hands it back to
+            the SLO controller); both go to the scheduler as one ``ResizeRequest``."""
             args = dict(recv_req.server_args or {})
             share = args.pop(SHARE_KEY, None)
-            if share is None:
+            policy = args.pop(POLICY_KEY, None)
+            if share is None and policy is None:
                 return super().set_internal_state(recv_req)
             from sglang.srt.managers.io_struct import SetInternalStateReqOutput
 
-            if not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+            if share is not None and (isinstance(share, bool) or not isinstance(
+                    share, (int, float)) or not 0.0 < float(share) < 1.0):
                 logger.warning("%s=%r rejected: a prefill SM share is in (0, 1)", SHARE_KEY,
                                share)
+                return SetInternalStateReqOutput(updated=False)
+            if policy is not None and policy not in PARTITION_POLICIES:
+                logger.warning("%s=%r rejected: one of %s", POLICY_KEY, policy,
+                               ", ".join(PARTITION_POLICIES))
                 return SetInternalStateReqOutput(updated=False)
             if args:
                 recv_req.server_args = args
                 out = super().set_internal_state(recv_req)
                 if not out.updated:
                     return out
-            self._send_control(P.ResizeRequest(share=float(share)))
+            self._send_control(P.ResizeRequest(
+                share=None if share is None else float(share), policy=policy))
             return SetInternalStateReqOutput(updated=True)
 
         def get_internal_state(self, recv_req: Any) -> Any:
@@ -501,6 +511,7 @@ def role_server_args(role: str, sa: Any) -> Any:
 
 
 SHARE_KEY = "semipd_prefill_sm_share"
+POLICY_KEY = "semipd_partition_policy"
 
 
 def mps_thread_percentage(role: str, prefill_share: float) -> int:

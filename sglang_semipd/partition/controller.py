@@ -41,16 +41,10 @@ class PartitionController:
             raise ValueError("need the planned splits and a start split among them")
         self.fractions = tuple(fractions)
         self.split = start
-        if policy == "slo":
-            self.policy: Any = SLOPolicy(SLOTargets(ttft_s, tpot_s, attainment),
-                                         self.fractions, initial_share=self.fractions[start],
-                                         **policy_kwargs)
-        elif policy == "static":
-            self.policy = StaticPolicy(self.fractions[start])
-        else:
-            raise ValueError(f"unknown partition policy {policy!r}")
-        self.kind = policy
         self.ttft_s, self.tpot_s = ttft_s, tpot_s
+        self._targets = SLOTargets(ttft_s, tpot_s, attainment)
+        self._policy_kwargs = policy_kwargs
+        self.set_policy(policy, start)
         self.attainment: Optional[float] = None  # of the requests finished in the last window
         self.window_s = window_s
         self.latency = LatencyTracker(now)
@@ -60,6 +54,23 @@ class PartitionController:
         self._ran: set[str] = set()  # roles that ran an iteration in this window
         self.warmup_iters = warmup_iters
         self.decisions = 0
+
+    def set_policy(self, policy: str, split: Optional[int] = None) -> None:
+        """Switch to ``policy`` (``slo`` | ``static``) starting from ``split`` (default: the
+        split in force): ``static`` pins that split, ``slo`` starts a fresh SLO policy there
+        (its latency model is re-fitted from new windows)."""
+        split = self.split if split is None else split
+        if not 0 <= split < len(self.fractions):
+            raise ValueError(f"no planned split {split}")
+        if policy == "slo":
+            self.policy: Any = SLOPolicy(self._targets, self.fractions,
+                                         initial_share=self.fractions[split],
+                                         **self._policy_kwargs)
+        elif policy == "static":
+            self.policy = StaticPolicy(self.fractions[split])
+        else:
+            raise ValueError(f"unknown partition policy {policy!r}")
+        self.kind = policy
 
     # ---------------------------------------------------------------- events
     def on_request(self, rid: str, t: float) -> Optional[PartitionDecision]:

@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from sglang_semipd import protocol as P
+from sglang_semipd.partition.controller import PartitionController
 from sglang_semipd.config import SemiPDConfig
 from sglang_semipd.partition.resize import ResizeTracker
 from sglang_semipd.partition.splits import plan_splits
@@ -157,6 +158,26 @@ def test_the_same_share_again_sends_nothing_and_garbage_is_dropped(wired):
     cmd = P.decode_control(_recv(wired.worker_ctl["decode"]))
     assert (cmd.seq, cmd.split) == (1, 2)
     assert not wired.detok.poll(200)
+
+
+def test_an_operator_pins_the_split_with_the_static_policy_and_hands_it_back(wired):
+    fractions = [s.prefill_fraction for s in wired.coord.splits]
+    wired.coord.controller = PartitionController(fractions, 1, policy="slo")
+    prefill_out = wired.worker_out["prefill"]
+    prefill_out.send_multipart(P.encode_control(P.ResizeRequest(share=0.8, policy="static")))
+    cmd = P.decode_control(_recv(wired.worker_ctl["decode"]))
+    assert (cmd.seq, cmd.split) == (1, 2)
+    _until(lambda: wired.coord.controller.kind == "static")
+    assert wired.coord.controller.policy.share == pytest.approx(fractions[2])
+    prefill_out.send_multipart(P.encode_control(P.ResizeRequest(policy="slo")))
+    _until(lambda: wired.coord.controller.kind == "slo")
+    assert not wired.worker_ctl["decode"].poll(300)  # a policy alone resizes nothing
+    prefill_out.send_multipart(P.encode_control(P.ResizeRequest(policy="lottery")))
+    prefill_out.send_multipart(P.encode_control(P.ResizeRequest(share=1.5)))
+    time.sleep(0.3)
+    assert wired.coord.controller.kind == "slo" and not wired.worker_ctl["decode"].poll(100)
+    kinds = [r["kind"] for r in read_trace(wired.trace)]
+    assert kinds.count("policy") == 2
 
 
 @pytest.mark.parametrize("wired", ["none", "mps"], indirect=True)

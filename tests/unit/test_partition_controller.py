@@ -105,3 +105,23 @@ def test_bad_arguments():
         PartitionController(FRACTIONS, 3)
     with pytest.raises(ValueError):
         PartitionController(FRACTIONS, 0, policy="round-robin")
+
+
+def test_an_operator_can_pin_the_split_and_hand_it_back():
+    c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0,
+                            warmup_iters=0)
+    c.set_policy("static", 2)  # pinned on split 2 (the resize itself is the caller's)
+    assert c.kind == "static"
+    c.on_request("a", 0.5)  # decode idle: the SLO policy would lend, the static one not
+    d = c.tick(1.0)
+    assert d.share == pytest.approx(FRACTIONS[2]) and d.loan is None
+    c.on_resized(2)
+    c.set_policy("slo")  # back to the controller, from the split in force
+    assert c.kind == "slo" and c.policy.share == pytest.approx(FRACTIONS[2])
+    d = c.tick(2.0)
+    assert d is not None and d.previous_share == pytest.approx(FRACTIONS[2])
+    with pytest.raises(ValueError):
+        c.set_policy("round-robin")
+    with pytest.raises(ValueError):
+        c.set_policy("static", 3)
+    assert c.kind == "slo"
