@@ -5,11 +5,16 @@
 
 Poisson arrivals at ``--rate`` req/s for ``--phase-s`` seconds, then at twice the rate; random
 token prompts of ``--input-len`` tokens, ``--output-len`` output tokens (ignore_eos), streamed,
-so TTFT and TPOT are measured at the client. The split in force comes from the scheduler's trace
-(``SGLANG_SEMIPD_TRACE``: its ``decision`` and ``resize_ack`` records). Writes
-``benchmark/results/slo_controller_<gpu>.json`` (+ ``.png``) with a ``timeline`` of
-``{t_s, prefill_share, attainment}`` per ``--bucket-s`` bucket (attainment of the requests that
-arrived in it).
+so TTFT and TPOT are measured at the client. The server starts on ``--prefill-sm-share``. The
+split in force comes from the scheduler's trace (``SGLANG_SEMIPD_TRACE``: its ``decision``
+records). Writes ``benchmark/results/slo_controller_<gpu>.json`` (+ ``.png``) with a
+``timeline`` of ``{t_s, prefill_share, attainment}`` per ``--bucket-s`` bucket (attainment of
+the requests that arrived in it).
+
+Then, on the same server, the same load (same seed) once per ``--static-shares`` split, pinned
+through ``/set_internal_state`` (``semipd_partition_policy: static``): the best of those is
+``attainment_static_best``. The SLO-policy run goes first, so it alone pays for anything still
+warming up.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
-from sglang_semipd.testing.server import ServerProcess, python_module_cmd
+from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
 from sglang_semipd.trace import read_trace
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--slo-ttft-ms", type=float, default=500.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=25.0)
     ap.add_argument("--bucket-s", type=float, default=2.0)
+    ap.add_argument("--prefill-sm-share", type=float, default=0.5)
+    ap.add_argument("--static-shares", default="0.25,0.375,0.5,0.625,0.75",
+                    help="comma-separated prefill shares to pin and replay the load on "
+                         "('' for none)")
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--port", type=int, default=31400)
     ap.add_argument("--seed", type=int, default=0)
@@ -109,6 +118,29 @@ def run_load(url: str, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return results, phases
 
 
+def pin_split(url: str, share: float, timeout_s: float = 30.0) -> list[int]:
+    """Pin the split nearest ``share`` (static policy); returns [prefill, decode] SMs once the
+    prefill worker runs on it."""
+    out = http_json(url + "/set_internal_state", {"server_args": {
+        "semipd_partition_policy": "static", "semipd_prefill_sm_share": share}})
+    if out != [True]:  # SGLang answers one flag per worker that took it
+        raise RuntimeError(f"server refused to pin share {share}: {out}")
+    deadline = time.monotonic() + timeout_s
+    state: dict = {}
+    while time.monotonic() < deadline:
+        state = http_json(url + "/server_info")["internal_states"][0]["semipd"]
+        split = state["splits"][state["split"]]
+        if abs(split[0] / sum(split) - share) <= min(
+                abs(p / (p + d) - share) for p, d in state["splits"]) + 1e-9:
+            return split
+        time.sleep(0.2)
+    raise RuntimeError(f"split not applied within {timeout_s} s: {state}")
+
+
+def attainment_of(results: list[dict], ttft_s: float, tpot_s: float) -> Optional[float]:
+    return sum(met(r, ttft_s, tpot_s) for r in results) / len(results) if results else None
+
+
 def met(r: dict, ttft_s: float, tpot_s: float) -> bool:
     if "error" in r or r.get("first") is None or r.get("tokens", 0) < 1:
         return False
@@ -138,13 +170,28 @@ def main() -> None:
         "--mem-fraction-static", str(a.mem_fraction_static),
         "--cuda-graph-max-bs-decode", "128", "--disable-radix-cache",
         "--partition-policy", "slo", "--slo-ttft-ms", str(a.slo_ttft_ms),
-        "--slo-tpot-ms", str(a.slo_tpot_ms))
+        "--slo-tpot-ms", str(a.slo_tpot_ms), "--prefill-sm-share", str(a.prefill_sm_share))
     env = dict(os.environ, SGLANG_SEMIPD_TRACE=str(trace))
     gpu = gpu_name()
     with ServerProcess(cmd, a.port, log_dir / "server_slo.log", start_timeout=600,
                        env=env) as s:
         results, phases = run_load(s.url, a)
         time.sleep(2.0)
+        static = []
+        for share in [float(x) for x in a.static_shares.split(",") if x.strip()]:
+            sms = pin_split(s.url, share)
+            time.sleep(1.0)
+            res, ph = run_load(s.url, a)
+            step_at = ph[1]["start_mono"]
+            static.append({"prefill_share": round(sms[0] / sum(sms), 4), "sms": sms,
+                           "attainment": attainment_of(res, a.slo_ttft_ms / 1e3,
+                                                       a.slo_tpot_ms / 1e3),
+                           "phase_attainment": [attainment_of(
+                               [r for r in res if (r["arrival"] < step_at) == (k == 0)],
+                               a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3) for k in (0, 1)],
+                           "errors": sum(1 for r in res if "error" in r)})
+            logger.info("static %s: attainment %s", sms, static[-1]["attainment"])
+            time.sleep(2.0)
     rows = read_trace(trace)
     decisions = [r for r in rows if r["kind"] == "decision"]
     changes = [(r["t"], r["share"]) for r in decisions if abs(r["share"] - r["previous"]) > 1e-9]
@@ -176,11 +223,13 @@ def main() -> None:
         "phases": per_phase, "timeline": timeline,
         "split_changes": [{"t_s": round(tc - t0, 3), "prefill_share": sh} for tc, sh in changes],
         "decisions": len(decisions), "first_move_after_step_s": first_move,
-        "attainment_slo_policy": sum(met(r, ttft_s, tpot_s) for r in results) / len(results)
-        if results else None,
-        "attainment_static_best": None,
-        "notes": ["attainment_static_best not measured in this run (needs one run per static "
-                  "split on the same load)"],
+        "attainment_slo_policy": attainment_of(results, ttft_s, tpot_s),
+        "static": static,
+        "attainment_static_best": max((x["attainment"] for x in static
+                                       if x["attainment"] is not None), default=None),
+        "notes": ["static runs: the same load (same seed) replayed on the same server after "
+                  "the SLO-policy run, each on one split pinned with "
+                  "/set_internal_state semipd_partition_policy=static"],
         "command": "python -m benchmark.slo_controller " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None)}
     out = Path(a.out) if a.out else RESULTS_DIR / f"slo_controller_{gpu_slug(gpu)}.json"
@@ -191,7 +240,10 @@ def main() -> None:
         logger.warning("plot failed: %s", exc)
     print_table([(f"phase {p['rate']} req/s", p) for p in per_phase]
                 + [("split changes", len(changes)), ("first move after step (s)", first_move),
-                   ("attainment (slo policy)", record["attainment_slo_policy"])],
+                   ("attainment (slo policy)", record["attainment_slo_policy"])]
+                + [(f"attainment (static {x['sms'][0]}/{x['sms'][1]} SMs)", x["attainment"])
+                   for x in static]
+                + [("attainment (static best)", record["attainment_static_best"])],
                 f"SLO controller on {gpu}")
 
 
@@ -202,7 +254,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tl = record["timeline"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    static = record.get("static") or []
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4),
+                                 gridspec_kw={"width_ratios": [3, 1.3]})
     ax.step([x["t_s"] for x in tl], [x["prefill_share"] for x in tl], where="post",
             label="prefill SM share")
     ax.plot([x["t_s"] for x in tl], [x["attainment"] for x in tl], "o-",
@@ -211,6 +265,14 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend()
     ax.set_title(f"SLO controller, {record['model']} on {record['gpu']}")
+    names = [f"{x['prefill_share']:.2f}" for x in static] + ["SLO policy"]
+    values = [x["attainment"] or 0.0 for x in static] + [record["attainment_slo_policy"] or 0.0]
+    bx.bar(names, values, color=["tab:gray"] * len(static) + ["tab:blue"])
+    bx.axhline(record["slo"]["attainment_target"], color="tab:red", ls="--", lw=1)
+    bx.set_ylim(0, 1.05)
+    bx.set_xlabel("static prefill share")
+    bx.set_title("attainment, same load")
+    bx.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
