@@ -123,7 +123,27 @@ def _capture_on_split_stream(original: Any) -> Any:
     return graph_capture
 
 
+def _also_reject_out_of_vocab_ids(original: Any) -> Any:
+    def validate_input_length(req: Any, max_req_input_len: int,
+                              allow_auto_truncate: bool) -> Any:
+        from sglang_semipd.validation import out_of_vocab_error
+
+        error = original(req, max_req_input_len, allow_auto_truncate)
+        if error is None and req.multimodal_inputs is None:  # image pads use hashed ids
+            error = out_of_vocab_error(req.origin_input_ids, getattr(req, "vocab_size", None))
+        return error
+
+    validate_input_length.__doc__ = ("sglang-semipd: SGLang's length check, then token ids "
+                                     "outside the vocabulary (validation.out_of_vocab_error)")
+    return validate_input_length
+
+
 WORKER_PATCHES: tuple[Patch, ...] = (
+    Patch("sglang.srt.managers.scheduler", "validate_input_length",
+          _also_reject_out_of_vocab_ids,
+          "both workers: a prompt token id outside the vocabulary becomes SGLang's own "
+          "bad-request abort (HTTP 400) instead of a device-side assert in the embedding "
+          "lookup, which under MPS would take both workers down"),
     Patch("sglang.srt.model_executor.runner.decode_cuda_graph_runner", "graph_capture",
           _capture_on_split_stream,
           "decode worker: capture each split's decode CUDA graphs on that split's green "
