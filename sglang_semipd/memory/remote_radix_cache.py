@@ -26,7 +26,8 @@ Contracts:
 * ``evictable_size`` / ``protected_size`` / ``total_size`` are the server's
   counters from the allocator's last ``Stats`` (refreshed when older than its
   ``stats_max_age_s``) corrected by this worker's own lock/insert/evict deltas
-  since; the other worker's changes show up at the next refresh.
+  since; the other worker's changes show up at the next refresh. ``evictable_size`` never
+  exceeds ``size - available_size()`` of the allocator.
 
 Not supported (``NotImplementedError``): EAGLE bigram keys, HiCache
 (``init_load_back`` & co. from the base class), ``all_values_flatten``.
@@ -154,8 +155,13 @@ class RemoteRadixCache(BasePrefixCache):
         self._protected_delta += protected
 
     def evictable_size(self) -> int:
-        """Unlocked cached tokens (estimate, see module doc)."""
-        return max(0, self._deltas().evictable + self._evictable_delta)
+        """Unlocked cached tokens (estimate, see module doc), never more than the pool's
+        capacity minus what the allocator reports available: SGLang counts
+        ``used = size - (available + evictable)`` and, with ``--enable-metrics``, asserts it
+        is not negative (two estimates from different moments could overlap)."""
+        estimate = max(0, self._deltas().evictable + self._evictable_delta)
+        alloc = self.token_to_kv_pool_allocator
+        return max(0, min(estimate, alloc.size - alloc.available_size()))
 
     def protected_size(self) -> int:
         """Locked cached tokens, all clients (estimate, see module doc)."""

@@ -403,6 +403,31 @@ def test_decode_fast_path_round_trips(servers, page_size: int) -> None:
     assert_clean(sup)
 
 
+def test_available_plus_evictable_never_exceeds_the_pool(servers) -> None:
+    """SGLang computes ``used = size - (available + evictable)`` from two estimates and, with
+    --enable-metrics, asserts ``used >= 0`` (a decode worker died of ``usage=-0.00031`` on
+    the H100). An over-estimate of the free count (here: a stale correction) must not make
+    the sum exceed the pool."""
+    endpoint, sup = fresh(servers, 1)
+    side = remote_side(endpoint, "sum")
+    reqs = [side.new_req(f"s{i}", [5000 + 30 * i + j for j in range(20)]) for i in range(4)]
+    for q in reqs:
+        side.admit(q)
+        side.prefill(q, len(q.origin_input_ids), 1)
+    side.finish(reqs)  # 80 tokens now evictable in the shared tree
+    side.alloc.refresh_stats()
+    assert side.tree.evictable_size() == 80
+    assert side.alloc.available_size() + side.tree.evictable_size() <= side.alloc.size
+    side.alloc.note_server_free(60)  # an over-estimate of what this worker freed
+    total = side.alloc.available_size() + side.tree.evictable_size()
+    assert total <= side.alloc.size and side.tree.evictable_size() == 20
+    side.alloc.refresh_stats()
+    assert side.tree.evictable_size() == 80  # the true count again after a refresh
+    close_remote(side)
+    sup.reset()
+    assert_clean(sup)
+
+
 def _new_pages(q: Req, steps: int) -> int:
     """Pages started by the last ``steps`` decode positions of ``q``."""
     return sum(1 for p in range(q.filled - steps, q.filled) if p % 4 == 0)
