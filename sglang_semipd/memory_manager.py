@@ -103,6 +103,9 @@ def set_process_title(role: str) -> None:
 
 def run_memory_manager(spec: MemoryManagerSpec, ready_conn: Any = None) -> None:
     """Process entry (``multiprocessing`` target); see the module docstring."""
+    from sglang.srt.utils import kill_itself_when_parent_died
+
+    kill_itself_when_parent_died()  # a SIGKILLed semi-PD scheduler takes the manager along
     set_process_title("memory_manager")
     if spec.log_level:
         logging.basicConfig(level=spec.log_level, format="%(asctime)s %(process)d "

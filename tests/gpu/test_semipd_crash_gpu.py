@@ -1,9 +1,10 @@
 """On the GPU host: a semi-PD process killed with SIGKILL takes the whole server down cleanly.
 
-For each of the decode worker, the prefill worker and the memory manager: start the server
-(tiny bf16 model), check it serves, ``kill -9`` that process, and require within a minute that
-the launcher exits, ``/health`` stops answering, the log names the dead process, and no GPU
-process, no process of ours and no MPS daemon is left. No hang."""
+For each of the decode worker, the prefill worker, the memory manager and the semi-PD scheduler
+(SGLang's ``sglang::scheduler`` process): start the server (tiny bf16 model), check it serves,
+``kill -9`` that process, and require within a minute that the launcher exits, ``/health``
+stops answering, the log names the dead process, and no GPU process, no process of ours and no
+MPS daemon is left. No hang."""
 
 from __future__ import annotations
 
@@ -27,10 +28,13 @@ FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch", "--gr
          "--cuda-graph-max-bs-decode", "8", "--sm-splits", "0.5")
 
 
-def _procs_named(name: str) -> list[int]:
+def _procs_named(name: str, session: int | None = None) -> list[int]:
     """PIDs whose command line / process title contains ``name`` (our processes set
-    ``sglang::semipd_<role>``)."""
-    out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout.split()
+    ``sglang::semipd_<role>``), in process session ``session`` when given (the server's:
+    ServerProcess starts it in a session of its own)."""
+    args = ["pgrep", "-f", name] if session is None else ["pgrep", "-s", str(session), "-f",
+                                                           name]
+    out = subprocess.run(args, capture_output=True, text=True).stdout.split()
     return [int(p) for p in out if int(p) != os.getpid()]
 
 
@@ -45,7 +49,7 @@ def _gone(server: ServerProcess) -> bool:
 
 
 @pytest.mark.parametrize("victim", ["sglang::semipd_decode", "sglang::semipd_prefill",
-                                    "sglang::semipd_memory_manager"])
+                                    "sglang::semipd_memory_manager", "sglang::scheduler"])
 def test_a_killed_process_stops_the_server_and_frees_the_gpu(victim, tmp_path_factory):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
@@ -53,7 +57,7 @@ def test_a_killed_process_stops_the_server_and_frees_the_gpu(victim, tmp_path_fa
     tiny = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
                       seed=0)
     log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or str(tmp_path_factory.mktemp("logs"))
-    role = victim.removeprefix("sglang::semipd_")
+    role = victim.removeprefix("sglang::").removeprefix("semipd_")
     log = os.path.join(log_dir, f"server_crash_{role}.log")
     cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny),
                             "--port", str(PORT), *FLAGS)
@@ -62,8 +66,8 @@ def test_a_killed_process_stops_the_server_and_frees_the_gpu(victim, tmp_path_fa
         out = http_json(server.url + "/generate", {"input_ids": [5, 6, 7], "sampling_params": {
             "temperature": 0, "max_new_tokens": 4}})
         assert len(out["output_ids"]) == 4
-        pids = _procs_named(victim)
-        assert pids, f"no process titled {victim}"
+        pids = _procs_named(victim, session=server.proc.pid)
+        assert len(pids) == 1, f"processes titled {victim} in the server's session: {pids}"
         os.kill(pids[0], signal.SIGKILL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not _gone(server):
@@ -82,6 +86,9 @@ def test_a_killed_process_stops_the_server_and_frees_the_gpu(victim, tmp_path_fa
         assert not apps, f"GPU processes left: {apps}"
         assert not ours, f"processes left: {ours}"
         text = open(log, errors="replace").read()
-        assert f"semi-PD {role} exited" in text
+        # a worker or the manager: the semi-PD scheduler names it; the scheduler itself:
+        # SGLang's SubprocessWatchdog in the launcher does
+        expected = "crashed with exit code" if role == "scheduler" else f"semi-PD {role} exited"
+        assert expected in text
     finally:
         server.stop(grace_s=10)
