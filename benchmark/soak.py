@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
-from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
+from sglang_semipd.testing.server import (ServerProcess, http_json, pool_leaks, python_module_cmd,
+                                          semipd_pool_report)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=31500)
     ap.add_argument("--server-args", default="--attention-backend triton --sampling-backend "
                     "pytorch --grammar-backend none --mem-fraction-static 0.8 "
-                    "--max-total-tokens 200000 --cuda-graph-max-bs-decode 64")
+                    "--max-total-tokens 200000 --cuda-graph-max-bs-decode 64 --enable-metrics")
     ap.add_argument("--log-dir", default="/tmp/semipd-logs")
     ap.add_argument("--out", default=None)
     return ap.parse_args()
@@ -113,13 +114,6 @@ def run_one(url: str, r: dict[str, Any]) -> dict[str, Any]:
             "aborted_requested": abort_after is not None}
 
 
-def pool_report(url: str) -> dict[str, Any]:
-    urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"",
-                                                  method="POST"), timeout=120).read()
-    info = http_json(url + "/server_info")
-    return info["internal_states"][0]["semipd"]["pool"]
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     a = parse()
@@ -139,11 +133,10 @@ def main() -> None:
                     logger.info("%d/%d requests done", k + 1, len(reqs))
         elapsed = time.monotonic() - t0
         time.sleep(2.0)
-        report = pool_report(s.url)
+        report = semipd_pool_report(s.url)
     aborted = sum(1 for r in results if r.get("aborted"))
     finished = [r for r in results if "full" in r]
     errors = sum(1 for r in results if "error" in r)
-    held = {int(c): n for c, n in report["client_held"].items()}
     record = {
         "gpu": gpu_name(), "model": Path(a.model_dir).name, "requests": len(results),
         "aborted": aborted, "completed": len(finished),
@@ -151,9 +144,7 @@ def main() -> None:
         "completed_short": sum(1 for r in finished if not r["full"]
                                and not r["aborted_requested"]),
         "errors": errors,
-        "leaked_slots": sum(held.values()) - report["leased"],
-        "lock_refs_left": report["lock_refs"],
-        "req_rows_left": sum(report["req_rows_held"].values()),
+        **pool_leaks(report),
         "invariant_ok": report["ok"], "pool": report, "elapsed_s": elapsed,
         "command": "python -m benchmark.soak " + " ".join(
             f"--{k.replace('_', '-')} {v!r}" if k == "server_args" else

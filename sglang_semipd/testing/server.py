@@ -53,6 +53,9 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "ServerProcess":
+        if self.healthy():  # else the health checks below would pass on someone else's server
+            raise ServerStartError(f"port {self.port} already serves (a server left over "
+                                   "from an earlier run?)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         t0 = time.monotonic()
@@ -86,13 +89,19 @@ class ServerProcess:
             return ""
 
     def stop(self, grace_s: float = 20.0) -> Optional[int]:
-        """SIGTERM the whole process group, SIGKILL after ``grace_s``; returns the exit code."""
+        """SIGTERM the server's main process (as a service manager would: SGLang shuts its
+        children down itself), SIGKILL the whole process group after ``grace_s``; returns the
+        exit code. (A SIGTERM to every process at once makes SGLang's watchdog see its
+        detokenizer die first and wait a minute for CUDA core dumps.)"""
         if self.proc is None:
             return None
         pgid = self.proc.pid
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
             try:
-                os.killpg(pgid, sig)
+                if sig == signal.SIGTERM:
+                    os.kill(pgid, sig)
+                else:
+                    os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
             try:
@@ -118,3 +127,21 @@ class ServerProcess:
 def python_module_cmd(module: str, *args: str) -> list[str]:
     """``[sys.executable, -m, module, *args]``."""
     return [sys.executable, "-m", module, *args]
+
+
+def semipd_pool_report(url: str, flush: bool = True) -> dict[str, Any]:
+    """The memory manager's invariant report of a semi-PD server's shared pool
+    (``/server_info`` -> ``internal_states[0].semipd.pool``), after a ``/flush_cache`` so the
+    radix tree's unlocked entries are freed first."""
+    if flush:
+        urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"",
+                                                      method="POST"), timeout=120).read()
+    return http_json(url + "/server_info")["internal_states"][0]["semipd"]["pool"]
+
+
+def pool_leaks(report: dict[str, Any]) -> dict[str, int]:
+    """What an idle server should not hold: slots held by a worker beyond its open lease,
+    radix lock refs, request rows."""
+    return {"leaked_slots": sum(report["client_held"].values()) - report["leased"],
+            "lock_refs_left": report["lock_refs"],
+            "req_rows_left": sum(report["req_rows_held"].values())}

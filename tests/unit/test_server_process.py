@@ -86,3 +86,14 @@ def test_stop_escalates_to_sigkill(tmp_path):
     server = ServerProcess([sys.executable, "-c", code], port, tmp_path / "l", start_timeout=30)
     server.start()
     assert server.stop(grace_s=0.5) == -signal.SIGKILL
+
+
+def test_a_port_that_already_serves_is_refused(tmp_path):
+    port, pidfile = free_port(), tmp_path / "child.pid"
+    cmd = [sys.executable, "-c", SERVER, str(port), str(pidfile), "0"]
+    with ServerProcess(cmd, port, tmp_path / "first.txt", start_timeout=30):
+        second = ServerProcess([sys.executable, "-c", "print('never started')"], port,
+                               tmp_path / "second.txt", start_timeout=30)
+        with pytest.raises(ServerStartError, match=f"port {port} already serves"):
+            second.start()
+        assert second.proc is None and not (tmp_path / "second.txt").exists()
