@@ -26,7 +26,7 @@ PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 13
 FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
          "--grammar-backend", "xgrammar", "--mem-fraction-static", "0.8",
          "--max-total-tokens", "100000", "--cuda-graph-max-bs-decode", "16",
-         "--enable-metrics")
+         "--enable-metrics", "--constrained-json-disable-any-whitespace")
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,11 @@ def _gen(server, text: str, **params):
 
 def test_json_schema_output_parses_and_follows_the_schema(server):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
-                                               "age": {"type": "integer"}},
+                                               "age": {"type": "integer", "minimum": 0,
+                                                       "maximum": 999}},
               "required": ["name", "age"], "additionalProperties": False}
     out = _gen(server, "Give a person as JSON:", json_schema=json.dumps(schema),
-               max_new_tokens=96)
+               max_new_tokens=128)  # compact JSON (server flag): at most ~40 tokens
     obj = json.loads(out["text"])
     assert set(obj) == {"name", "age"} and isinstance(obj["age"], int)
 
@@ -113,7 +114,8 @@ def test_bench_serving_completes_every_request(server):
            "--num-prompts", "60", "--random-input-len", "256", "--random-output-len", "32",
            "--random-range-ratio", "1.0", "--request-rate", "20", "--seed", "1",
            "--output-file", out]
-    subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+    run = subprocess.run(cmd, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     result = json.loads(open(out).read().splitlines()[-1])
     assert result["completed"] == 60
     assert result["total_output_tokens"] == 60 * 32
