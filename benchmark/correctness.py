@@ -40,6 +40,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=31300)
     ap.add_argument("--log-dir", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--extra-flags", default="",
+                    help="more server flags for both servers, e.g. "
+                         "'--enable-deterministic-inference' (SGLang's batch-invariant kernels)")
     ap.add_argument("--only", choices=["stock", "semipd"], default=None,
                     help="run one server only (smoke test; no comparison)")
     return ap.parse_args()
@@ -78,7 +81,7 @@ def run_server(module_args: list[str], a: argparse.Namespace, name: str,
     from sglang_semipd.testing.server import ServerProcess, http_json
 
     cmd = [sys.executable, "-m", *module_args, "--model-path", a.model_dir,
-           "--port", str(a.port), *SERVE_FLAGS]
+           "--port", str(a.port), *SERVE_FLAGS, *shlex.split(a.extra_flags)]
     with ServerProcess(cmd, a.port, log_dir / f"server_{name}.log", start_timeout=420) as s:
         first = query(s.url, prompts[0], a.max_new_tokens)  # warm
         t0 = time.monotonic()
@@ -125,6 +128,17 @@ def _flush(url: str) -> None:
                                                   method="POST"), timeout=60).read()
 
 
+def model_dtype(model_dir: str) -> str:
+    """The checkpoint's ``torch_dtype`` (what both servers serve unless ``--dtype`` says
+    otherwise)."""
+    import json
+
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("torch_dtype", "?")
+    except (OSError, ValueError):
+        return "?"
+
+
 def main() -> None:
     a = parse()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(message)s")
@@ -152,11 +166,11 @@ def main() -> None:
                for u, v in zip(x["prompt_logprobs"][1:], y["prompt_logprobs"][1:]))
     name = gpu_name()
     record = {
-        "gpu": name, "model": f"{a.model_dir} (bf16: stock SGLang 0.5.17 cannot serve float32 "
-        "on CUDA)", "prompts": len(prompts), "token_identical": same,
+        "gpu": name, "model": f"{a.model_dir} ({model_dtype(a.model_dir)})",
+        "prompts": len(prompts), "token_identical": same,
         "token_identical_sequential": f"{same_seq}/{len(si['sequential'])}",
         "max_prompt_logprob_diff": diff, "max_new_tokens": a.max_new_tokens,
-        "concurrency": a.concurrency, "serve_flags": SERVE_FLAGS,
+        "concurrency": a.concurrency, "serve_flags": SERVE_FLAGS + shlex.split(a.extra_flags),
         "command": shlex.join(["python", "-m", "benchmark.correctness", *sys.argv[1:]]),
         "stock": {k: v for k, v in si.items() if k not in ("sequential", "warm")},
         "semipd": {k: v for k, v in pi.items() if k not in ("sequential", "warm")},

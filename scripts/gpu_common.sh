@@ -4,12 +4,22 @@
 #   On exit, timings.txt, any *.json and *.log named in RESULT_FILES (default pytest_gpu.log)
 #   are copied to RES and all of LOG is packed into RES/logs.tgz (the device tool brings back
 #   at most 8 files).
+#   Servers left by an earlier call on a warm machine (a run cut by its timeout) are killed
+#   first and at exit: ServerProcess starts each server in a session of its own, which the
+#   device tool does not end, and a leftover would answer another server's health checks.
+#   Timeouts send SIGINT first, so pytest and the benchmarks stop their servers themselves.
 RES=${1:-${OUT:-/tmp/semipd-out}}
+sweep() {  # process titles sglang::*, and python -m sglang[_semipd].launch_server
+  pkill -9 -f '^sglang::|^[^ ]*python[^ ]* -m sglang(_semipd)?\.launch_server' 2>/dev/null
+  sleep 1
+}
+sweep
 LOG=/tmp/semipd-logs
 rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG/timings.txt"; }
 finish() {
+  sweep
   cp "$LOG/timings.txt" "$RES/" 2>/dev/null
   for f in ${RESULT_FILES:-pytest_gpu.log}; do cp "$LOG/$f" "$RES/" 2>/dev/null; done
   cp "$LOG"/*.json "$RES/" 2>/dev/null
