@@ -14,6 +14,11 @@ Runs: stock chunked prefill at each size (the report keeps the best per workload
 that set's tight targets), ``green`` static at each share of ``report.STATIC_SHARES`` (the best
 is reported as ``semipd_green_static``), ``mps`` and ``none``.
 
+The static splits share one server (started with the first share, ``--partition-policy
+static``): before each split's runs it is pinned there through ``/set_internal_state``
+(``semipd_partition_policy: static`` + ``semipd_prefill_sm_share``), which saves a server start
+(2-3 minutes for the 8B shape) per split.
+
 ``run`` starts each system once (``testing.server.ServerProcess``), replays each workload with
 SGLang's own ``bench_serving`` (``--dataset-name openai --output-details``) at each Poisson
 rate, stops it, and writes ``benchmark/results/<gpu>/`` (``summary.json`` with the keys of
@@ -66,6 +71,10 @@ def slo_flags(slo_set: str) -> tuple[str, ...]:
     return ("--slo-ttft-ms", f"{slo.ttft_s * 1e3:g}", "--slo-tpot-ms", f"{slo.tpot_s * 1e3:g}")
 
 
+PINNED = {run: float(run[len("semipd_green_static_"):]) for run in SYSTEM_RUNS
+          if run.startswith("semipd_green_static_")}  # run -> prefill share
+
+
 def server_runs(system: str, index: dict[str, Any], model_dir: str, load_format: str,
                 port: int) -> list[tuple[list[str], dict[str, Any]]]:
     """(server command, the workloads it serves) for one system: one server for all
@@ -77,6 +86,33 @@ def server_runs(system: str, index: dict[str, Any], model_dir: str, load_format:
         groups.setdefault(meta["slo_set"], {})[wname] = meta
     return [(server_command(system, model_dir, load_format, port, slo_flags(slo_set)), group)
             for slo_set, group in sorted(groups.items())]
+
+
+def server_plan(systems: Sequence[str], index: dict[str, Any], model_dir: str,
+                load_format: str, port: int) -> list[tuple[list[str], list[str], dict[str, Any]]]:
+    """(server command, the runs it serves in order, their workloads), one entry per server
+    start: the pinned static splits requested share the first one's server."""
+    plan: list[tuple[list[str], list[str], dict[str, Any]]] = []
+    pinned = [s for s in systems if s in PINNED]
+    for s in systems:
+        if s in PINNED:
+            if s == pinned[0]:
+                plan.append((server_command(s, model_dir, load_format, port), pinned, index))
+            continue
+        plan += [(cmd, [s], group) for cmd, group in server_runs(s, index, model_dir,
+                                                                    load_format, port)]
+    return plan
+
+
+def pin_split(port: int, share: float) -> None:
+    """Pin a running semi-PD server's split nearest ``share`` (static policy)."""
+    from sglang_semipd.testing.server import http_json
+
+    reply = http_json(f"http://127.0.0.1:{port}/set_internal_state", {"server_args": {
+        "semipd_partition_policy": "static", "semipd_prefill_sm_share": share}})
+    if reply != [True]:
+        raise RuntimeError(f"could not pin prefill share {share}: {reply}")
+    time.sleep(1.0)  # the workers switch at their next iteration boundary
 
 
 def server_command(run: str, model_dir: str, load_format: str, port: int,
@@ -112,27 +148,31 @@ def run_bench(port: int, path: Path, num: int, rate: float, out_file: Path, log:
                              timeout_s)
 
 
-def run_system(run: str, cmd: list[str], index: dict[str, Any], wl_dir: Path,
+def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_dir: Path,
                rates: Sequence[float], port: int, out_dir: Path, timeout_s: float
-               ) -> tuple[dict[str, dict[float, Any]], Optional[str]]:
-    """{workload: {rate: RunPoint}} for one system, or the reason it could not run."""
+               ) -> tuple[dict[str, dict[str, dict[float, Any]]], Optional[str]]:
+    """{run: {workload: {rate: RunPoint}}} for the runs of one server start (pinned static
+    splits: one after the other on the same server), or the reason it could not run."""
     from benchmark.report import RunPoint
     from sglang_semipd.testing.server import ServerProcess, ServerStartError
 
-    points: dict[str, dict[float, Any]] = {w: {} for w in index}
+    points: dict[str, dict[str, dict[float, Any]]] = {r: {w: {} for w in index} for r in runs}
     try:
-        log = out_dir / f"server_{run}_{'-'.join(index)}.log"
+        log = out_dir / f"server_{runs[0]}_{'-'.join(index)}.log"
         with ServerProcess(cmd, port, log, start_timeout=600):
-            for wname, meta in index.items():
-                for rate in rates:
-                    raw = out_dir / f"{run}_{wname}_{rate:g}.jsonl"
-                    t0 = time.monotonic()
-                    run_bench(port, wl_dir / meta["file"], meta["requests"], rate, raw,
-                              out_dir / f"bench_{run}_{wname}_{rate:g}.log", timeout_s)
-                    rec = json.loads(raw.read_text().splitlines()[-1])
-                    results = results_from_details(rec, input_lens=meta["prompt_lens"])
-                    points[wname][rate] = RunPoint(rate, results, rec.get("duration")
-                                                   or time.monotonic() - t0)
+            for run in runs:
+                if run in PINNED:
+                    pin_split(port, PINNED[run])
+                for wname, meta in index.items():
+                    for rate in rates:
+                        raw = out_dir / f"{run}_{wname}_{rate:g}.jsonl"
+                        t0 = time.monotonic()
+                        run_bench(port, wl_dir / meta["file"], meta["requests"], rate, raw,
+                                  out_dir / f"bench_{run}_{wname}_{rate:g}.log", timeout_s)
+                        rec = json.loads(raw.read_text().splitlines()[-1])
+                        results = results_from_details(rec, input_lens=meta["prompt_lens"])
+                        points[run][wname][rate] = RunPoint(rate, results, rec.get("duration")
+                                                            or time.monotonic() - t0)
     except ServerStartError as exc:
         return points, f"did not start: {str(exc).splitlines()[0][:300]}"
     return points, None
@@ -167,11 +207,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     unknown = set(systems) - set(SYSTEM_RUNS)
     if unknown:
         ap.error(f"unknown systems {sorted(unknown)}; known: {sorted(SYSTEM_RUNS)}")
-    plans = {s: server_runs(s, index, a.model_dir, a.load_format, a.port) for s in systems}
+    plan = server_plan(systems, index, a.model_dir, a.load_format, a.port)
     if a.dry_run:
-        for s, plan in plans.items():
-            for cmd, group in plan:
-                print(f"{s}: {shlex.join(cmd[1:])} x {len(group)} workloads x rates {rates}")
+        for cmd, runs_of, group in plan:
+            print(f"{','.join(runs_of)}: {shlex.join(cmd[1:])} x {len(group)} workloads x "
+                  f"rates {rates}")
         return
     from benchmark.common import gpu_name, gpu_slug
     from benchmark.report import write_report
@@ -181,16 +221,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, dict[float, Any]]] = {w: {} for w in index}
     notes: dict[str, str] = {}
-    for s in systems:
-        for cmd, group in plans[s]:
-            points, why = run_system(s, cmd, group, wl_dir, rates, a.port, out_dir,
-                                     a.timeout_s)
+    for cmd, runs_of, group in plan:
+        points, why = run_system(runs_of, cmd, group, wl_dir, rates, a.port, out_dir,
+                                 a.timeout_s)
+        for s in runs_of:
             if why:
                 notes[s] = why
-            for w, pts in points.items():
+            for w, pts in points[s].items():
                 if pts:
                     runs[w][s] = pts
-            time.sleep(5)
+        time.sleep(5)
     work = {w: (PAPER_SLOS[meta["slo_set"]]["tight"], runs[w]) for w, meta in index.items()}
     summary = write_report(out_dir, name, f"{a.model_dir} (load_format={a.load_format})", work,
                            notes)

@@ -52,3 +52,15 @@ def test_prepare_then_dry_run(tmp_path, capsys):
     assert slo_lines[0].endswith("x 1 workloads x rates [1.0, 2.0]")  # long -> longbench
     assert "--slo-ttft-ms 300 --slo-tpot-ms 150" in slo_lines[1]
     assert "x 2 workloads" in slo_lines[1]  # sharegpt and azure_conv
+
+
+def test_static_splits_share_one_server_pinned_in_turn(tmp_path, capsys):
+    compare.prepare(tmp_path, num=12)
+    statics = [f"{STATIC_PREFIX}{x:g}" for x in STATIC_SHARES]
+    compare.main(["run", "--workloads", str(tmp_path), "--model-dir", "/m", "--dry-run",
+                  "--systems", ",".join(["semipd_none", *statics]), "--rates", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("semipd_none:")
+    assert out[1].startswith(",".join(statics) + ":")  # one server, the splits in turn
+    assert f"--prefill-sm-share {STATIC_SHARES[0]:g}" in out[1]
+    assert compare.PINNED == {s: x for s, x in zip(statics, STATIC_SHARES)}
