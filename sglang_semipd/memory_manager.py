@@ -120,6 +120,15 @@ def run_memory_manager(spec: MemoryManagerSpec, ready_conn: Any = None) -> None:
 
 
 def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
+    phases: dict[str, float] = {}  # seconds per start-up phase (the server's critical path)
+    t0 = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal t0
+        now = time.monotonic()
+        phases[name] = round(now - t0, 2)
+        t0 = now
+
     import torch
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.weight_cache.daemon import WeightCacheDaemon
@@ -135,6 +144,7 @@ def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
     if os.path.exists(spec.weight_socket):
         raise RuntimeError(f"weight socket {spec.weight_socket} already exists: another "
                            "memory manager is running, or a stale one left it behind")
+    phase("imports")
     patches.apply("memory_manager")
     sa = manager_server_args(spec.server_args)
     publish_server_args(sa)
@@ -144,9 +154,12 @@ def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
                                        parallel_state(sa, spec.gpu_id, spec.tp_rank))
     hooks = ManagerPoolHooks(workers=spec.workers,
                              worker_context_bytes=spec.worker_context_bytes)
+    phase("cuda_and_config")
     with activate(hooks):
         runner = build_model_runner(sa, spec.gpu_id, spec.tp_rank, spec.nccl_port)
+        phase("model_runner_and_weights")
         runner.alloc_memory_pool()
+    phase("kv_pools")
     weights = module_tensor_storages(runner.model)
     weights_bytes = sum(n for n, _ in weights.values())
     manifest = hooks.manifest(spec.weight_socket, weights_bytes)
@@ -161,6 +174,7 @@ def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
     daemon.socket_path, daemon.ready_path = spec.weight_socket, spec.weight_socket + ".ready"
     daemon.model, daemon.config = runner.model, cache_config
     daemon._export_state()
+    phase("kv_service_and_weight_export")
 
     stop = threading.Event()
 
@@ -177,7 +191,8 @@ def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
             "req_rows": runner.req_to_token_pool.size, "page_size": runner.page_size,
             "kv_pool_bytes": shared_bytes([runner.req_to_token_pool, runner.token_to_kv_pool]),
             "pool_tensors": len(manifest.shared), "gpu_used_bytes": total - free,
-            "cuda_allocated_bytes": torch.cuda.memory_allocated(spec.gpu_id)}
+            "cuda_allocated_bytes": torch.cuda.memory_allocated(spec.gpu_id),
+            "startup_phases_s": phases}
     threads = [threading.Thread(target=serve_kv, name="kv-state", daemon=True),
                threading.Thread(target=_wait_then_report, name="ready",
                                 args=(daemon.ready_path, ready_conn, info, stop), daemon=True)]

@@ -147,8 +147,9 @@ class Coordinator:
             args = (plan, self.server_args, worker_port_args(self.port_args, ep), manager_ready)
             pipes[role] = self._spawn(spawn, role, run_worker_process, args)
         info = self._wait_ready("memory_manager", pipes["memory_manager"])
-        logger.info("memory manager ready: %d KV slots, %.2f GiB weights",
-                    info["max_total_num_tokens"], info["weights_bytes"] / 2**30)
+        logger.info("memory manager ready: %d KV slots, %.2f GiB weights; start-up phases "
+                    "(s): %s", info["max_total_num_tokens"], info["weights_bytes"] / 2**30,
+                    info.get("startup_phases_s"))
         self._bind_sockets()
         manager_ready.set()
         ready = {role: self._wait_ready(role, pipes[role]) for role in self.endpoints}
