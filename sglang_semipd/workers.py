@@ -551,6 +551,9 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
     from sglang_semipd.runner import publish_server_args
     from sglang_semipd.worker_attach import attached_pools, worker_server_args
 
+    from sglang.srt.utils import kill_itself_when_parent_died
+
+    kill_itself_when_parent_died()  # also while waiting for the manager (no CUDA yet)
     role = plan.role
     try:
         cls = make_prefill_scheduler_cls() if role == "prefill" else make_decode_scheduler_cls()
