@@ -1,0 +1,67 @@
+"""On the GPU host: the decode worker running out of KV slots retracts requests and loses
+nothing.
+
+A semi-PD server (tiny bf16 model, SGLang's deterministic inference so that outputs do not
+depend on batch composition) gets a pool far smaller than its load needs: 48 concurrent
+requests of ~200 prompt + 200 output tokens against 4,096 slots. SGLang admits on an estimate
+of future decode tokens, so the decode worker must retract. Required: the log shows retraction,
+every request returns exactly ``max_new_tokens`` tokens, each output equals the same prompt's
+output sent alone, and at idle the shared pool holds nothing."""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sglang_semipd.testing.model_maker import make_model
+from sglang_semipd.testing.server import (ServerProcess, http_json, pool_leaks,
+                                          python_module_cmd, semipd_pool_report)
+
+pytestmark = pytest.mark.gpu
+
+PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 25
+FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
+         "--grammar-backend", "none", "--mem-fraction-static", "0.8",
+         "--max-total-tokens", "4096", "--cuda-graph-max-bs-decode", "64",
+         "--enable-deterministic-inference")
+N, PROMPT, OUT = 48, 200, 200
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    tiny = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
+                      seed=0)
+    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or str(tmp_path_factory.mktemp("logs"))
+    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny),
+                            "--port", str(PORT), *FLAGS)
+    with ServerProcess(cmd, PORT, os.path.join(log_dir, "server_semipd_retract.log")) as s:
+        yield s
+
+
+def _gen(server, ids: list[int]) -> dict:
+    return http_json(server.url + "/generate", {"input_ids": ids, "sampling_params": {
+        "temperature": 0, "max_new_tokens": OUT, "ignore_eos": True}}, timeout=600)
+
+
+def test_retraction_under_a_small_pool_loses_nothing(server):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT + k)] for k in range(N)]
+    with ThreadPoolExecutor(N) as pool:
+        together = list(pool.map(lambda p: _gen(server, p), prompts))
+    log = server.log_path.read_text(errors="replace")
+    assert "retract" in log.lower(), "the load never made the decode worker retract"
+    for out in together:
+        assert out["meta_info"]["completion_tokens"] == OUT, out["meta_info"]
+        assert out["meta_info"]["finish_reason"]["type"] == "length"
+    alone = [_gen(server, p) for p in prompts[:8]]
+    for a, b in zip(alone, together[:8]):
+        assert a["output_ids"] == b["output_ids"]
+    report = semipd_pool_report(server.url)
+    assert report["ok"] and not report["errors"], report
+    assert pool_leaks(report) == {"leaked_slots": 0, "lock_refs_left": 0, "req_rows_left": 0}
