@@ -34,6 +34,7 @@ import zmq
 
 from sglang_semipd import protocol as P
 from sglang_semipd.config import PARTITION_POLICIES
+from sglang_semipd.handoff import DecodeInbox
 
 logger = logging.getLogger(__name__)
 
@@ -329,10 +330,7 @@ def make_decode_scheduler_cls() -> type:
                         start_split: int) -> None:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_graph_runners = self._capture_split_graphs(start_split)
-            self.parked: dict[str, Any] = {}
-            self.early: dict[str, P.HandOff] = {}  # hand-off before its request (rare)
-            self.dropped: set[str] = set()  # aborted here while still parked
-            self._pending: list[P.HandOff] = []
+            self.inbox: DecodeInbox[Any, P.HandOff] = DecodeInbox()
             self.handoff_sock = zmq.Context.instance().socket(zmq.PULL)
             self.handoff_sock.connect(plan.handoff_endpoint)
 
@@ -371,16 +369,10 @@ def make_decode_scheduler_cls() -> type:
         def _add_request_to_queue(self, req: Any, is_retracted: bool = False) -> None:
             if is_retracted or req.finished():
                 return super()._add_request_to_queue(req, is_retracted)
-            h = self.early.pop(req.rid, None)
-            self.parked[req.rid] = req
-            if h is not None:
-                self._pending.append(h)
+            self.inbox.park(req.rid, req)  # adopted when its hand-off arrives
 
         def abort_request(self, recv_req: Any) -> Any:
-            for rid in [r for r in self.parked if recv_req.abort_all
-                        or r.startswith(recv_req.rid)]:
-                del self.parked[rid]  # the prefill worker answers for it
-                self.dropped.add(rid)
+            self.inbox.abort(recv_req.rid, recv_req.abort_all)  # prefill answers for these
             return super().abort_request(recv_req)
 
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
@@ -390,29 +382,19 @@ def make_decode_scheduler_cls() -> type:
                 except zmq.Again:
                     break
                 try:
-                    self._pending.append(P.decode_handoff(frames))
+                    self.inbox.receive(P.decode_handoff(frames))
                 except P.ProtocolError as exc:  # never from our prefill worker; keep serving
                     logger.error("dropping a malformed hand-off: %s", exc)
-            if self._pending:
+            if self.inbox.has_pending:
                 running_batch = self._adopt(running_batch)
             return super().get_next_batch_to_run(running_batch=running_batch,
                                                  last_batch=last_batch)
 
         def _adopt(self, running_batch: Any) -> Any:
-            reqs, pending, self._pending = [], self._pending, []
-            for h in pending:
-                req = self.parked.pop(h.rid, None)
-                if h.finished:
-                    self.dropped.discard(h.rid)
-                    continue
-                if req is None:
-                    if h.rid in self.dropped:
-                        self.dropped.discard(h.rid)
-                        self._drop_orphan(h)
-                    else:
-                        self.early[h.rid] = h  # its request is still on the way
-                    continue
-                reqs.append(self._prepare(req, h))
+            adopt, release = self.inbox.take()
+            for h in release:
+                self._drop_orphan(h)
+            reqs = [self._prepare(req, h) for req, h in adopt]
             if not reqs:
                 return running_batch
             batch = self._prebuilt_batch(reqs)
