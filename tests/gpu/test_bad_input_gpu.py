@@ -20,7 +20,6 @@ import urllib.request
 
 import pytest
 
-from sglang_semipd.testing.model_maker import make_model
 from sglang_semipd.testing.server import (ServerProcess, http_json, pool_leaks,
                                           python_module_cmd, semipd_pool_report)
 
@@ -36,13 +35,8 @@ VOCAB = 49152
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    tiny = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
-                      seed=0)
-    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or str(tmp_path_factory.mktemp("logs"))
+def servers(tiny_bf16, gpu_log_dir):
+    tiny, log_dir = tiny_bf16, gpu_log_dir
     made = {
         "stock": ServerProcess(python_module_cmd("sglang.launch_server", "--model-path",
                                                  str(tiny), "--port", str(PORT), *FLAGS),

@@ -17,7 +17,6 @@ import urllib.request
 
 import pytest
 
-from sglang_semipd.testing.model_maker import make_model
 from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
 
 pytestmark = pytest.mark.gpu
@@ -50,13 +49,8 @@ def _gone(server: ServerProcess) -> bool:
 
 @pytest.mark.parametrize("victim", ["sglang::semipd_decode", "sglang::semipd_prefill",
                                     "sglang::semipd_memory_manager", "sglang::scheduler"])
-def test_a_killed_process_stops_the_server_and_frees_the_gpu(victim, tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    tiny = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
-                      seed=0)
-    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or str(tmp_path_factory.mktemp("logs"))
+def test_a_killed_process_stops_the_server_and_frees_the_gpu(victim, tiny_bf16, gpu_log_dir):
+    tiny, log_dir = tiny_bf16, gpu_log_dir
     role = victim.removeprefix("sglang::").removeprefix("semipd_")
     log = os.path.join(log_dir, f"server_crash_{role}.log")
     cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny),

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sglang_semipd.testing.model_maker import make_model
 from sglang_semipd.testing.server import (ServerProcess, http_json, pool_leaks,
                                           python_module_cmd, semipd_pool_report)
 
@@ -31,16 +30,10 @@ N, PROMPT, OUT = 48, 200, 200
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    tiny = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
-                      seed=0)
-    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or str(tmp_path_factory.mktemp("logs"))
-    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny),
+def server(tiny_bf16, gpu_log_dir):
+    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny_bf16),
                             "--port", str(PORT), *FLAGS)
-    with ServerProcess(cmd, PORT, os.path.join(log_dir, "server_semipd_retract.log")) as s:
+    with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_semipd_retract.log")) as s:
         yield s
 
 
