@@ -6,6 +6,7 @@ import json
 import logging
 import shlex
 import subprocess
+import time
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,3 +58,24 @@ def print_table(rows: Sequence[tuple[str, Any]], title: str) -> None:
     for key, value in rows:
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown}")
+
+
+def pin_split(url: str, share: float, timeout_s: float = 30.0) -> list[int]:
+    """Pin the split nearest ``share`` (static policy); returns [prefill, decode] SMs once the
+    prefill worker runs on it."""
+    from sglang_semipd.testing.server import http_json
+
+    out = http_json(url + "/set_internal_state", {"server_args": {
+        "semipd_partition_policy": "static", "semipd_prefill_sm_share": share}})
+    if out != [True]:  # SGLang answers one flag per worker that took it
+        raise RuntimeError(f"server refused to pin share {share}: {out}")
+    deadline = time.monotonic() + timeout_s
+    state: dict = {}
+    while time.monotonic() < deadline:
+        state = http_json(url + "/server_info")["internal_states"][0]["semipd"]
+        split = state["splits"][state["split"]]
+        if abs(split[0] / sum(split) - share) <= min(
+                abs(p / (p + d) - share) for p, d in state["splits"]) + 1e-9:
+            return split
+        time.sleep(0.2)
+    raise RuntimeError(f"split not applied within {timeout_s} s: {state}")

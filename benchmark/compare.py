@@ -104,17 +104,6 @@ def server_plan(systems: Sequence[str], index: dict[str, Any], model_dir: str,
     return plan
 
 
-def pin_split(port: int, share: float) -> None:
-    """Pin a running semi-PD server's split nearest ``share`` (static policy)."""
-    from sglang_semipd.testing.server import http_json
-
-    reply = http_json(f"http://127.0.0.1:{port}/set_internal_state", {"server_args": {
-        "semipd_partition_policy": "static", "semipd_prefill_sm_share": share}})
-    if reply != [True]:
-        raise RuntimeError(f"could not pin prefill share {share}: {reply}")
-    time.sleep(1.0)  # the workers switch at their next iteration boundary
-
-
 def server_command(run: str, model_dir: str, load_format: str, port: int,
                    extra: Sequence[str] = ()) -> list[str]:
     module, flags = SYSTEM_RUNS[run]
@@ -153,6 +142,7 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
                ) -> tuple[dict[str, dict[str, dict[float, Any]]], Optional[str]]:
     """{run: {workload: {rate: RunPoint}}} for the runs of one server start (pinned static
     splits: one after the other on the same server), or the reason it could not run."""
+    from benchmark.common import pin_split
     from benchmark.report import RunPoint
     from sglang_semipd.testing.server import ServerProcess, ServerStartError
 
@@ -162,7 +152,7 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
         with ServerProcess(cmd, port, log, start_timeout=600):
             for run in runs:
                 if run in PINNED:
-                    pin_split(port, PINNED[run])
+                    pin_split(f"http://127.0.0.1:{port}", PINNED[run])
                 for wname, meta in index.items():
                     for rate in rates:
                         raw = out_dir / f"{run}_{wname}_{rate:g}.jsonl"

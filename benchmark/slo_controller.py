@@ -31,8 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
-from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
+from benchmark.common import (RESULTS_DIR, gpu_name, gpu_slug, pin_split, print_table,
+                              write_result)
+from sglang_semipd.testing.server import ServerProcess, python_module_cmd
 from sglang_semipd.trace import read_trace
 
 logger = logging.getLogger(__name__)
@@ -116,25 +117,6 @@ def run_load(url: str, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     for p in phases:
         p["start_mono"], p["end_mono"] = t_begin + p["start_s"], t_begin + p["end_s"]
     return results, phases
-
-
-def pin_split(url: str, share: float, timeout_s: float = 30.0) -> list[int]:
-    """Pin the split nearest ``share`` (static policy); returns [prefill, decode] SMs once the
-    prefill worker runs on it."""
-    out = http_json(url + "/set_internal_state", {"server_args": {
-        "semipd_partition_policy": "static", "semipd_prefill_sm_share": share}})
-    if out != [True]:  # SGLang answers one flag per worker that took it
-        raise RuntimeError(f"server refused to pin share {share}: {out}")
-    deadline = time.monotonic() + timeout_s
-    state: dict = {}
-    while time.monotonic() < deadline:
-        state = http_json(url + "/server_info")["internal_states"][0]["semipd"]
-        split = state["splits"][state["split"]]
-        if abs(split[0] / sum(split) - share) <= min(
-                abs(p / (p + d) - share) for p, d in state["splits"]) + 1e-9:
-            return split
-        time.sleep(0.2)
-    raise RuntimeError(f"split not applied within {timeout_s} s: {state}")
 
 
 def attainment_of(results: list[dict], ttft_s: float, tpot_s: float) -> Optional[float]:
