@@ -331,9 +331,8 @@ class Coordinator:
             elif tag == P.CONTROL_TAG:
                 self._on_control(role, frames)
             else:
-                if self.controller is not None and self.controller.kind == "slo" \
-                        and len(frames) == 1:
-                    self._guarded(self._observe_output, frames)
+                if self.controller is not None and len(frames) == 1:  # every policy: the
+                    self._guarded(self._observe_output, frames)  # tracker must see finishes
                 self.to_detokenizer.send_multipart(frames, copy=False)
 
     # ------------------------------------------------------------ SM partition

@@ -180,6 +180,33 @@ def test_an_operator_pins_the_split_with_the_static_policy_and_hands_it_back(wir
     assert kinds.count("policy") == 2
 
 
+def _sglang(cls, **given):
+    """A real SGLang message, the fields this test does not care about left empty."""
+    import inspect
+
+    empty = {n: None for n, p in inspect.signature(cls).parameters.items()
+             if p.default is inspect.Parameter.empty}
+    return cls(**{**empty, **given})
+
+
+@pytest.mark.parametrize("policy", ["static", "slo"])
+def test_the_controller_sees_requests_finish_under_every_policy(wired, policy):
+    """Under the static policy too (attainment is exported either way): a tracker that saw
+    arrivals but no finishes would grow for ever and scan a longer list every window."""
+    from sglang.srt.managers import io_struct
+
+    fractions = [s.prefill_fraction for s in wired.coord.splits]
+    wired.coord.controller = PartitionController(fractions, 1, policy=policy)
+    wired.tokenizer.send(pickle.dumps(_sglang(io_struct.TokenizedGenerateReqInput, rid="q1",
+                                              input_ids=[1, 2, 3])))
+    _until(lambda: wired.coord.controller.latency.in_flight == 1)
+    out = _sglang(io_struct.BatchTokenIDOutput, rids=["q1"], completion_tokens=[4],
+                  finished_reasons=[{"type": "length", "length": 4}])
+    wired.worker_out["decode"].send(pickle.dumps(out))
+    _until(lambda: wired.coord.controller.latency.in_flight == 0)
+    assert wired.coord.controller.latency.finished == 1
+
+
 @pytest.mark.parametrize("wired", ["none", "mps"], indirect=True)
 def test_modes_without_in_place_resize_ignore_requests(wired):
     wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.3)))
