@@ -79,8 +79,10 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Serve the semi-PD way (default); --no-semi-pd runs stock "
                         "sglang.launch_server with the same flags.")
     g.add_argument("--sm-partition", choices=SM_PARTITION_MODES, default="green",
-                   help="How workers split the SMs: green contexts under MPS (default), "
-                        "MPS thread percentages, or none (both on all SMs under MPS).")
+                   help="How workers split the SMs: green contexts under MPS (default; "
+                        "resized between iterations), MPS thread percentages (the paper's "
+                        "mechanism; a resize starts a standby worker pair and swaps it in), "
+                        "or none (both on all SMs under MPS).")
     g.add_argument("--prefill-sm-share", type=_share, default=0.5,
                    help="Starting fraction of the SMs for the prefill worker, in (0, 1).")
     g.add_argument("--sm-splits", type=_splits, default=DEFAULT_SPLITS,

@@ -703,7 +703,17 @@ class Released(msgspec.Struct, frozen=True, tag="released", forbid_unknown_field
     v: int = PROTOCOL_VERSION
 
 
-ControlMsg = Union[Resize, ResizeAck, ResizeRequest, IterationStat, ReleaseIdle, Released]
+class Retire(msgspec.Struct, frozen=True, tag="retire", forbid_unknown_fields=True):
+    """Scheduler -> both workers of a generation swapped out by an ``--sm-partition mps``
+    resize (:mod:`sglang_semipd.partition.standby`), once its last request finished: hand back
+    everything held in the shared pool, say goodbye to the memory manager, exit with 0."""
+
+    generation: int
+    v: int = PROTOCOL_VERSION
+
+
+ControlMsg = Union[Resize, ResizeAck, ResizeRequest, IterationStat, ReleaseIdle, Released,
+                   Retire]
 _control_decoder = msgspec.msgpack.Decoder(ControlMsg)
 
 

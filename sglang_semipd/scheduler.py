@@ -44,6 +44,7 @@ from sglang_semipd.config import SemiPDConfig
 from sglang_semipd.partition.controller import PartitionController
 from sglang_semipd.partition.resize import ResizeTracker
 from sglang_semipd.partition.splits import SMSplit, nearest_split
+from sglang_semipd.partition.standby import GenerationTracker
 from sglang_semipd.trace import Trace
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,36 @@ class WorkerEndpoints:
     nccl_port: int
 
 
+GENERATION_REQS = frozenset({"TokenizedGenerateReqInput", "BatchTokenizedGenerateReqInput"})
+RETIRE_WARN_S = 60.0  # a retiring worker still up this long after Retire is logged
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prefill/decode pair and the scheduler's sockets to it. The current pair's sockets
+    are the Coordinator's own attributes; under ``--sm-partition mps`` a resize starts a
+    standby pair (:mod:`sglang_semipd.partition.standby`) and the swapped-out one is kept here
+    until it retires."""
+
+    id: int
+    split: int
+    endpoints: dict[str, "WorkerEndpoints"]
+    to_worker: dict[str, Any]
+    from_worker: dict[str, Any]
+    to_control: dict[str, Any]
+    to_decode: Any
+    procs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pipes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ready: dict[str, dict] = dataclasses.field(default_factory=dict)
+    started_at: float = 0.0
+    retire_sent_at: Optional[float] = None
+    warned: bool = False
+
+    def sockets(self) -> list[Any]:
+        return [*self.to_worker.values(), *self.from_worker.values(),
+                *self.to_control.values(), self.to_decode]
+
+
 def _sms(split: SMSplit) -> str:
     return f"{split.prefill_sms}/{split.decode_sms}"
 
@@ -104,12 +135,14 @@ class Coordinator:
         self.run_dir = tempfile.mkdtemp(prefix="semipd-run-")
         self.kv_endpoint = f"ipc://{self.run_dir}/kv.sock"
         self.weight_socket = f"{self.run_dir}/weights.sock"
-        self.endpoints = {role: WorkerEndpoints(
-            role, f"ipc://{self.run_dir}/{role}-in", f"ipc://{self.run_dir}/{role}-rpc",
-            f"ipc://{self.run_dir}/{role}-out", f"ipc://{self.run_dir}/{role}-handoff",
-            f"ipc://{self.run_dir}/{role}-ctl", get_free_port())
-            for role in ("prefill", "decode")}
+        self.endpoints = self._make_endpoints(0)
         self.procs: dict[str, Any] = {}
+        self.gens = GenerationTracker()  # request -> worker generation (mps resizes)
+        self.old: dict[int, Generation] = {}  # swapped out, finishing their requests
+        self.standby: Optional[Generation] = None  # starting, for an mps resize
+        self._next_gen = 1
+        self._sockets_changed = False
+        self._manager_ready: Any = None
         self.ctx = zmq.Context.instance()
         self.handoffs = 0
         self.splits: list[SMSplit] = []
@@ -132,7 +165,7 @@ class Coordinator:
         from sglang_semipd.workers import WorkerPlan, run_worker_process
 
         spawn = mp.get_context("spawn")
-        manager_ready = spawn.Event()
+        manager_ready = self._manager_ready = spawn.Event()
         spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
                                  weight_socket=self.weight_socket, nccl_port=get_free_port(),
                                  gpu_id=self.gpu_id, tp_rank=self.tp_rank)
@@ -199,35 +232,64 @@ class Coordinator:
     def _bind_sockets(self) -> None:
         self.from_tokenizer = self.ctx.socket(zmq.PULL)
         self.from_tokenizer.connect(self.port_args.scheduler_input_ipc_name)
-        self.to_worker, self.from_worker = {}, {}
-        for role, ep in self.endpoints.items():
-            self.to_worker[role] = self.ctx.socket(zmq.PUSH)
-            self.to_worker[role].bind(ep.scheduler_input)
-            self.from_worker[role] = self.ctx.socket(zmq.PULL)
-            self.from_worker[role].bind(ep.output)
         self.to_detokenizer = self.ctx.socket(zmq.PUSH)
         self.to_detokenizer.connect(self.port_args.detokenizer_ipc_name)
-        self.to_decode = self.ctx.socket(zmq.PUSH)
-        self.to_decode.bind(self.endpoints["decode"].handoff)
-        self.to_control = {}
-        for role, ep in self.endpoints.items():
-            self.to_control[role] = self.ctx.socket(zmq.PUSH)
-            self.to_control[role].bind(ep.control)
+        g = self._bind_generation(0, self.endpoints, split=0)
+        self.to_worker, self.from_worker = g.to_worker, g.from_worker
+        self.to_control, self.to_decode = g.to_control, g.to_decode
+
+    def _make_endpoints(self, gen: int) -> dict[str, WorkerEndpoints]:
+        tag = "" if gen == 0 else f"@{gen}"
+        return {role: WorkerEndpoints(
+            role, f"ipc://{self.run_dir}/{role}{tag}-in", f"ipc://{self.run_dir}/{role}{tag}-rpc",
+            f"ipc://{self.run_dir}/{role}{tag}-out", f"ipc://{self.run_dir}/{role}{tag}-handoff",
+            f"ipc://{self.run_dir}/{role}{tag}-ctl", get_free_port())
+            for role in ("prefill", "decode")}
+
+    def _bind_generation(self, gen: int, endpoints: dict[str, WorkerEndpoints],
+                         split: int) -> Generation:
+        """Bind our side of one worker pair's private sockets (the workers connect)."""
+        def bound(kind: int, addr: str) -> Any:
+            sock = self.ctx.socket(kind)
+            sock.bind(addr)
+            return sock
+
+        return Generation(
+            id=gen, split=split, endpoints=endpoints,
+            to_worker={r: bound(zmq.PUSH, ep.scheduler_input) for r, ep in endpoints.items()},
+            from_worker={r: bound(zmq.PULL, ep.output) for r, ep in endpoints.items()},
+            to_control={r: bound(zmq.PUSH, ep.control) for r, ep in endpoints.items()},
+            to_decode=bound(zmq.PUSH, endpoints["decode"].handoff))
 
     # ------------------------------------------------------------ routing
-    def serve(self) -> None:
+    def _poller(self) -> Any:
         poller = zmq.Poller()
         poller.register(self.from_tokenizer, zmq.POLLIN)
         for sock in self.from_worker.values():
             poller.register(sock, zmq.POLLIN)
+        for gen in self.old.values():
+            for sock in gen.from_worker.values():
+                poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def serve(self) -> None:
+        poller = self._poller()
         last_check = 0.0
         while not self._stop:
+            if self._sockets_changed:
+                poller, self._sockets_changed = self._poller(), False
             events = dict(poller.poll(100))
             if self.from_tokenizer in events:
                 self._drain_tokenizer()
             for role, sock in self.from_worker.items():
                 if sock in events:
-                    self._drain_outputs(role, sock)
+                    self._drain_outputs(role, sock, self.to_decode)
+            for gen in list(self.old.values()):
+                for role, sock in gen.from_worker.items():
+                    if sock in events:
+                        self._drain_outputs(role, sock, gen.to_decode)
+            if self.standby is not None:
+                self._poll_standby()
             now = time.monotonic()
             if self._held and now - self._held_since > HOLD_TIMEOUT_S:
                 logger.warning("decode worker did not release its idle slots in %.0f s; "
@@ -249,6 +311,14 @@ class Coordinator:
             obj = pickle.loads(raw)
             if self.controller is not None:
                 self._guarded(self._observe_request, obj)
+            name = type(obj).__name__
+            if self.cfg.sm_partition == "mps" and name in GENERATION_REQS:
+                for rid in _rids(obj):
+                    self.gens.route(rid)  # served by the current pair, start to finish
+            elif also_to_decode(obj):  # aborts & co.: swapped-out pairs still serve some
+                for gen in self.old.values():
+                    for sock in gen.to_worker.values():
+                        sock.send(raw)
             if also_to_decode(obj):  # first: it must know the request before
                 self.to_worker["decode"].send(raw)  # the hand-off
             if type(obj).__name__ == "FlushCacheReqInput" and not self._held:
@@ -289,10 +359,9 @@ class Coordinator:
             self.controller.on_abort(obj.rid)
         self._apply_decision(decision)
 
-    def _observe_output(self, frames: Any) -> None:
+    def _observe_output(self, obj: Any) -> None:
         """Per-request first tokens and finishes from SGLang's output batches (read only: the
         same bytes go on to the detokenizer)."""
-        obj = pickle.loads(frames[0].buffer)
         if type(obj).__name__ == "BatchTokenIDOutput":
             self.controller.on_output(obj.rids, obj.completion_tokens,
                                       [r is not None for r in obj.finished_reasons],
@@ -318,7 +387,9 @@ class Coordinator:
         for raw in held:
             self.to_worker["prefill"].send(raw)
 
-    def _drain_outputs(self, role: str, sock: Any) -> None:
+    def _drain_outputs(self, role: str, sock: Any, to_decode: Any) -> None:
+        """One worker's output socket; its hand-offs go to ``to_decode``, the decode worker of
+        the same pair."""
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -327,13 +398,28 @@ class Coordinator:
             tag = frames[0].bytes if len(frames) == 2 else None
             if tag == P.HANDOFF_TAG and role == "prefill":
                 self.handoffs += 1
-                self.to_decode.send_multipart(frames, copy=False)
+                to_decode.send_multipart(frames, copy=False)
             elif tag == P.CONTROL_TAG:
                 self._on_control(role, frames)
             else:
-                if self.controller is not None and len(frames) == 1:  # every policy: the
-                    self._guarded(self._observe_output, frames)  # tracker must see finishes
+                if len(frames) == 1 and (self.controller is not None
+                                         or self.cfg.sm_partition == "mps"):
+                    self._on_output_batch(frames)
                 self.to_detokenizer.send_multipart(frames, copy=False)
+
+    def _on_output_batch(self, frames: Any) -> None:
+        """Read (never change) one SGLang output batch: the controller's latencies (every
+        policy: its tracker must see requests finish) and, under mps, finished requests of
+        swapped-out pairs."""
+        obj = pickle.loads(frames[0].buffer)
+        if self.controller is not None:
+            self._guarded(self._observe_output, obj)
+        if self.cfg.sm_partition == "mps":
+            rids, reasons = getattr(obj, "rids", None), getattr(obj, "finished_reasons", None)
+            if rids and reasons:
+                done = [r for r, why in zip(rids, reasons) if why is not None]
+                for gen in self.gens.finish(done):
+                    self._retire(gen)
 
     # ------------------------------------------------------------ SM partition
     def _on_control(self, role: str, frames: Any) -> None:
@@ -390,10 +476,12 @@ class Coordinator:
         None when they already run on ``split`` or the mode cannot resize in place."""
         if self.resizes is None or not 0 <= split < len(self.splits):
             raise ValueError(f"no planned split {split}")
+        if self.cfg.sm_partition == "mps":
+            self._start_standby(split, reason)
+            return None
         if self.cfg.sm_partition != "green":
-            logger.warning("--sm-partition %s does not resize in place; ignoring a resize "
-                           "to %s (%s)", self.cfg.sm_partition, _sms(self.splits[split]),
-                           reason)
+            logger.warning("--sm-partition %s does not resize; ignoring a resize to %s (%s)",
+                           self.cfg.sm_partition, _sms(self.splits[split]), reason)
             return None
         cmd = self.resizes.start(split, force=True, now=time.monotonic())
         if cmd is None:
@@ -430,17 +518,156 @@ class Coordinator:
                     f" ({latency_ms:.2f} ms after the command)" if latency_ms is not None
                     else "")
 
+    # ------------------------------------------------------------ mps resizes
+    def _start_standby(self, split: int, reason: str) -> None:
+        """``--sm-partition mps``: start a prefill/decode pair with the new MPS percentages,
+        attached to the same memory manager; :meth:`_poll_standby` swaps it in once ready."""
+        if self.standby is not None:
+            logger.warning("resize to %s ignored: the standby pair for %s is still starting",
+                           _sms(self.splits[split]), _sms(self.splits[self.standby.split]))
+            return
+        if split == self.resizes.split:
+            return
+        gen_id, self._next_gen = self._next_gen, self._next_gen + 1
+        endpoints = self._make_endpoints(gen_id)
+        gen = self._bind_generation(gen_id, endpoints, split)
+        gen.started_at = time.monotonic()
+        self.standby = gen
+        for role, ep in endpoints.items():
+            gen.procs[role], gen.pipes[role] = self._spawn_worker(role, ep, gen_id, split)
+        logger.info("mps resize to %s prefill/decode SMs: standby pair (generation %d) "
+                    "starting (%s)", _sms(self.splits[split]), gen_id, reason or "requested")
+        self.trace.write("standby_start", {"t": gen.started_at, "generation": gen_id,
+                                           "split": split, "reason": reason})
+
+    def _spawn_worker(self, role: str, ep: WorkerEndpoints, gen_id: int,
+                      split: int) -> tuple[Any, Any]:
+        """(process, ready pipe) of one standby worker."""
+        from sglang_semipd.workers import WorkerPlan, run_worker_process
+
+        spawn = mp.get_context("spawn")
+        plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint, handoff_endpoint=ep.handoff,
+                          control_endpoint=ep.control, sm_partition=self.cfg.sm_partition,
+                          shares=self.cfg.sm_splits,
+                          start_share=self.splits[split].prefill_fraction,
+                          gpu_id=self.gpu_id, tp_rank=self.tp_rank, generation=gen_id)
+        reader, writer = spawn.Pipe(duplex=False)
+        proc = spawn.Process(target=run_worker_process, name=f"semipd-{role}@{gen_id}",
+                             args=(plan, self.server_args, worker_port_args(self.port_args, ep),
+                                   self._manager_ready, writer))
+        proc.start()
+        return proc, reader
+
+    def _poll_standby(self) -> None:
+        gen = self.standby
+        for role, reader in gen.pipes.items():
+            if role in gen.ready:
+                continue
+            if reader.poll():
+                msg = reader.recv()
+                if not isinstance(msg, dict) or "error" in msg or \
+                        msg.get("status", "ready") != "ready":
+                    return self._abandon_standby(f"{role} failed to start: {msg}")
+                gen.ready[role] = msg
+            elif not gen.procs[role].is_alive():
+                return self._abandon_standby(f"{role} exited during start-up "
+                                             f"(code {gen.procs[role].exitcode})")
+        if len(gen.ready) == len(gen.procs):
+            self._swap()
+
+    def _abandon_standby(self, why: str) -> None:
+        gen, self.standby = self.standby, None
+        logger.error("mps resize abandoned, serving on %s: standby generation %d %s",
+                     _sms(self.splits[self.resizes.split]), gen.id, why)
+        for proc in gen.procs.values():
+            if proc.is_alive():
+                proc.kill()
+            proc.join(10)
+        for sock in gen.sockets():
+            sock.close(0)
+        self.trace.write("standby_failed", {"t": time.monotonic(), "generation": gen.id,
+                                            "why": why})
+
+    def _swap(self) -> None:
+        """The standby pair becomes current: new requests go to it from now on; the old pair
+        finishes what it has and then retires."""
+        new, self.standby = self.standby, None
+        old = Generation(id=self.gens.current, split=self.resizes.split,
+                         endpoints=self.endpoints, to_worker=self.to_worker,
+                         from_worker=self.from_worker, to_control=self.to_control,
+                         to_decode=self.to_decode,
+                         procs={r: self.procs.pop(r) for r in ("prefill", "decode")})
+        self.old[old.id] = old
+        self.endpoints, self.to_worker, self.from_worker = new.endpoints, new.to_worker, \
+            new.from_worker
+        self.to_control, self.to_decode = new.to_control, new.to_decode
+        self.procs.update(new.procs)
+        self.resizes = ResizeTracker(new.split)
+        self._sockets_changed = True
+        now = time.monotonic()
+        latency_ms = (now - new.started_at) * 1e3
+        logger.info("mps resize: generation %d (%s prefill/decode SMs) serves new requests "
+                    "%.0f ms after the command; generation %d finishes its %d", new.id,
+                    _sms(self.splits[new.split]), latency_ms, old.id,
+                    self.gens.in_flight(old.id))
+        self.trace.write("standby_swap", {"t": now, "generation": new.id, "split": new.split,
+                                          "latency_ms": latency_ms,
+                                          "old_in_flight": self.gens.in_flight(old.id)})
+        if self.controller is not None:
+            self.controller.on_resized(new.split)
+        if self.metrics is not None:
+            self.metrics.resize_latency.observe(latency_ms / 1e3)
+            self.metrics.resizes.inc()
+            split = self.splits[new.split]
+            self.metrics.set_split(split.prefill_sms, split.decode_sms)
+        empty = self.gens.swap(new.id)
+        if empty is not None:
+            self._retire(empty)
+
+    def _retire(self, gen_id: int) -> None:
+        gen = self.old[gen_id]
+        gen.retire_sent_at = time.monotonic()
+        for sock in gen.to_control.values():
+            sock.send_multipart(P.encode_control(P.Retire(generation=gen_id)))
+        logger.info("generation %d has no requests left: retiring it", gen_id)
+
+    def _forget(self, gen: Generation) -> None:
+        """Both workers of a retired generation exited cleanly."""
+        for proc in gen.procs.values():
+            proc.join(1)
+        for sock in gen.sockets():
+            sock.close(0)
+        del self.old[gen.id]
+        self.gens.retired(gen.id)
+        self._sockets_changed = True
+        self.trace.write("retired", {"t": time.monotonic(), "generation": gen.id})
+        logger.info("generation %d retired", gen.id)
+
     def _check_children(self) -> None:
         for name, proc in self.procs.items():
             if not proc.is_alive():
                 raise RuntimeError(f"semi-PD {name} exited (code {proc.exitcode})")
+        for gen in list(self.old.values()):
+            for role, proc in gen.procs.items():
+                if not proc.is_alive() and (gen.retire_sent_at is None or proc.exitcode != 0):
+                    raise RuntimeError(f"semi-PD {role} (generation {gen.id}) exited "
+                                       f"(code {proc.exitcode})")
+            if all(not p.is_alive() for p in gen.procs.values()):
+                self._forget(gen)
+            elif gen.retire_sent_at is not None and not gen.warned and \
+                    time.monotonic() - gen.retire_sent_at > RETIRE_WARN_S:
+                gen.warned = True
+                logger.warning("generation %d not retired %.0f s after Retire (in flight: %d)",
+                               gen.id, RETIRE_WARN_S, self.gens.in_flight(gen.id))
 
     def stop(self) -> None:
-        for name in ("prefill", "decode", "memory_manager"):
-            proc = self.procs.get(name)
+        others = [p for g in [*self.old.values(), self.standby] if g is not None
+                  for p in g.procs.values()]
+        for proc in [self.procs.get("prefill"), self.procs.get("decode"), *others,
+                     self.procs.get("memory_manager")]:
             if proc is not None and proc.is_alive():
                 proc.terminate()
-        for proc in self.procs.values():
+        for proc in [*self.procs.values(), *others]:
             proc.join(20)
             if proc.is_alive():
                 proc.kill()
@@ -450,6 +677,13 @@ class Coordinator:
                         self.controller_s * 1e3)
         self.trace.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _rids(obj: Any) -> list[str]:
+    """The request ids of an SGLang generation request (one, or a batch's)."""
+    if type(obj).__name__ == "BatchTokenizedGenerateReqInput":
+        return [r.rid for r in obj.batch]
+    return [obj.rid]
 
 
 def run_semipd_scheduler_process(server_args: Any, port_args: Any, gpu_id: int, tp_rank: int,

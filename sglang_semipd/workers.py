@@ -130,6 +130,10 @@ class _SemiPDMixin:
                 self.token_to_kv_pool_allocator.clear()  # frees + lease back to the manager
                 self._send_control(P.Released(seq=msg.seq))
                 continue
+            if isinstance(msg, P.Retire):
+                logger.info("retiring (generation %d): exiting once idle", msg.generation)
+                self.semipd_retire = True
+                continue
             if not isinstance(msg, P.Resize) or not 0 <= msg.split < len(
                     self.semipd_streams.splits):
                 logger.error("dropping an unexpected control message: %r", msg)
@@ -149,8 +153,24 @@ class _SemiPDMixin:
     # -------------------------------------------------------------- SGLang seams
     def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
         self._poll_control()
+        if getattr(self, "semipd_retire", False) and self.semipd_idle(running_batch):
+            self._retire()
         return super().get_next_batch_to_run(running_batch=running_batch,
                                              last_batch=last_batch)
+
+    def semipd_idle(self, running_batch: Any) -> bool:
+        """Nothing queued, running or half-prefilled here (the decode worker also checks its
+        hand-off inbox)."""
+        return not self.waiting_queue and (running_batch is None or running_batch.is_empty()) \
+            and getattr(self, "chunked_req", None) is None
+
+    def _retire(self) -> None:
+        """Give everything back to the memory manager and leave SGLang's event loop."""
+        self.token_to_kv_pool_allocator.clear()
+        bye = self.semipd_client.goodbye()
+        logger.info("retired: gave back %d slots, %d locks, %d rows", bye.freed_tokens,
+                    bye.dropped_locks, bye.freed_rows)
+        raise WorkerRetired()
 
     def run_batch(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         import torch
@@ -209,6 +229,7 @@ def make_prefill_scheduler_cls() -> type:
         def semipd_init(self, client: Any, plan: "WorkerPlan", streams: Any,
                         start_split: int) -> None:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
+            self.semipd_peer = plan.kv_role("decode")  # hand-offs go to this decode client
             tell_decode_about_aborts(self.ipc_channels.send_to_tokenizer,
                                      lambda rid: self._send(P.HandOff(rid=rid, finished=True)))
 
@@ -235,7 +256,7 @@ def make_prefill_scheduler_cls() -> type:
             tail = self.req_to_token_pool.req_to_token[row, cpl:kv_len].to("cpu")
             node = r.last_node
             locks = [] if node is None or node.is_root else [node.id]
-            self.semipd_client.transfer(0, tail, [row], locks, to_role="decode")
+            self.semipd_client.transfer(0, tail, [row], locks, to_role=self.semipd_peer)
             self._send(P.HandOff(
                 rid=r.rid, req_pool_idx=row, kv_len=kv_len, first_token=int(r.output_ids[-1]),
                 cache_protected_len=cpl, last_node=locks[0] if locks else 0,
@@ -374,6 +395,10 @@ def make_decode_scheduler_cls() -> type:
         def abort_request(self, recv_req: Any) -> Any:
             self.inbox.abort(recv_req.rid, recv_req.abort_all)  # prefill answers for these
             return super().abort_request(recv_req)
+
+        def semipd_idle(self, running_batch: Any) -> bool:
+            return super().semipd_idle(running_batch) and not self.inbox.parked \
+                and not self.inbox.has_pending
 
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
             while True:
@@ -515,6 +540,17 @@ class WorkerPlan:
     start_share: float
     gpu_id: int
     tp_rank: int
+    generation: int = 0  # > 0: a standby pair of an --sm-partition mps resize
+
+    def kv_role(self, role: str = "") -> str:
+        """The memory-manager client role of ``role`` (default: this worker's) in this
+        plan's generation: a prefill worker hands off to its own generation's decode."""
+        role = role or self.role
+        return role if self.generation == 0 else f"{role}@{self.generation}"
+
+
+class WorkerRetired(Exception):
+    """Raised out of SGLang's event loop by a worker that retired (``Retire``)."""
 
 
 def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
@@ -546,7 +582,8 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
             pass
         configure_scheduler_process(server_args, plan.gpu_id, plan.tp_rank, 0, 0, 0, 0, None)
         set_process_title(role)  # after SGLang's "sglang::scheduler"
-        client = KVStateClient(plan.kv_endpoint, f"{role}-{plan.tp_rank}", role,
+        client = KVStateClient(plan.kv_endpoint, f"{plan.kv_role()}-{plan.tp_rank}",
+                               plan.kv_role(),
                                timeout_s=60.0)
         manifest = client.pool_manifest()
         sa = role_server_args(role, worker_server_args(server_args, manifest))
@@ -568,4 +605,9 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
         logger.exception("semi-PD %s worker failed to start", role)
         pipe_writer.send({"status": "error", "error": repr(exc)})
         raise
-    scheduler.run_event_loop()
+    try:
+        scheduler.run_event_loop()
+    except WorkerRetired:  # an --sm-partition mps resize swapped this generation out
+        logger.info("semi-PD %s worker (generation %d) retired", role, plan.generation)
+        logging.shutdown()
+        os._exit(0)  # SGLang's helper threads must not keep a retired worker alive

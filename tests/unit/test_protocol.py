@@ -210,7 +210,7 @@ CONTROL_SAMPLES = (
     P.Resize(3, 1, 12.5), P.ResizeAck("decode", 3, 1, 40, 12.6), P.ResizeRequest(0.3),
     P.IterationStat(role="prefill", iteration=7, split=2, mode="extend", batch_size=3,
                     tokens=4096, start=1.0, end=1.2, queued=5),
-    P.ReleaseIdle(2), P.Released(2),
+    P.ReleaseIdle(2), P.Released(2), P.Retire(1), P.ResizeRequest(policy="static"),
 )
 
 
