@@ -2,7 +2,8 @@
 
     python -m benchmark.sm_partition --model-dir /tmp/models/llama8b --load-format dummy
 
-(a) resize latency: the semi-PD server (``--sm-partition green``) under a decode load is
+(a) resize latency: the semi-PD server (``--sm-partition green``; ``mps``: a standby worker
+    pair per resize, see ``measure_mps_resizes``) under a decode load is
     resized through ``/set_internal_state`` many times; the scheduler's trace
     (``SGLANG_SEMIPD_TRACE``) gives, per worker acknowledgement, the time from the command to
     the switch at the worker's next iteration boundary.
@@ -203,6 +204,44 @@ def measure_resizes(url: str, trace: Path, a: argparse.Namespace, shares: list[f
             "max": lat[-1], "n": len(lat)}
 
 
+def measure_mps_resizes(url: str, trace: Path, a: argparse.Namespace, shares: list[float],
+                        n: int = 2, timeout_s: float = 300.0) -> dict[str, Any]:
+    """``--sm-partition mps``: each resize starts a standby worker pair and swaps it in
+    (``standby_swap`` in the trace: command -> new requests served by the new pair); the old
+    pair finishes its decode load first and retires (``retired``)."""
+    load = Load(url, seed=11)
+    swaps: list[float] = []
+    retire_s: list[float] = []
+    with ThreadPoolExecutor(a.batch + 2) as pool:
+        for i in range(n):
+            futs = load.decode_batch(pool, a.batch, max_new=300)
+            time.sleep(2.0)
+            before = len([r for r in read_trace(trace) if r["kind"] == "standby_swap"])
+            resize(url, shares[(i + 1) % len(shares)] if i % 2 == 0 else shares[0])
+            deadline = time.monotonic() + timeout_s
+            swap = None
+            while time.monotonic() < deadline and swap is None:
+                rows = [r for r in read_trace(trace) if r["kind"] == "standby_swap"]
+                swap = rows[before] if len(rows) > before else None
+                time.sleep(0.5)
+            if swap is None:
+                raise TimeoutError("mps resize: no swap")
+            swaps.append(swap["latency_ms"])
+            for f in futs:
+                f.result()
+            while time.monotonic() < deadline:
+                done = [r for r in read_trace(trace) if r["kind"] == "retired"
+                        and r["generation"] == swap["generation"] - 1]
+                if done:
+                    retire_s.append(done[0]["t"] - swap["t"])
+                    break
+                time.sleep(0.5)
+    swaps.sort()
+    return {"p50": swaps[len(swaps) // 2], "p99": swaps[-1], "n": len(swaps),
+            "retire_after_swap_s": retire_s,
+            "what": "command -> standby pair serving new requests (worker start included)"}
+
+
 def server_cmd(a: argparse.Namespace, mode: str, shares: list[float]) -> list[str]:
     return python_module_cmd(
         "sglang_semipd.launch_server", "--model-path", a.model_dir, "--port", str(a.port),
@@ -236,8 +275,10 @@ def run_mode(a: argparse.Namespace, mode: str, shares: list[float], log_dir: Pat
                 logger.info("green %.2f: %s", share, out["isolation"][-1])
             out["resize_ms"] = measure_resizes(s.url, trace, a, shares)
         else:
-            out["isolation"].append(measure_split(s.url, trace, a, None))
+            out["isolation"].append(dict(measure_split(s.url, trace, a, None), mode=mode))
             logger.info("%s: %s", mode, out["isolation"][-1])
+            if mode == "mps":
+                out["resize_ms"] = measure_mps_resizes(s.url, trace, a, shares)
     return out
 
 
@@ -254,14 +295,15 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax1.plot(x, [r["decode_step_ms"] for r in rows], "o-", label="decode + 8K prefills")
     ax1.plot(x, [r["decode_alone_step_ms"] for r in rows], "s--", label="decode alone")
     for r in none:
-        ax1.axhline(r["decode_step_ms"] or 0, color="gray", ls=":", label="none (shared SMs)")
+        ax1.axhline(r["decode_step_ms"] or 0, color="gray", ls=":",
+                    label=f"{r.get('mode', 'none')} (one split)")
     ax1.set_xlabel("prefill SM share")
     ax1.set_ylabel(f"decode step (ms), batch {record['batch']}")
     ax1.legend()
     ax2.plot(x, [r["prefill_tok_s"] for r in rows], "o-", label="with decode running")
     ax2.plot(x, [r["prefill_alone_tok_s"] for r in rows], "s--", label="prefill alone")
     for r in none:
-        ax2.axhline(r["prefill_tok_s"] or 0, color="gray", ls=":", label="none")
+        ax2.axhline(r["prefill_tok_s"] or 0, color="gray", ls=":", label=r.get("mode", "none"))
     ax2.set_xlabel("prefill SM share")
     ax2.set_ylabel("prefill tokens/s")
     ax2.legend()
@@ -297,21 +339,22 @@ def main() -> None:
         record["resize_ms"][mode] = res["resize_ms"]
         record.setdefault("startup_s", {})[mode] = res["startup_s"]
     record["resize_ms"].setdefault("none", None)  # no resize: one split
-    record["resize_ms"].setdefault("mps", None)
     record.setdefault("notes", []).append(
-        "mps: static CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per worker; standby-worker resize not "
-        "implemented, so no resize latency")
+        "mps: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per worker, isolation measured at the start "
+        "share 0.5; its resize starts a standby worker pair, so resize_ms includes worker "
+        "start-up")
     out = Path(a.out) if a.out else RESULTS_DIR / f"sm_partition_{gpu_slug(gpu)}.json"
     write_result(out, record)
     try:
         plot(record, out.with_suffix(".png"))
     except Exception as exc:  # noqa: BLE001 - the JSON is the record
         logger.warning("plot failed: %s", exc)
-    rows = [(f"{r['prefill_share'] if r['prefill_share'] is not None else 'none'}",
+    rows = [(f"{r['prefill_share'] if r['prefill_share'] is not None else r.get('mode', 'none')}",
              f"decode {r['decode_step_ms']} ms (alone {r['decode_alone_step_ms']}), "
              f"prefill {r['prefill_tok_s']} tok/s (alone {r['prefill_alone_tok_s']})")
             for r in record["isolation"]]
     rows.append(("resize_ms green", record["resize_ms"].get("green")))
+    rows.append(("resize_ms mps", record["resize_ms"].get("mps")))
     rows.append(("graph_replay_confined", record["graph_replay_confined"]))
     print_table(rows, f"SM partition on {gpu}")
 
