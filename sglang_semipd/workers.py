@@ -560,6 +560,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
     model; nothing touches CUDA before ``manager_ready`` is set, so the manager's memory
     accounting sees no worker context)."""
     from sglang.srt.managers.scheduler import configure_scheduler_process
+    from sglang.srt.utils import kill_itself_when_parent_died
 
     from sglang_semipd.memory.backend import register_semipd_radix_backend
     from sglang_semipd.memory.client import KVStateClient
@@ -568,8 +569,6 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
     from sglang_semipd.partition.streams import build_split_streams, capture_stream
     from sglang_semipd.runner import publish_server_args
     from sglang_semipd.worker_attach import attached_pools, worker_server_args
-
-    from sglang.srt.utils import kill_itself_when_parent_died
 
     kill_itself_when_parent_died()  # also while waiting for the manager (no CUDA yet)
     role = plan.role
@@ -581,7 +580,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
         while not manager_ready.wait(1.0):
             pass
         configure_scheduler_process(server_args, plan.gpu_id, plan.tp_rank, 0, 0, 0, 0, None)
-        set_process_title(role)  # after SGLang's "sglang::scheduler"
+        set_process_title(plan.kv_role())  # after SGLang's "sglang::scheduler"
         client = KVStateClient(plan.kv_endpoint, f"{plan.kv_role()}-{plan.tp_rank}",
                                plan.kv_role(),
                                timeout_s=60.0)
