@@ -18,8 +18,13 @@ launcher and routes messages between them:
   socket as the first token it announces, and we forward in arrival order, the detokenizer
   always sees the prefill worker's first token of a request before any decode output for it.
 
-Replies to control requests go from the prefill worker straight to the TokenizerManager. If any child dies this process exits non-zero, which makes SGLang's watchdog tear
-the whole server down.
+Replies to control requests go from the prefill worker straight to the TokenizerManager. If
+any child dies this process exits non-zero, which makes SGLang's watchdog tear the whole server
+down.
+
+Under ``--sm-partition mps`` a resize starts a standby worker pair and swaps it in once it is
+ready; swapped-out pairs (:class:`Generation`) finish their own requests and then retire
+(:mod:`sglang_semipd.partition.standby`). A retired worker's clean exit is not a failure.
 """
 
 from __future__ import annotations
