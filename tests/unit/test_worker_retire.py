@@ -1,0 +1,94 @@
+"""A worker of a swapped-out pair (``--sm-partition mps``) retires only when idle: the semi-PD
+worker mixin (``workers._SemiPDMixin``) takes ``Retire`` from its control socket between
+iterations, keeps serving while it still has work, and once idle gives its slots back to a real
+memory-manager process (``RemoteTokenAllocator`` + ``Goodbye``) and leaves the event loop.
+SGLang's ``Scheduler`` underneath is played by a small base class (the mixin is under test)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from types import SimpleNamespace
+
+import pytest
+import zmq
+
+from sglang_semipd import protocol as P
+from sglang_semipd.memory.client import KVStateClient
+from sglang_semipd.memory.remote_allocator import RemoteTokenAllocator
+from sglang_semipd.memory.rpc import KVStateServerConfig, run_kv_state_server
+from sglang_semipd.testing.procs import wait_for_kv_server
+from sglang_semipd.workers import WorkerRetired, _SemiPDMixin
+
+
+class _Batch:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def is_empty(self) -> bool:
+        return self.n == 0
+
+
+class _SchedulerStandIn:
+    """What the mixin uses of SGLang's ``Scheduler``."""
+
+    def __init__(self) -> None:
+        self.waiting_queue: list = []
+        self.chunked_req = None
+        self.calls = 0
+
+    def get_next_batch_to_run(self, running_batch, last_batch):
+        self.calls += 1
+        return running_batch
+
+
+class Worker(_SemiPDMixin, _SchedulerStandIn):
+    semipd_role = "decode"
+
+
+@pytest.fixture()
+def manager(tmp_path):
+    cfg = KVStateServerConfig(f"ipc://{tmp_path}/kv.sock", 4096, page_size=1, req_rows=16,
+                              log_level="WARNING")
+    proc = mp.get_context("spawn").Process(target=run_kv_state_server, args=(cfg,),
+                                           daemon=True)
+    proc.start()
+    sup = KVStateClient(cfg.endpoint, "supervisor", timeout_s=15, register=False)
+    wait_for_kv_server(sup, proc)
+    yield cfg.endpoint, sup
+    sup.shutdown()
+    sup.close()
+    proc.join(10)
+
+
+def test_retire_waits_for_idle_then_gives_everything_back(manager, tmp_path):
+    endpoint, sup = manager
+    client = KVStateClient(endpoint, "decode@1-0", "decode@1", timeout_s=15)
+    w = Worker()
+    w.semipd_client = client
+    w.token_to_kv_pool_allocator = RemoteTokenAllocator(client, lease_block=64)
+    held = w.token_to_kv_pool_allocator.alloc(10)  # a running request's slots ...
+    ctx = zmq.Context.instance()
+    ctl = ctx.socket(zmq.PUSH)
+    ctl.bind(f"ipc://{tmp_path}/ctl")
+    w.semipd_control = ctx.socket(zmq.PULL)
+    w.semipd_control.connect(f"ipc://{tmp_path}/ctl")
+    w.semipd_streams = SimpleNamespace(splits=[None])
+    time.sleep(0.1)
+    ctl.send_multipart(P.encode_control(P.Retire(generation=1)))
+    time.sleep(0.2)
+    busy = _Batch(1)
+    assert w.get_next_batch_to_run(busy, None) is busy  # still decoding: keeps serving
+    assert w.semipd_retire and w.calls == 1
+    w.waiting_queue.append("queued")
+    assert w.get_next_batch_to_run(_Batch(0), None).is_empty()  # a queued request too
+    w.waiting_queue.clear()
+    w.token_to_kv_pool_allocator.free(held)  # ... finished
+    assert sup.check_invariant().client_held  # the worker still holds its lease
+    with pytest.raises(WorkerRetired):
+        w.get_next_batch_to_run(_Batch(0), None)
+    assert w.calls == 2  # it left without running another iteration
+    report = sup.check_invariant()
+    assert report.ok and report.client_held == {} and report.leased == 0, report
+    ctl.close(0)
+    w.semipd_control.close(0)
