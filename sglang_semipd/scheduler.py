@@ -162,28 +162,11 @@ class Coordinator:
         self._stop = False
 
     # ------------------------------------------------------------ start-up
-    def start(self) -> dict:
-        """Spawn the memory manager and both workers at once (the workers import SGLang while
-        the manager loads the model, and touch CUDA only once it is ready), then wait for all
-        three."""
-        from sglang_semipd.memory_manager import MemoryManagerSpec, run_memory_manager
-        from sglang_semipd.workers import WorkerPlan, run_worker_process
-
-        spawn = mp.get_context("spawn")
-        manager_ready = self._manager_ready = spawn.Event()
-        spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
-                                 weight_socket=self.weight_socket, nccl_port=get_free_port(),
-                                 gpu_id=self.gpu_id, tp_rank=self.tp_rank)
-        pipes = {"memory_manager": self._spawn(spawn, "memory_manager", run_memory_manager,
-                                               (spec,))}
-        for role, ep in self.endpoints.items():
-            plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint,
-                              handoff_endpoint=ep.handoff, control_endpoint=ep.control,
-                              sm_partition=self.cfg.sm_partition, shares=self.cfg.sm_splits,
-                              start_share=self.cfg.prefill_sm_share, gpu_id=self.gpu_id,
-                              tp_rank=self.tp_rank)
-            args = (plan, self.server_args, worker_port_args(self.port_args, ep), manager_ready)
-            pipes[role] = self._spawn(spawn, role, run_worker_process, args)
+    def start(self, pipes: Optional[dict[str, Any]] = None) -> dict:
+        """Wait until the memory manager and both workers (spawned by :meth:`spawn_children`,
+        unless ``pipes`` says they were) are ready; returns SGLang's ready dict."""
+        pipes = pipes if pipes is not None else self.spawn_children()
+        manager_ready = self._manager_ready
         info = self._wait_ready("memory_manager", pipes["memory_manager"])
         logger.info("memory manager ready: %d KV slots, %.2f GiB weights; start-up phases "
                     "(s): %s", info["max_total_num_tokens"], info["weights_bytes"] / 2**30,
@@ -212,6 +195,30 @@ class Coordinator:
         return {"status": "ready", "max_total_num_tokens": info["max_total_num_tokens"],
                 "max_req_input_len": ready["prefill"]["max_req_input_len"],
                 "startup_time": ready["prefill"].get("startup_time")}
+
+    def spawn_children(self) -> dict[str, Any]:
+        """Spawn the memory manager and both workers at once, without waiting (the workers
+        import SGLang while the manager loads the model, and touch CUDA only once it is
+        ready); returns their ready pipes for :meth:`start`."""
+        from sglang_semipd.memory_manager import MemoryManagerSpec, run_memory_manager
+        from sglang_semipd.workers import WorkerPlan, run_worker_process
+
+        spawn = mp.get_context("spawn")
+        manager_ready = self._manager_ready = spawn.Event()
+        spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
+                                 weight_socket=self.weight_socket, nccl_port=get_free_port(),
+                                 gpu_id=self.gpu_id, tp_rank=self.tp_rank)
+        pipes = {"memory_manager": self._spawn(spawn, "memory_manager", run_memory_manager,
+                                               (spec,))}
+        for role, ep in self.endpoints.items():
+            plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint,
+                              handoff_endpoint=ep.handoff, control_endpoint=ep.control,
+                              sm_partition=self.cfg.sm_partition, shares=self.cfg.sm_splits,
+                              start_share=self.cfg.prefill_sm_share, gpu_id=self.gpu_id,
+                              tp_rank=self.tp_rank)
+            args = (plan, self.server_args, worker_port_args(self.port_args, ep), manager_ready)
+            pipes[role] = self._spawn(spawn, role, run_worker_process, args)
+        return pipes
 
     def _spawn(self, spawn: Any, name: str, target: Any, args: tuple) -> Any:
         reader, writer = spawn.Pipe(duplex=False)
@@ -699,14 +706,17 @@ def run_semipd_scheduler_process(server_args: Any, port_args: Any, gpu_id: int, 
     """SGLang's ``run_scheduler_process`` contract: send the ready dict on ``pipe_writer``,
     then serve until the server goes down. ``semipd``: the semi-PD flags (bound by the
     launcher with ``functools.partial``)."""
-    from sglang.srt.managers.scheduler import configure_scheduler_process
-
-    configure_scheduler_process(server_args, gpu_id, tp_rank, attn_cp_rank, moe_dp_rank,
-                                moe_ep_rank, pp_rank, dp_rank)
     coordinator = Coordinator(server_args, port_args, gpu_id, tp_rank, semipd)
     signal.signal(signal.SIGTERM, lambda *_: setattr(coordinator, "_stop", True))
     try:
-        pipe_writer.send(coordinator.start())
+        # the children first: their imports (the memory manager's are the server's start-up
+        # critical path) then overlap this process's import of SGLang's scheduler module
+        pipes = coordinator.spawn_children()
+        from sglang.srt.managers.scheduler import configure_scheduler_process
+
+        configure_scheduler_process(server_args, gpu_id, tp_rank, attn_cp_rank, moe_dp_rank,
+                                    moe_ep_rank, pp_rank, dp_rank)
+        pipe_writer.send(coordinator.start(pipes))
         coordinator.serve()
     except BaseException as exc:
         logger.exception("semi-PD scheduler failed")
