@@ -323,17 +323,17 @@ class Coordinator:
             obj = pickle.loads(raw)
             if self.controller is not None:
                 self._guarded(self._observe_request, obj)
-            name = type(obj).__name__
+            name, both = type(obj).__name__, also_to_decode(obj)
             if self.cfg.sm_partition == "mps" and name in GENERATION_REQS:
                 for rid in _rids(obj):
                     self.gens.route(rid)  # served by the current pair, start to finish
-            elif also_to_decode(obj):  # aborts & co.: swapped-out pairs still serve some
+            elif both:  # aborts & co.: swapped-out pairs still serve some
                 for gen in self.old.values():
                     for sock in gen.to_worker.values():
                         sock.send(raw)
-            if also_to_decode(obj):  # first: it must know the request before
+            if both:  # first: it must know the request before
                 self.to_worker["decode"].send(raw)  # the hand-off
-            if type(obj).__name__ == "FlushCacheReqInput" and not self._held:
+            if name == "FlushCacheReqInput" and not self._held:
                 # the decode worker gives back its idle slots first, or the memory
                 # manager's reset would see them held
                 self._release_seq += 1
@@ -362,11 +362,9 @@ class Coordinator:
         t0 = time.monotonic()
         name = type(obj).__name__
         decision = None
-        if name == "TokenizedGenerateReqInput":
-            decision = self.controller.on_request(obj.rid, t0)
-        elif name == "BatchTokenizedGenerateReqInput":
-            for req in obj.batch:
-                decision = self.controller.on_request(req.rid, t0) or decision
+        if name in GENERATION_REQS:
+            for rid in _rids(obj):
+                decision = self.controller.on_request(rid, t0) or decision
         elif name == "AbortReq" and obj.rid:
             self.controller.on_abort(obj.rid)
         self._apply_decision(decision)
