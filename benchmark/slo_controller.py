@@ -186,8 +186,7 @@ def main() -> None:
         bucket = [r for r in results if t <= r["arrival"] < t + a.bucket_s]
         timeline.append({"t_s": round(t - t0, 3),
                          "prefill_share": share_at(changes, t + a.bucket_s / 2, start_share),
-                         "attainment": (sum(met(r, ttft_s, tpot_s) for r in bucket) / len(bucket)
-                                        if bucket else None),
+                         "attainment": attainment_of(bucket, ttft_s, tpot_s),
                          "requests": len(bucket)})
         t += a.bucket_s
     step = phases[1]["start_mono"]
@@ -196,8 +195,7 @@ def main() -> None:
     for p in phases:
         sel = [r for r in results if p["start_mono"] <= r["arrival"] < p["end_mono"]]
         per_phase.append({"rate": p["rate"], "requests": len(sel),
-                          "attainment": sum(met(r, ttft_s, tpot_s) for r in sel) / len(sel)
-                          if sel else None,
+                          "attainment": attainment_of(sel, ttft_s, tpot_s),
                           "errors": sum(1 for r in sel if "error" in r)})
     record = {
         "gpu": gpu, "model": Path(a.model_dir).name,
