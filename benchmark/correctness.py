@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
+from sglang_semipd.testing.server import flush_cache
 
 SERVE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch",
                "--grammar-backend", "none", "--mem-fraction-static", "0.8",
@@ -92,7 +93,7 @@ def run_server(module_args: list[str], a: argparse.Namespace, name: str,
         chat = http_json(s.url + "/v1/chat/completions", {
             "model": "default", "messages": [{"role": "user", "content": "Hello!"}],
             "max_tokens": 8, "temperature": 0})
-        _flush(s.url)
+        flush_cache(s.url, timeout=60)
         stream_ok = _stream_matches(s.url, prompts[1], a.max_new_tokens, first_ids=None)
         info = {"startup_s": s.startup_s, "concurrent_s": elapsed, "warm": first,
                 "sequential": sequential, "chat": chat, "stream_matches_nonstream": stream_ok,
@@ -116,16 +117,9 @@ def _stream_matches(url: str, ids: list[int], max_new: int, first_ids: Any) -> b
             line = line.decode().strip()
             if line.startswith("data:") and line != "data: [DONE]":
                 last = json.loads(line[5:])
-    _flush(url)  # from scratch again: a radix hit changes bf16 numerics
+    flush_cache(url, timeout=60)  # from scratch again: a radix hit changes bf16 numerics
     plain = query(url, ids, max_new)["output_ids"]
     return last is not None and last["output_ids"] == plain
-
-
-def _flush(url: str) -> None:
-    import urllib.request
-
-    urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"",
-                                                  method="POST"), timeout=60).read()
 
 
 def model_dtype(model_dir: str) -> str:

@@ -129,13 +129,19 @@ def python_module_cmd(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def flush_cache(url: str, timeout: float = 120.0) -> str:
+    """POST ``/flush_cache`` (SGLang's); returns the server's answer text."""
+    req = urllib.request.Request(url + "/flush_cache", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.read().decode(errors="replace")
+
+
 def semipd_pool_report(url: str, flush: bool = True) -> dict[str, Any]:
     """The memory manager's invariant report of a semi-PD server's shared pool
     (``/server_info`` -> ``internal_states[0].semipd.pool``), after a ``/flush_cache`` so the
     radix tree's unlocked entries are freed first."""
     if flush:
-        urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"",
-                                                      method="POST"), timeout=120).read()
+        flush_cache(url)
     return http_json(url + "/server_info")["internal_states"][0]["semipd"]["pool"]
 
 

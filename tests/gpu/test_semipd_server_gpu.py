@@ -16,7 +16,8 @@ import urllib.request
 import pytest
 
 from sglang_semipd.testing.model_maker import make_model
-from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
+from sglang_semipd.testing.server import (ServerProcess, flush_cache, http_json,
+                                          python_module_cmd)
 
 pytestmark = pytest.mark.gpu
 
@@ -59,19 +60,14 @@ def _stream(server, ids, **params) -> list[dict]:
     return chunks
 
 
-def _flush(server) -> None:
-    urllib.request.urlopen(urllib.request.Request(server.url + "/flush_cache", data=b"",
-                                                  method="POST"), timeout=60).read()
-
-
 def test_stream_grows_token_by_token_and_ends_like_the_plain_request(server):
-    _flush(server)
+    flush_cache(server.url, timeout=60)
     chunks = _stream(server, PROMPT, max_new_tokens=12, ignore_eos=True)
     ids = [c["output_ids"] for c in chunks]
     assert len(ids) >= 2, "the first token and the decode tokens arrive separately"
     assert all(len(a) <= len(b) and b[:len(a)] == a for a, b in zip(ids, ids[1:]))
     assert len(ids[-1]) == 12
-    _flush(server)
+    flush_cache(server.url, timeout=60)
     assert _gen(server, PROMPT, max_new_tokens=12, ignore_eos=True)["output_ids"] == ids[-1]
 
 
