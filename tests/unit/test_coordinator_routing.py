@@ -12,66 +12,19 @@ traced and never reach the detokenizer, malformed control messages are dropped."
 from __future__ import annotations
 
 import pickle
-import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import zmq
 
 from sglang_semipd import protocol as P
 from sglang_semipd.partition.controller import PartitionController
-from sglang_semipd.config import SemiPDConfig
-from sglang_semipd.partition.resize import ResizeTracker
-from sglang_semipd.partition.splits import plan_splits
-from sglang_semipd.scheduler import Coordinator
-from sglang_semipd.trace import TRACE_ENV, read_trace
+from sglang_semipd.trace import read_trace
 
 
 def _recv(sock: zmq.Socket, timeout_ms: int = 5000):
     assert sock.poll(timeout_ms), "nothing arrived"
     return sock.recv_multipart()
-
-
-@pytest.fixture(params=["green"])
-def wired(tmp_path, monkeypatch, request):
-    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace.jsonl"))
-    ctx = zmq.Context.instance()
-    port_args = SimpleNamespace(scheduler_input_ipc_name=f"ipc://{tmp_path}/sched-in",
-                                detokenizer_ipc_name=f"ipc://{tmp_path}/detok",
-                                tokenizer_ipc_name=f"ipc://{tmp_path}/tok", rpc_ipc_name="",
-                                nccl_port=0)
-    tokenizer = ctx.socket(zmq.PUSH)  # SGLang's TokenizerManager binds PUSH here
-    tokenizer.bind(port_args.scheduler_input_ipc_name)
-    detok = ctx.socket(zmq.PULL)  # the DetokenizerManager binds PULL
-    detok.bind(port_args.detokenizer_ipc_name)
-    coord = Coordinator(SimpleNamespace(), port_args, gpu_id=0, tp_rank=0,
-                        semipd=SemiPDConfig(sm_partition=request.param))
-    coord.splits = list(plan_splits([0.25, 0.5, 0.75], total_sms=132))  # 40, 72, 104
-    coord.resizes = ResizeTracker(1)
-    coord._bind_sockets()
-    worker_in, worker_out, worker_ctl = {}, {}, {}
-    for role, ep in coord.endpoints.items():
-        worker_in[role] = ctx.socket(zmq.PULL)
-        worker_in[role].connect(ep.scheduler_input)
-        worker_out[role] = ctx.socket(zmq.PUSH)
-        worker_out[role].connect(ep.output)
-        worker_ctl[role] = ctx.socket(zmq.PULL)
-        worker_ctl[role].connect(ep.control)
-    decode_handoffs = ctx.socket(zmq.PULL)
-    decode_handoffs.connect(coord.endpoints["decode"].handoff)
-    thread = threading.Thread(target=coord.serve, daemon=True)
-    thread.start()
-    time.sleep(0.2)
-    yield SimpleNamespace(coord=coord, tokenizer=tokenizer, detok=detok, worker_in=worker_in,
-                          worker_out=worker_out, worker_ctl=worker_ctl,
-                          decode_handoffs=decode_handoffs, trace=tmp_path / "trace.jsonl")
-    coord._stop = True
-    thread.join(5)
-    coord.stop()  # no children here: only removes its run directory
-    for s in [tokenizer, detok, decode_handoffs, *worker_in.values(), *worker_out.values(),
-              *worker_ctl.values()]:
-        s.close(0)
 
 
 def test_requests_are_routed_by_type_as_the_same_bytes(wired):

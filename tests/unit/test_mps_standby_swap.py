@@ -7,7 +7,6 @@ bookkeeping (``partition.standby.GenerationTracker``) is tested on its own below
 
 from __future__ import annotations
 
-import inspect
 import multiprocessing as mp
 import pickle
 import time
@@ -21,7 +20,7 @@ from sglang_semipd import protocol as P
 from sglang_semipd.partition.standby import GenerationTracker
 from sglang_semipd.trace import read_trace
 
-from tests.unit.test_coordinator_routing import _recv, _until, wired  # noqa: F401 (fixture)
+from tests.unit.test_coordinator_routing import _recv, _sglang, _until
 
 MPS = pytest.mark.parametrize("wired", ["mps"], indirect=True)
 
@@ -42,12 +41,6 @@ class FakeProc:
         self.exitcode = self.exitcode if self.exitcode is not None else -15
 
     kill = terminate
-
-
-def _sglang(cls, **given):
-    empty = {n: None for n, p in inspect.signature(cls).parameters.items()
-             if p.default is inspect.Parameter.empty}
-    return cls(**{**empty, **given})
 
 
 def _request(rid: str) -> bytes:
