@@ -45,6 +45,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--max-input", type=int, default=1500)
     ap.add_argument("--max-output", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--request-timeout", type=float, default=120.0,
+                    help="a request with no answer this long counts as an error (a lost "
+                    "request), so a soak always ends with a record")
     ap.add_argument("--port", type=int, default=31500)
     ap.add_argument("--server-args", default="--attention-backend triton --sampling-backend "
                     "pytorch --grammar-backend none --mem-fraction-static 0.8 "
@@ -71,7 +74,7 @@ def plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def run_one(url: str, r: dict[str, Any]) -> dict[str, Any]:
+def run_one(url: str, r: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     body = json.dumps({"rid": r["rid"], "input_ids": r["ids"], "stream": r["stream"],
                        "sampling_params": {"temperature": 0, "max_new_tokens": r["max_new"],
                                            "ignore_eos": True}}).encode()
@@ -86,7 +89,7 @@ def run_one(url: str, r: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     tokens, finish = 0, None
     try:
-        with urllib.request.urlopen(req, timeout=600) as resp:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             if not r["stream"]:
                 out = json.loads(resp.read())
                 tokens = out["meta_info"]["completion_tokens"]
@@ -102,9 +105,13 @@ def run_one(url: str, r: dict[str, Any]) -> dict[str, Any]:
                     if abort_after is not None and time.monotonic() - t0 > abort_after:
                         return {"aborted": True, "tokens": tokens}  # disconnect
     except Exception as exc:  # noqa: BLE001
-        if abort_after is not None:
+        # no answer in time is a lost request, aborted or not (an abort must be answered too)
+        lost = isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None),
+                                                           TimeoutError)
+        if abort_after is not None and not lost:
             return {"aborted": True, "tokens": tokens, "note": repr(exc)[:200]}
-        return {"error": repr(exc)[:500]}
+        return {"error": repr(exc)[:500], "rid": r["rid"], "stream": r["stream"],
+                "abort_requested": abort_after is not None, "lost": lost}
     finally:
         if timer is not None:
             timer.cancel()
@@ -127,7 +134,8 @@ def main() -> None:
     t0 = time.monotonic()
     with ServerProcess(cmd, a.port, log_dir / "server_soak.log", start_timeout=600) as s:
         with ThreadPoolExecutor(a.concurrency) as pool:
-            for k, res in enumerate(pool.map(lambda r: run_one(s.url, r), reqs)):
+            for k, res in enumerate(pool.map(lambda r: run_one(s.url, r, a.request_timeout),
+                                             reqs)):
                 results.append(res)
                 if (k + 1) % 1000 == 0:
                     logger.info("%d/%d requests done", k + 1, len(reqs))
@@ -144,6 +152,8 @@ def main() -> None:
         "completed_short": sum(1 for r in finished if not r["full"]
                                and not r["aborted_requested"]),
         "errors": errors,
+        "lost": sum(1 for r in results if r.get("lost")),
+        "error_samples": [r for r in results if "error" in r][:20],
         **pool_leaks(report),
         "invariant_ok": report["ok"], "pool": report, "elapsed_s": elapsed,
         "command": "python -m benchmark.soak " + " ".join(
@@ -152,7 +162,7 @@ def main() -> None:
     out = Path(a.out) if a.out else RESULTS_DIR / f"soak_{gpu_slug(record['gpu'])}.json"
     write_result(out, record)
     print_table([(k, record[k]) for k in ("requests", "aborted", "completed",
-                                           "completed_full", "completed_short", "errors",
+                                           "completed_full", "completed_short", "errors", "lost",
                                            "leaked_slots", "lock_refs_left", "req_rows_left",
                                            "invariant_ok", "elapsed_s")],
                 f"soak on {record['gpu']}")

@@ -13,9 +13,12 @@ decides, for every hand-off and every abort, what the decode worker must do:
 * hand-off before its request (possible only if the request message were delayed) -> kept
   *early*, adopted when the request is parked; a *finished* one is remembered, so that the
   request is not parked for ever when it comes;
-* abort of a parked request -> the parked copy is dropped (the prefill worker answers the
-  client); if its hand-off still comes, the request's row, slots and lock were already moved to
-  decode, so they are *released* (an orphan), never adopted.
+* abort of a parked request -> the parked copy is dropped. If the prefill worker saw the abort
+  before the hand-off, it answered the client and its hand-off comes ``finished``. If it had
+  already handed the request off (the abort overtook the hand-off on its way to decode), the
+  hand-off comes unfinished: the request's row, slots and lock were moved to decode, so they
+  are *released* (an orphan), never adopted, and **the decode worker must answer the client's
+  abort** -- the prefill worker no longer has the request and says nothing.
 
 Invariants (checked by the CPU tests with random interleavings): each hand-off is either
 adopted, released or ignored (``finished``) exactly once; a request aborted while parked is
@@ -81,7 +84,8 @@ class DecodeInbox(Generic[R, H]):
 
     def take(self) -> tuple[list[tuple[R, H]], list[H]]:
         """The pending hand-offs, sorted out: ``(adopt, release)`` -- requests to adopt with
-        their hand-off, and orphaned hand-offs whose resources must be released."""
+        their hand-off, and orphaned hand-offs: their resources must be released and their
+        client answered with an abort (nobody else will; see the module docstring)."""
         adopt: list[tuple[R, H]] = []
         release: list[H] = []
         pending, self._pending = self._pending, []

@@ -90,6 +90,9 @@ class _SharedPoolChecks:
         return None
 
 
+STALL_REPORT_S = 30.0  # a worker holding requests this long without a batch logs them
+
+
 class _SemiPDMixin:
     """Shared by both workers: the KV-state client, the shared-pool invariant checks, and the
     SM partition -- every forward pass runs on the active split's stream, resize commands from
@@ -155,8 +158,38 @@ class _SemiPDMixin:
         self._poll_control()
         if getattr(self, "semipd_retire", False) and self.semipd_idle(running_batch):
             self._retire()
-        return super().get_next_batch_to_run(running_batch=running_batch,
+        plan = super().get_next_batch_to_run(running_batch=running_batch,
                                              last_batch=last_batch)
+        self._watch_stall(plan.batch_to_run)  # SGLang returns a plan (running, to run)
+        return plan
+
+    def _watch_stall(self, batch: Any) -> None:
+        """Log once (a warning) when this worker has held requests for ``STALL_REPORT_S``
+        without running a batch: where they are and their first rids. A request stuck here
+        would otherwise only show as a client that never gets an answer."""
+        now = time.monotonic()
+        if batch is not None or not hasattr(self, "_stall_since"):
+            self._stall_since, self._stall_logged = now, False
+            return
+        if self._stall_logged or now - self._stall_since < STALL_REPORT_S:
+            return
+        held = {k: v for k, v in self.semipd_held().items() if v}
+        if not held:
+            self._stall_since = now
+            return
+        self._stall_logged = True
+        logger.warning("semi-PD %s worker: no batch for %.0f s while holding %s", self.semipd_role,
+                       now - self._stall_since, "; ".join(
+                           f"{k}: {len(v)} ({', '.join(v[:5])}{', ...' if len(v) > 5 else ''})"
+                           for k, v in held.items()))
+
+    def semipd_held(self) -> dict[str, list[str]]:
+        """Rids of the requests this worker holds, by place (for stall reports)."""
+        chunked = getattr(self, "chunked_req", None)
+        running = getattr(self, "running_batch", None)
+        return {"waiting": [r.rid for r in self.waiting_queue],
+                "running": [r.rid for r in running.reqs] if running is not None else [],
+                "chunked": [chunked.rid] if chunked is not None else []}
 
     def semipd_idle(self, running_batch: Any) -> bool:
         """Nothing queued, running or half-prefilled here (the decode worker also checks its
@@ -286,8 +319,9 @@ def make_prefill_scheduler_cls() -> type:
         def set_internal_state(self, recv_req: Any) -> Any:
             """SGLang's ``/set_internal_state``, plus ``semipd_prefill_sm_share`` (the
             scheduler resizes both workers to the nearest planned split) and
-            ``semipd_partition_policy`` (``static`` pins the split, ``slo`` hands it back to
-            the SLO controller); both go to the scheduler as one ``ResizeRequest``."""
+            ``semipd_slo_policy`` (``0``: the static policy pins the split, ``1``: the SLO
+            controller moves it again); both go to the scheduler as one ``ResizeRequest``.
+            Numbers only: SGLang's ``SetInternalStateReq`` refuses other values (HTTP 400)."""
             args = dict(recv_req.server_args or {})
             share = args.pop(SHARE_KEY, None)
             policy = args.pop(POLICY_KEY, None)
@@ -300,10 +334,11 @@ def make_prefill_scheduler_cls() -> type:
                 logger.warning("%s=%r rejected: a prefill SM share is in (0, 1)", SHARE_KEY,
                                share)
                 return SetInternalStateReqOutput(updated=False)
-            if policy is not None and policy not in PARTITION_POLICIES:
-                logger.warning("%s=%r rejected: one of %s", POLICY_KEY, policy,
-                               ", ".join(PARTITION_POLICIES))
+            if policy is not None and (isinstance(policy, bool) or policy not in (0, 1)):
+                logger.warning("%s=%r rejected: 1 (slo) or 0 (static)", POLICY_KEY, policy)
                 return SetInternalStateReqOutput(updated=False)
+            if policy is not None:
+                policy = POLICY_BY_SWITCH[int(policy)]
             if args:
                 recv_req.server_args = args
                 out = super().set_internal_state(recv_req)
@@ -400,6 +435,12 @@ def make_decode_scheduler_cls() -> type:
             return super().semipd_idle(running_batch) and not self.inbox.parked \
                 and not self.inbox.has_pending
 
+        def semipd_held(self) -> dict[str, list[str]]:
+            held = super().semipd_held()
+            held["parked (no hand-off yet)"] = list(self.inbox.parked)
+            held["hand-off before request"] = list(self.inbox.early)
+            return held
+
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
             while True:
                 try:
@@ -434,7 +475,12 @@ def make_decode_scheduler_cls() -> type:
             return running_batch
 
         def _drop_orphan(self, h: P.HandOff) -> None:
-            """The request was aborted here before its hand-off: release what it holds."""
+            """The request was aborted here while its hand-off was on the way: release what
+            it holds and answer the abort (the prefill worker, which handed it off before the
+            abort reached it, no longer has the request; the TokenizerManager would wait for
+            ever). A second answer for one rid is harmless: SGLang ignores it."""
+            from sglang.srt.managers.io_struct import AbortReq
+
             tail = self.req_to_token_pool.req_to_token[h.req_pool_idx,
                                                        h.cache_protected_len:h.kv_len]
             if len(tail):
@@ -442,6 +488,9 @@ def make_decode_scheduler_cls() -> type:
             if h.last_node:
                 self.semipd_client.dec_lock_ref(h.last_node)
             self.semipd_client.free_req_rows([h.req_pool_idx])
+            self.ipc_channels.send_to_tokenizer.send_output(AbortReq(rid=h.rid))
+            logger.debug("aborted %s while its hand-off was on the way: released, answered",
+                         h.rid)
 
         def _prepare(self, req: Any, h: P.HandOff) -> Any:
             import torch
@@ -518,7 +567,9 @@ def role_server_args(role: str, sa: Any) -> Any:
 
 
 SHARE_KEY = "semipd_prefill_sm_share"
-POLICY_KEY = "semipd_partition_policy"
+POLICY_KEY = "semipd_slo_policy"  # 1: --partition-policy slo, 0: static (numbers only)
+POLICY_BY_SWITCH = {0: "static", 1: "slo"}
+assert set(POLICY_BY_SWITCH.values()) == set(PARTITION_POLICIES)
 
 
 def mps_thread_percentage(role: str, prefill_share: float) -> int:

@@ -22,8 +22,9 @@ from sglang_semipd.workers import WorkerRetired, _SemiPDMixin
 
 
 class _Batch:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, rids: tuple[str, ...] = ()) -> None:
         self.n = n
+        self.reqs = [SimpleNamespace(rid=r) for r in rids]
 
     def is_empty(self) -> bool:
         return self.n == 0
@@ -38,8 +39,10 @@ class _SchedulerStandIn:
         self.calls = 0
 
     def get_next_batch_to_run(self, running_batch, last_batch):
+        """SGLang returns a plan: the running batch and the batch to run (None: idle)."""
         self.calls += 1
-        return running_batch
+        return SimpleNamespace(running_batch=running_batch, batch_to_run=None
+                               if running_batch.is_empty() else running_batch)
 
 
 class Worker(_SemiPDMixin, _SchedulerStandIn):
@@ -78,10 +81,10 @@ def test_retire_waits_for_idle_then_gives_everything_back(manager, tmp_path):
     ctl.send_multipart(P.encode_control(P.Retire(generation=1)))
     time.sleep(0.2)
     busy = _Batch(1)
-    assert w.get_next_batch_to_run(busy, None) is busy  # still decoding: keeps serving
+    assert w.get_next_batch_to_run(busy, None).batch_to_run is busy  # still decoding
     assert w.semipd_retire and w.calls == 1
-    w.waiting_queue.append("queued")
-    assert w.get_next_batch_to_run(_Batch(0), None).is_empty()  # a queued request too
+    w.waiting_queue.append(SimpleNamespace(rid="queued"))
+    assert w.get_next_batch_to_run(_Batch(0), None).batch_to_run is None  # queued: stays
     w.waiting_queue.clear()
     w.token_to_kv_pool_allocator.free(held)  # ... finished
     assert sup.check_invariant().client_held  # the worker still holds its lease
@@ -92,3 +95,29 @@ def test_retire_waits_for_idle_then_gives_everything_back(manager, tmp_path):
     assert report.ok and report.client_held == {} and report.leased == 0, report
     ctl.close(0)
     w.semipd_control.close(0)
+
+
+def test_a_worker_holding_requests_without_running_a_batch_says_so_once(monkeypatch, caplog):
+    """The stall report: a worker that holds requests but has run no batch for
+    ``STALL_REPORT_S`` logs one warning naming where they are; running a batch re-arms it."""
+    import sglang_semipd.workers as W
+
+    monkeypatch.setattr(W, "STALL_REPORT_S", 0.05)
+    w = Worker()
+    w._poll_control = lambda: None
+    w.running_batch = _Batch(0)
+    w.get_next_batch_to_run(_Batch(0), None)  # idle, nothing held: no report
+    time.sleep(0.1)
+    w.get_next_batch_to_run(_Batch(0), None)
+    assert "no batch" not in caplog.text
+    w.waiting_queue.extend(SimpleNamespace(rid=f"r{i}") for i in range(7))
+    w.get_next_batch_to_run(_Batch(0), None)
+    time.sleep(0.1)
+    for _ in range(3):
+        w.get_next_batch_to_run(_Batch(0), None)
+    reports = [r.getMessage() for r in caplog.records if "no batch" in r.getMessage()]
+    assert len(reports) == 1 and "waiting: 7 (r0, r1, r2, r3, r4, ...)" in reports[0]
+    w.get_next_batch_to_run(_Batch(1, ("r9",)), None)  # a batch ran: re-armed
+    time.sleep(0.1)
+    w.get_next_batch_to_run(_Batch(0), None)
+    assert len([r for r in caplog.records if "no batch" in r.getMessage()]) == 2
