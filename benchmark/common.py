@@ -66,7 +66,7 @@ def pin_split(url: str, share: float, timeout_s: float = 30.0) -> list[int]:
     from sglang_semipd.testing.server import http_json
 
     out = http_json(url + "/set_internal_state", {"server_args": {
-        "semipd_partition_policy": "static", "semipd_prefill_sm_share": share}})
+        "semipd_slo_policy": 0, "semipd_prefill_sm_share": share}})
     if out != [True]:  # SGLang answers one flag per worker that took it
         raise RuntimeError(f"server refused to pin share {share}: {out}")
     deadline = time.monotonic() + timeout_s

@@ -16,7 +16,7 @@ is reported as ``semipd_green_static``), ``mps`` and ``none``.
 
 The static splits share one server (started with the first share, ``--partition-policy
 static``): before each split's runs it is pinned there through ``/set_internal_state``
-(``semipd_partition_policy: static`` + ``semipd_prefill_sm_share``), which saves a server start
+(``semipd_slo_policy: 0`` + ``semipd_prefill_sm_share``), which saves a server start
 (2-3 minutes for the 8B shape) per split.
 
 ``run`` starts each system once (``testing.server.ServerProcess``), replays each workload with

@@ -12,7 +12,7 @@ records). Writes ``benchmark/results/slo_controller_<gpu>.json`` (+ ``.png``) wi
 the requests that arrived in it).
 
 Then, on the same server, the same load (same seed) once per ``--static-shares`` split, pinned
-through ``/set_internal_state`` (``semipd_partition_policy: static``): the best of those is
+through ``/set_internal_state`` (``semipd_slo_policy: 0``, static): the best of those is
 ``attainment_static_best``. The SLO-policy run goes first, so it alone pays for anything still
 warming up.
 """
@@ -209,7 +209,7 @@ def main() -> None:
                                        if x["attainment"] is not None), default=None),
         "notes": ["static runs: the same load (same seed) replayed on the same server after "
                   "the SLO-policy run, each on one split pinned with "
-                  "/set_internal_state semipd_partition_policy=static"],
+                  "/set_internal_state semipd_slo_policy=0 (static)"],
         "command": "python -m benchmark.slo_controller " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None)}
     out = Path(a.out) if a.out else RESULTS_DIR / f"slo_controller_{gpu_slug(gpu)}.json"

@@ -661,8 +661,8 @@ class ResizeRequest(msgspec.Struct, frozen=True, tag="resize_request",
     """Prefill worker -> scheduler: an operator asked, through SGLang's
     ``/set_internal_state``, for a prefill SM share (``{"semipd_prefill_sm_share": x}``: the
     scheduler picks the nearest planned split) and/or a partition policy
-    (``{"semipd_partition_policy": "static" | "slo"}``: ``static`` pins the split, ``slo``
-    hands it back to the SLO controller). At least one of the two is set."""
+    (``{"semipd_slo_policy": 0 | 1}``: ``static`` (0) pins the split, ``slo`` (1) hands it back
+    to the SLO controller; the record carries the policy's name). At least one is set."""
 
     share: Optional[float] = None
     policy: Optional[str] = None

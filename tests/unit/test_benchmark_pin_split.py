@@ -8,8 +8,12 @@ import json
 import threading
 
 import pytest
+from pydantic import TypeAdapter
+from sglang.srt.managers.io_struct import SetInternalStateReq
 
 from benchmark.common import pin_split
+
+SET_STATE = TypeAdapter(SetInternalStateReq)  # FastAPI validates the body with this
 
 SPLITS = [[40, 92], [56, 76], [72, 60], [88, 44], [104, 28]]
 
@@ -31,7 +35,8 @@ def _serve(state: _State) -> http.server.HTTPServer:
 
         def do_POST(self) -> None:
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            args = req["server_args"]
+            # what SGLang's HTTP server does first: its request type refuses non-numbers
+            args = SET_STATE.validate_python(req).server_args
             state.asked.append(args)
             share = args["semipd_prefill_sm_share"]
             state.target = min(range(len(SPLITS)),
@@ -60,8 +65,7 @@ def test_pins_and_waits_for_the_nearest_split(share, sms):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         assert pin_split(url, share) == sms
-        assert state.asked == [{"semipd_partition_policy": "static",
-                                "semipd_prefill_sm_share": share}]
+        assert state.asked == [{"semipd_slo_policy": 0, "semipd_prefill_sm_share": share}]
         assert state.polls >= 2  # it waited for the move
     finally:
         server.shutdown()
@@ -76,3 +80,14 @@ def test_refusal_and_a_split_that_never_moves_are_errors():
                 pin_split(f"http://127.0.0.1:{server.server_address[1]}", 0.8, timeout_s=1.0)
         finally:
             server.shutdown()
+
+
+def test_sglangs_request_type_refuses_what_our_old_policy_key_sent():
+    """The H100 run that found it: a string value made SGLang answer 400 before any worker
+    saw the request; the numeric switch passes."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        SET_STATE.validate_python({"server_args": {"semipd_partition_policy": "static"}})
+    assert SET_STATE.validate_python({"server_args": {"semipd_slo_policy": 1}}).server_args \
+        == {"semipd_slo_policy": 1}
