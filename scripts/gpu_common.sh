@@ -14,6 +14,13 @@ sweep() {  # process titles sglang::*, and python -m sglang[_semipd].launch_serv
   sleep 1
 }
 sweep
+# Triton's JIT cache (the first decode-graph capture on a fresh host spent 77 s compiling):
+# unpacked from .gpu/triton-cache.tgz when carried, packed back into RES at exit (if small)
+# -- copy it to .gpu/ to carry it next time.
+export TRITON_CACHE_DIR=/tmp/semipd-triton-cache
+if [ -f .gpu/triton-cache.tgz ] && [ ! -d "$TRITON_CACHE_DIR" ]; then
+  mkdir -p "$TRITON_CACHE_DIR" && tar -C "$TRITON_CACHE_DIR" -xzf .gpu/triton-cache.tgz
+fi
 LOG=/tmp/semipd-logs
 rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
 T0=$(date +%s)
@@ -24,6 +31,10 @@ finish() {
   for f in ${RESULT_FILES:-pytest_gpu.log}; do cp "$LOG/$f" "$RES/" 2>/dev/null; done
   cp "$LOG"/*.json "$RES/" 2>/dev/null
   tar -C "$LOG" -czf "$RES/logs.tgz" .
+  if [ -d "$TRITON_CACHE_DIR" ] && [ "$(du -sm "$TRITON_CACHE_DIR" | cut -f1)" -lt 60 ]; then
+    tar -C "$TRITON_CACHE_DIR" -czf "$RES/triton-cache.tgz" .
+    [ "$(du -m "$RES/triton-cache.tgz" | cut -f1)" -lt 16 ] || rm -f "$RES/triton-cache.tgz"
+  fi
 }
 trap finish EXIT
 export PYTHONUNBUFFERED=1 SEMIPD_TEST_LOG_DIR=$LOG
