@@ -3,9 +3,11 @@
 
     python -m benchmark.slo_controller --model-dir /tmp/models/llama8b --load-format dummy
 
-Poisson arrivals at ``--rate`` req/s for ``--phase-s`` seconds, then at twice the rate; random
-token prompts of ``--input-len`` tokens, ``--output-len`` output tokens (ignore_eos), streamed,
-so TTFT and TPOT are measured at the client. The server starts on ``--prefill-sm-share``. The
+Poisson arrivals at ``--rate`` req/s for ``--phase-s`` seconds, then at ``--step-factor`` times
+the rate (default 2); random token prompts of ``--input-len`` tokens, ``--output-len`` output
+tokens (ignore_eos), streamed, so TTFT and TPOT are measured at the client. ``--step-input-len``
+/ ``--step-output-len`` also change the mix at the step (e.g. decode-heavy, then prefill-heavy:
+a step after which the best static split is another one, so the policy has to move). The server starts on ``--prefill-sm-share``. The
 split in force comes from the scheduler's trace (``SGLANG_SEMIPD_TRACE``: its ``decision``
 records). Writes ``benchmark/results/slo_controller_<gpu>.json`` (+ ``.png``) with a
 ``timeline`` of ``{t_s, prefill_share, attainment}`` per ``--bucket-s`` bucket (attainment of
@@ -39,7 +41,7 @@ from sglang_semipd.trace import read_trace
 logger = logging.getLogger(__name__)
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--load-format", default="auto")
@@ -47,6 +49,12 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--phase-s", type=float, default=25.0)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--step-factor", type=float, default=2.0,
+                    help="the second phase's rate is this times --rate")
+    ap.add_argument("--step-input-len", type=int, default=None,
+                    help="prompt tokens after the step (default: --input-len)")
+    ap.add_argument("--step-output-len", type=int, default=None,
+                    help="output tokens after the step (default: --output-len)")
     ap.add_argument("--slo-ttft-ms", type=float, default=500.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=25.0)
     ap.add_argument("--bucket-s", type=float, default=2.0)
@@ -59,7 +67,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-dir", default="/tmp/semipd-logs")
     ap.add_argument("--out", default=None)
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 def stream_one(url: str, ids: list[int], output_len: int) -> dict[str, Any]:
@@ -87,33 +95,44 @@ def stream_one(url: str, ids: list[int], output_len: int) -> dict[str, Any]:
     return {"arrival": t0, "first": first, "end": end, "tokens": tokens}
 
 
-def run_load(url: str, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+def load_plan(a: argparse.Namespace) -> tuple[list[tuple[float, list[int], int]], list[dict]]:
+    """The two phases' requests, deterministic in ``--seed``: (arrival s, prompt ids, output
+    tokens) each, and the phases ({rate, input_len, output_len, start_s, end_s})."""
     rng = random.Random(a.seed)
     phases, t, plan = [], 0.0, []
-    for k, rate in enumerate((a.rate, 2 * a.rate)):
+    mixes = ((a.rate, a.input_len, a.output_len),
+             (a.step_factor * a.rate, a.step_input_len or a.input_len,
+              a.step_output_len or a.output_len))
+    for rate, input_len, output_len in mixes:
         start = t
         while True:
             t += rng.expovariate(rate)
             if t >= start + a.phase_s:
                 t = start + a.phase_s
                 break
-            plan.append(t)
-        phases.append({"rate": rate, "start_s": start, "end_s": t})
+            plan.append((t, [rng.randrange(100, 30000) for _ in range(input_len)], output_len))
+        phases.append({"rate": rate, "input_len": input_len, "output_len": output_len,
+                       "start_s": start, "end_s": t})
+    return plan, phases
+
+
+def run_load(url: str, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    plan, phases = load_plan(a)
     results: list[dict] = []
     lock = threading.Lock()
     t_begin = time.monotonic()
 
-    def task(ids: list[int]) -> None:
-        r = stream_one(url, ids, a.output_len)
+    def task(ids: list[int], output_len: int) -> None:
+        r = stream_one(url, ids, output_len)
         with lock:
             results.append(r)
 
     with ThreadPoolExecutor(512) as pool:
-        for at in plan:
+        for at, ids, output_len in plan:
             delay = t_begin + at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            pool.submit(task, [rng.randrange(100, 30000) for _ in range(a.input_len)])
+            pool.submit(task, ids, output_len)
     for p in phases:
         p["start_mono"], p["end_mono"] = t_begin + p["start_s"], t_begin + p["end_s"]
     return results, phases
@@ -194,7 +213,8 @@ def main() -> None:
     per_phase = []
     for p in phases:
         sel = [r for r in results if p["start_mono"] <= r["arrival"] < p["end_mono"]]
-        per_phase.append({"rate": p["rate"], "requests": len(sel),
+        per_phase.append({"rate": p["rate"], "input_len": p["input_len"],
+                          "output_len": p["output_len"], "requests": len(sel),
                           "attainment": attainment_of(sel, ttft_s, tpot_s),
                           "errors": sum(1 for r in sel if "error" in r)})
     record = {
@@ -241,7 +261,10 @@ def plot(record: dict[str, Any], path: Path) -> None:
             label="prefill SM share")
     ax.plot([x["t_s"] for x in tl], [x["attainment"] for x in tl], "o-",
             label="SLO attainment (by arrival)")
-    ax.set_xlabel("time (s); the rate doubles halfway")
+    first, second = record["phases"][0], record["phases"][-1]
+    ax.set_xlabel(f"time (s); step halfway: {first['rate']:g} -> {second['rate']:g} req/s, "
+                  f"{first.get('input_len', '?')}/{first.get('output_len', '?')} -> "
+                  f"{second.get('input_len', '?')}/{second.get('output_len', '?')} tokens in/out")
     ax.set_ylim(0, 1.05)
     ax.legend()
     ax.set_title(f"SLO controller, {record['model']} on {record['gpu']}")
