@@ -7,7 +7,19 @@ Two steps, because the GPU host is offline and takes 64 MiB per call:
   python -m benchmark.compare prepare --out .gpu/bench --num 400
   # on the GPU host (carry .gpu): run every system over every workload and rate
   python -m benchmark.compare run --workloads .gpu/bench --model-dir /tmp/models/llama8b \
-      --load-format dummy --rates 2,4,8,16 [--systems ...] [--dry-run]
+      --load-format dummy --rates 2,4,8,16 [--systems ...] [--only-workloads ...] \
+      [--duration-s 15] [--out-dir DIR] [--dry-run]
+  # here: merge a device call's output directory into DIR, report from every run file in DIR
+  python -m benchmark.compare report --workloads .gpu/bench --out-dir benchmark/results/h100 \
+      [--merge-from CALL_DIR ...]
+
+A device call runs for at most 10 minutes, and one 8B server start takes 2-3 of them, so the
+full comparison takes several calls, each with a few ``--systems`` and ``--duration-s`` (each
+rate replays ``ceil(rate x duration)`` requests of the workload, at least ``--min-requests``,
+at most all). Every run leaves ``<run>_<workload>_<rate>.jsonl`` in the output directory, with
+``meta.json`` (GPU, model, the commands) and ``notes.json`` (systems that did not start);
+``report`` (and the end of every ``run``) rebuilds ``summary.json`` from all of them. Systems
+with no run yet are null in the summary, with the note "not run".
 
 Runs: stock chunked prefill at each size (the report keeps the best per workload), stock
 ``--enable-pdmux``, semi-PD ``green`` with the SLO policy (one server per SLO set, started with
@@ -31,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 import time
@@ -137,16 +150,55 @@ def run_bench(port: int, path: Path, num: int, rate: float, out_file: Path, log:
                              timeout_s)
 
 
-def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_dir: Path,
-               rates: Sequence[float], port: int, out_dir: Path, timeout_s: float
-               ) -> tuple[dict[str, dict[str, dict[float, Any]]], Optional[str]]:
-    """{run: {workload: {rate: RunPoint}}} for the runs of one server start (pinned static
-    splits: one after the other on the same server), or the reason it could not run."""
-    from benchmark.common import pin_split
+def requests_at(meta: dict[str, Any], rate: float, duration_s: Optional[float],
+                min_requests: int = 20) -> int:
+    """How many of a workload's requests one rate replays: all of them, or about
+    ``duration_s`` seconds' worth (at least ``min_requests``, at most all)."""
+    if duration_s is None:
+        return int(meta["requests"])
+    return min(int(meta["requests"]), max(min_requests, math.ceil(rate * duration_s)))
+
+
+def run_file(out_dir: Path, run: str, wname: str, rate: float) -> Path:
+    return out_dir / f"{run}_{wname}_{rate:g}.jsonl"
+
+
+def load_point(path: Path, meta: dict[str, Any]) -> Any:
+    """The RunPoint of one run file (its last bench_serving record)."""
     from benchmark.report import RunPoint
+
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rec = json.loads(lines[-1])
+    rate = float(path.name[:-len(".jsonl")].rsplit("_", 1)[1])
+    return RunPoint(rate, results_from_details(rec, input_lens=meta["prompt_lens"]),
+                    rec.get("duration"))
+
+
+def collect(out_dir: Path, index: dict[str, Any]) -> dict[str, dict[str, dict[float, Any]]]:
+    """{workload: {run: {rate: RunPoint}}} from every run file in ``out_dir`` (runs of earlier
+    calls included); a file that does not parse is skipped with a warning."""
+    found: dict[str, dict[str, dict[float, Any]]] = {w: {} for w in index}
+    for wname, meta in index.items():
+        for run in SYSTEM_RUNS:
+            for path in sorted(out_dir.glob(f"{run}_{wname}_*.jsonl")):
+                try:
+                    point = load_point(path, meta)
+                except (ValueError, KeyError, IndexError) as exc:
+                    logger.warning("%s skipped: %r", path.name, exc)
+                    continue
+                found[wname].setdefault(run, {})[point.rate] = point
+    return found
+
+
+def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_dir: Path,
+               rates: Sequence[float], port: int, out_dir: Path, timeout_s: float,
+               duration_s: Optional[float] = None, min_requests: int = 20) -> Optional[str]:
+    """Serve the runs of one server start (pinned static splits: one after the other on the
+    same server), leaving one run file per (run, workload, rate) in ``out_dir``; returns the
+    reason it could not run, if it could not."""
+    from benchmark.common import pin_split
     from sglang_semipd.testing.server import ServerProcess, ServerStartError
 
-    points: dict[str, dict[str, dict[float, Any]]] = {r: {w: {} for w in index} for r in runs}
     try:
         log = out_dir / f"server_{runs[0]}_{'-'.join(index)}.log"
         with ServerProcess(cmd, port, log, start_timeout=600):
@@ -155,17 +207,82 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
                     pin_split(f"http://127.0.0.1:{port}", PINNED[run])
                 for wname, meta in index.items():
                     for rate in rates:
-                        raw = out_dir / f"{run}_{wname}_{rate:g}.jsonl"
-                        t0 = time.monotonic()
-                        run_bench(port, wl_dir / meta["file"], meta["requests"], rate, raw,
+                        n = requests_at(meta, rate, duration_s, min_requests)
+                        logger.info("%s on %s at %g req/s: %d requests", run, wname, rate, n)
+                        run_bench(port, wl_dir / meta["file"], n, rate,
+                                  run_file(out_dir, run, wname, rate),
                                   out_dir / f"bench_{run}_{wname}_{rate:g}.log", timeout_s)
-                        rec = json.loads(raw.read_text().splitlines()[-1])
-                        results = results_from_details(rec, input_lens=meta["prompt_lens"])
-                        points[run][wname][rate] = RunPoint(rate, results, rec.get("duration")
-                                                            or time.monotonic() - t0)
     except ServerStartError as exc:
-        return points, f"did not start: {str(exc).splitlines()[0][:300]}"
-    return points, None
+        return f"did not start: {str(exc).splitlines()[0][:300]}"
+    return None
+
+
+def write_merged_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json`` (+ Markdown, plots) from every run file in ``out_dir``, with the GPU,
+    model and commands of ``meta.json`` and the reasons of ``notes.json``."""
+    from benchmark.report import SWEEPS, SYSTEMS, write_report
+
+    meta = json.loads((out_dir / "meta.json").read_text())
+    notes_path = out_dir / "notes.json"
+    notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
+    found = collect(out_dir, index)
+    ran = {run for runs in found.values() for run in runs}
+    for system in SYSTEMS:
+        prefix = SWEEPS.get(system)
+        done = any(r.startswith(prefix) for r in ran) if prefix else system in ran
+        if not done and system not in notes:
+            notes[system] = "not run"
+    work = {w: (PAPER_SLOS[m["slo_set"]]["tight"], found[w]) for w, m in index.items()}
+    summary = write_report(out_dir, meta["gpu"], meta["model"], work, notes)
+    summary["command"] = " && ".join(meta.get("commands", []))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+DETAIL_KEYS_DROPPED = ("generated_texts", "server_info")  # bulky, not used by the report
+
+
+def merge_call(src: Path, out_dir: Path) -> int:
+    """Bring one device call's output directory into ``out_dir``: its run files (their last
+    record, without generated texts), its commands (``meta.json``) and its notes; returns how
+    many run files. Runs of another GPU are refused: one report is one GPU."""
+    src_meta = json.loads((src / "meta.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dst = out_dir / "meta.json"
+    if dst.exists() and json.loads(dst.read_text())["gpu"] != src_meta["gpu"]:
+        raise ValueError(f"{src} ran on {src_meta['gpu']}, {out_dir} holds "
+                         f"{json.loads(dst.read_text())['gpu']}")
+    n = 0
+    for path in sorted(src.glob("*.jsonl")):
+        if not any(path.name.startswith(r + "_") for r in SYSTEM_RUNS):
+            continue
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            continue
+        rec = {k: v for k, v in json.loads(lines[-1]).items() if k not in DETAIL_KEYS_DROPPED}
+        (out_dir / path.name).write_text(json.dumps(rec) + "\n")
+        n += 1
+    _update_json(dst, lambda m: m.update(
+        gpu=src_meta["gpu"], model=src_meta["model"],
+        commands=[*m.get("commands", []), *(c for c in src_meta.get("commands", [])
+                                            if c not in m.get("commands", []))]))
+    notes = json.loads((src / "notes.json").read_text()) if (src / "notes.json").exists() else {}
+
+    def merge_notes(m: dict) -> None:
+        m.update(notes)
+        for run in list(m):  # a run with results here: its "did not start" is stale
+            if run in SYSTEM_RUNS and any(out_dir.glob(f"{run}_*.jsonl")):
+                del m[run]
+    _update_json(out_dir / "notes.json", merge_notes)
+    logger.info("merged %d run files from %s into %s", n, src, out_dir)
+    return n
+
+
+def _update_json(path: Path, update: Any) -> dict[str, Any]:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    update(data)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -183,7 +300,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     r.add_argument("--port", type=int, default=31400)
     r.add_argument("--out-dir", default=None)
     r.add_argument("--timeout-s", type=float, default=1800)
+    r.add_argument("--only-workloads", default="",
+                   help="comma-separated workload names of --workloads to run (default: all)")
+    r.add_argument("--duration-s", type=float, default=None,
+                   help="replay about this many seconds of requests per rate (default: the "
+                   "whole workload)")
+    r.add_argument("--min-requests", type=int, default=20)
     r.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
+    rp = sub.add_parser("report")
+    rp.add_argument("--workloads", required=True)
+    rp.add_argument("--out-dir", required=True)
+    rp.add_argument("--merge-from", nargs="*", default=[],
+                    help="device-call output directories to merge into --out-dir first")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s %(message)s")
     if a.cmd == "prepare":
@@ -192,6 +320,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     wl_dir = Path(a.workloads)
     index = json.loads((wl_dir / "workloads.json").read_text())
+    if a.cmd == "report":
+        for src in a.merge_from:
+            merge_call(Path(src), Path(a.out_dir))
+        write_merged_report(Path(a.out_dir), index)
+        print((Path(a.out_dir) / "summary.md").read_text())
+        return
+    only = [w for w in a.only_workloads.split(",") if w]
+    if set(only) - set(index):
+        ap.error(f"unknown workloads {sorted(set(only) - set(index))}; known: {sorted(index)}")
+    index = {w: m for w, m in index.items() if not only or w in only}
     rates = [float(x) for x in a.rates.split(",")]
     systems = [s for s in a.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEM_RUNS)
@@ -200,32 +338,32 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     plan = server_plan(systems, index, a.model_dir, a.load_format, a.port)
     if a.dry_run:
         for cmd, runs_of, group in plan:
+            counts = {w: [requests_at(m, r, a.duration_s, a.min_requests) for r in rates]
+                      for w, m in group.items()}
             print(f"{','.join(runs_of)}: {shlex.join(cmd[1:])} x {len(group)} workloads x "
-                  f"rates {rates}")
+                  f"rates {rates}: requests {counts}")
         return
     from benchmark.common import gpu_name, gpu_slug
-    from benchmark.report import write_report
 
     name = gpu_name()
     out_dir = Path(a.out_dir) if a.out_dir else Path(__file__).parent / "results" / gpu_slug(name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, dict[str, dict[float, Any]]] = {w: {} for w in index}
-    notes: dict[str, str] = {}
+    command = shlex.join(["python", "-m", "benchmark.compare", *(argv or sys.argv[1:])])
+    _update_json(out_dir / "meta.json", lambda m: m.update(
+        gpu=m.get("gpu", name), model=f"{Path(a.model_dir).name} (load_format={a.load_format})",
+        commands=[*m.get("commands", []), command]))
     for cmd, runs_of, group in plan:
-        points, why = run_system(runs_of, cmd, group, wl_dir, rates, a.port, out_dir,
-                                 a.timeout_s)
-        for s in runs_of:
-            if why:
-                notes[s] = why
-            for w, pts in points[s].items():
-                if pts:
-                    runs[w][s] = pts
+        why = run_system(runs_of, cmd, group, wl_dir, rates, a.port, out_dir, a.timeout_s,
+                         a.duration_s, a.min_requests)
+
+        def note(n: dict, runs_of: Sequence[str] = runs_of, why: Optional[str] = why) -> None:
+            for s in runs_of:  # a system that started drops an older "did not start"
+                n.pop(s, None)
+                if why:
+                    n[s] = why
+        _update_json(out_dir / "notes.json", note)
         time.sleep(5)
-    work = {w: (PAPER_SLOS[meta["slo_set"]]["tight"], runs[w]) for w, meta in index.items()}
-    summary = write_report(out_dir, name, f"{a.model_dir} (load_format={a.load_format})", work,
-                           notes)
-    summary["command"] = shlex.join(["python", "-m", "benchmark.compare", *sys.argv[1:]])
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_merged_report(out_dir, json.loads((wl_dir / "workloads.json").read_text()))
     print((out_dir / "summary.md").read_text())
 
 

@@ -229,7 +229,8 @@ def write_report(out_dir: Path, gpu: str, model: str, workloads: Mapping[str, tu
 def check_summary_shape(summary: Mapping[str, Any], systems: Sequence[str] = SYSTEMS) -> list[str]:
     """Problems with a summary's shape (empty list when it is well-formed)."""
     problems = []
-    if set(summary) != {"gpu", "model", "workloads", "notes"}:
+    if not {"gpu", "model", "workloads", "notes"} <= set(summary) <= {
+            "gpu", "model", "workloads", "notes", "command"}:
         problems.append(f"top-level keys {sorted(summary)}")
         return problems
     for w, body in summary["workloads"].items():

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmark import compare
 from benchmark.report import (CHUNK_SIZES, CHUNKED_PREFIX, STATIC_PREFIX, STATIC_SHARES,
-                              SWEEPS, SYSTEMS)
+                              SWEEPS, SYSTEMS, check_summary_shape)
 
 
 def test_every_reported_system_has_a_run():
@@ -49,7 +51,7 @@ def test_prepare_then_dry_run(tmp_path, capsys):
     slo_lines = sorted(line for line in out if line.startswith("semipd_green_slo:"))
     assert len(slo_lines) == 2
     assert "--slo-ttft-ms 2250 --slo-tpot-ms 130" in slo_lines[0]
-    assert slo_lines[0].endswith("x 1 workloads x rates [1.0, 2.0]")  # long -> longbench
+    assert "x 1 workloads x rates [1.0, 2.0]: requests {'long': [" in slo_lines[0]  # longbench
     assert "--slo-ttft-ms 300 --slo-tpot-ms 150" in slo_lines[1]
     assert "x 2 workloads" in slo_lines[1]  # sharegpt and azure_conv
 
@@ -64,3 +66,84 @@ def test_static_splits_share_one_server_pinned_in_turn(tmp_path, capsys):
     assert out[1].startswith(",".join(statics) + ":")  # one server, the splits in turn
     assert f"--prefill-sm-share {STATIC_SHARES[0]:g}" in out[1]
     assert compare.PINNED == {s: x for s, x in zip(statics, STATIC_SHARES)}
+
+
+def test_requests_per_rate_follow_the_duration():
+    meta = {"requests": 400}
+    assert compare.requests_at(meta, 4.0, None) == 400  # the whole workload
+    assert compare.requests_at(meta, 4.0, 15.0) == 60
+    assert compare.requests_at(meta, 0.5, 15.0) == 20  # at least --min-requests
+    assert compare.requests_at(meta, 64.0, 15.0) == 400  # at most all
+    assert compare.requests_at(meta, 2.5, 15.0, min_requests=5) == 38
+
+
+def _bench_record(n: int, ttft: float, gap: float, out_len: int = 5) -> dict:
+    """A bench_serving --output-details record (the fields the report reads)."""
+    return {"duration": n * 0.1, "completed": n, "ttfts": [ttft] * n,
+            "itls": [[gap] * (out_len - 1)] * n, "output_lens": [out_len] * n,
+            "input_lens": [2] * n, "errors": [""] * n}
+
+
+def test_runs_of_several_calls_merge_into_one_report(tmp_path):
+    """Two device calls wrote run files into one directory; the report covers both, notes the
+    system that did not start and the ones not run, and keeps each call's command."""
+    wl = tmp_path / "wl"
+    index = compare.prepare(wl, num=12)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b",
+                                               "commands": ["call 1", "call 2"]}))
+    (out / "notes.json").write_text(json.dumps({"sglang_pdmux": "did not start: boom"}))
+    for run, ttft in (("sglang_chunked_2048", 0.2), ("semipd_green_slo", 0.1)):
+        for rate in (1, 2):  # rate 2 of the chunked run misses the TTFT SLO (0.3 s)
+            rec = _bench_record(12, ttft * (2 if rate == 2 and "chunked" in run else 1), 0.05)
+            compare.run_file(out, run, "sharegpt", rate).write_text(
+                json.dumps({"other": "line"}) + "\n" + json.dumps(rec) + "\n")
+    (out / "semipd_none_sharegpt_x.jsonl").write_text("{}")  # not a run file: skipped
+    found = compare.collect(out, index)
+    assert set(found["sharegpt"]) == {"sglang_chunked_2048", "semipd_green_slo"}
+    assert sorted(found["sharegpt"]["semipd_green_slo"]) == [1.0, 2.0]
+    assert found["azure_conv"] == {} and found["long"] == {}
+    summary = compare.write_merged_report(out, index)
+    gp = summary["workloads"]["sharegpt"]["goodput_req_s"]
+    assert gp["semipd_green_slo"] == 2.0 and gp["sglang_chunked_best"] == 1.0
+    assert gp["sglang_pdmux"] is None and gp["semipd_mps"] is None
+    assert summary["notes"]["sglang_pdmux"] == "did not start: boom"
+    assert summary["notes"]["semipd_mps"] == "not run"
+    assert summary["command"] == "call 1 && call 2"
+    assert not check_summary_shape(json.loads((out / "summary.json").read_text()))
+
+
+def test_device_calls_merge_into_the_results_directory(tmp_path):
+    wl = tmp_path / "wl"
+    index = compare.prepare(wl, num=12)
+    calls = []
+    for k, (run, note) in enumerate((("semipd_none", {"sglang_pdmux": "did not start: x"}),
+                                      ("sglang_pdmux", {}))):
+        call = tmp_path / f"call{k}"
+        call.mkdir()
+        (call / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b",
+                                                    "commands": [f"call {k}"]}))
+        (call / "notes.json").write_text(json.dumps(note))
+        rec = dict(_bench_record(12, 0.1, 0.05), generated_texts=["long text"] * 12)
+        compare.run_file(call, run, "sharegpt", 4).write_text(json.dumps(rec) + "\n")
+        (call / "bench_x.log").write_text("not a run file")
+        calls.append(call)
+    out = tmp_path / "results"
+    assert [compare.merge_call(c, out) for c in calls] == [1, 1]
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["semipd_none_sharegpt_4.jsonl",
+                                                          "sglang_pdmux_sharegpt_4.jsonl"]
+    kept = json.loads((out / "semipd_none_sharegpt_4.jsonl").read_text())
+    assert "generated_texts" not in kept and kept["ttfts"] == [0.1] * 12
+    assert json.loads((out / "meta.json").read_text())["commands"] == ["call 0", "call 1"]
+    assert json.loads((out / "notes.json").read_text()) == {}  # pdmux ran in the second call
+    compare.merge_call(calls[0], out)  # merging again adds no command twice, no stale note
+    assert json.loads((out / "meta.json").read_text())["commands"] == ["call 0", "call 1"]
+    assert json.loads((out / "notes.json").read_text()) == {}
+    summary = compare.write_merged_report(out, index)
+    assert summary["workloads"]["sharegpt"]["goodput_req_s"]["sglang_pdmux"] == 4.0
+    other = tmp_path / "h200"
+    other.mkdir()
+    (other / "meta.json").write_text(json.dumps({"gpu": "H200", "model": "llama8b"}))
+    with pytest.raises(ValueError, match="H200"):
+        compare.merge_call(other, out)
