@@ -79,3 +79,13 @@ def pin_split(url: str, share: float, timeout_s: float = 30.0) -> list[int]:
             return split
         time.sleep(0.2)
     raise RuntimeError(f"split not applied within {timeout_s} s: {state}")
+
+
+def release_to_slo(url: str) -> None:
+    """Hand the split back to the SLO controller: a fresh SLO policy starts on the split in
+    force (``semipd_slo_policy: 1``)."""
+    from sglang_semipd.testing.server import http_json
+
+    out = http_json(url + "/set_internal_state", {"server_args": {"semipd_slo_policy": 1}})
+    if out != [True]:
+        raise RuntimeError(f"server refused the SLO policy: {out}")

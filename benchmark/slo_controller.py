@@ -7,11 +7,15 @@ Poisson arrivals at ``--rate`` req/s for ``--phase-s`` seconds, then at ``--step
 the rate (default 2); random token prompts of ``--input-len`` tokens, ``--output-len`` output
 tokens (ignore_eos), streamed, so TTFT and TPOT are measured at the client. ``--step-input-len``
 / ``--step-output-len`` also change the mix at the step (e.g. decode-heavy, then prefill-heavy:
-a step after which the best static split is another one, so the policy has to move). The server starts on ``--prefill-sm-share``. The
-split in force comes from the scheduler's trace (``SGLANG_SEMIPD_TRACE``: its ``decision``
-records). Writes ``benchmark/results/slo_controller_<gpu>.json`` (+ ``.png``) with a
-``timeline`` of ``{t_s, prefill_share, attainment}`` per ``--bucket-s`` bucket (attainment of
-the requests that arrived in it).
+a step after which the best static split is another one, so the policy has to move).
+
+The start split (``--prefill-sm-share``) is pinned while the server warms up, and a fresh SLO
+policy takes over there when the load begins (``--free-start``: the policy runs from the
+server's start, warm-up included). The split in force comes from the scheduler's trace
+(``SGLANG_SEMIPD_TRACE``: its ``resize`` records, policy moves and pins alike). Writes
+``benchmark/results/slo_controller_<gpu>.json`` (+ ``.png``) with a ``timeline`` of ``{t_s,
+prefill_share, attainment}`` per ``--bucket-s`` bucket (attainment of the requests that arrived
+in it).
 
 Then, on the same server, the same load (same seed) once per ``--static-shares`` split, pinned
 through ``/set_internal_state`` (``semipd_slo_policy: 0``, static): the best of those is
@@ -34,8 +38,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmark.common import (RESULTS_DIR, gpu_name, gpu_slug, pin_split, print_table,
-                              write_result)
-from sglang_semipd.testing.server import ServerProcess, python_module_cmd
+                              release_to_slo, write_result)
+from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
 from sglang_semipd.trace import read_trace
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--slo-tpot-ms", type=float, default=25.0)
     ap.add_argument("--bucket-s", type=float, default=2.0)
     ap.add_argument("--prefill-sm-share", type=float, default=0.5)
+    ap.add_argument("--free-start", action="store_true",
+                    help="let the SLO policy move during the server's warm-up too")
     ap.add_argument("--static-shares", default="0.25,0.375,0.5,0.625,0.75",
                     help="comma-separated prefill shares to pin and replay the load on "
                          "('' for none)")
@@ -116,8 +122,12 @@ def load_plan(a: argparse.Namespace) -> tuple[list[tuple[float, list[int], int]]
     return plan, phases
 
 
-def run_load(url: str, a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+def run_load(url: str, a: argparse.Namespace, on_start: Optional[Any] = None
+             ) -> tuple[list[dict], list[dict]]:
+    """Replay the load plan (``on_start()`` first, right before the first arrival time)."""
     plan, phases = load_plan(a)
+    if on_start is not None:
+        on_start()
     results: list[dict] = []
     lock = threading.Lock()
     t_begin = time.monotonic()
@@ -149,6 +159,13 @@ def met(r: dict, ttft_s: float, tpot_s: float) -> bool:
     return r["first"] - r["arrival"] <= ttft_s and tpot <= tpot_s
 
 
+def split_changes(rows: list[dict], splits: list[list[int]]) -> list[tuple[float, float]]:
+    """(time, prefill share) of every resize the scheduler sent -- the SLO policy's moves and
+    loans and every pin through ``/set_internal_state`` alike -- from its trace rows."""
+    return [(r["sent_at"], splits[r["split"]][0] / sum(splits[r["split"]])) for r in rows
+            if r["kind"] == "resize"]
+
+
 def share_at(changes: list[tuple[float, float]], t: float, default: float) -> float:
     share = default
     for tc, s in changes:
@@ -176,7 +193,13 @@ def main() -> None:
     gpu = gpu_name()
     with ServerProcess(cmd, a.port, log_dir / "server_slo.log", start_timeout=600,
                        env=env) as s:
-        results, phases = run_load(s.url, a)
+        state = http_json(s.url + "/server_info")["internal_states"][0]["semipd"]
+        splits, start_split = state["splits"], state["split"]
+        if not a.free_start:  # the policy starts fresh, on the start split, with the load
+            pinned = pin_split(s.url, a.prefill_sm_share)
+            start_split = splits.index(pinned)
+        results, phases = run_load(s.url, a, None if a.free_start else
+                                   lambda: release_to_slo(s.url))
         time.sleep(2.0)
         static = []
         for share in [float(x) for x in a.static_shares.split(",") if x.strip()]:
@@ -195,8 +218,9 @@ def main() -> None:
             time.sleep(2.0)
     rows = read_trace(trace)
     decisions = [r for r in rows if r["kind"] == "decision"]
-    changes = [(r["t"], r["share"]) for r in decisions if abs(r["share"] - r["previous"]) > 1e-9]
-    start_share = decisions[0]["previous"] if decisions else 0.5
+    slo_end = phases[-1]["end_mono"]  # later resizes are the static runs' pins
+    changes = [(tc, sh) for tc, sh in split_changes(rows, splits) if tc < slo_end]
+    start_share = splits[start_split][0] / sum(splits[start_split])
     ttft_s, tpot_s = a.slo_ttft_ms / 1e3, a.slo_tpot_ms / 1e3
     t0 = phases[0]["start_mono"]
     timeline = []

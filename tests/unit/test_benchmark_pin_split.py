@@ -11,7 +11,7 @@ import pytest
 from pydantic import TypeAdapter
 from sglang.srt.managers.io_struct import SetInternalStateReq
 
-from benchmark.common import pin_split
+from benchmark.common import pin_split, release_to_slo
 
 SET_STATE = TypeAdapter(SetInternalStateReq)  # FastAPI validates the body with this
 
@@ -38,9 +38,10 @@ def _serve(state: _State) -> http.server.HTTPServer:
             # what SGLang's HTTP server does first: its request type refuses non-numbers
             args = SET_STATE.validate_python(req).server_args
             state.asked.append(args)
-            share = args["semipd_prefill_sm_share"]
-            state.target = min(range(len(SPLITS)),
-                               key=lambda i: abs(SPLITS[i][0] / 132 - share))
+            share = args.get("semipd_prefill_sm_share")
+            if share is not None:
+                state.target = min(range(len(SPLITS)),
+                                   key=lambda i: abs(SPLITS[i][0] / 132 - share))
             self._reply([state.accept])
 
         def do_GET(self) -> None:
@@ -91,3 +92,19 @@ def test_sglangs_request_type_refuses_what_our_old_policy_key_sent():
         SET_STATE.validate_python({"server_args": {"semipd_partition_policy": "static"}})
     assert SET_STATE.validate_python({"server_args": {"semipd_slo_policy": 1}}).server_args \
         == {"semipd_slo_policy": 1}
+
+
+def test_release_hands_the_split_back_to_the_slo_policy():
+    for accept in (True, False):
+        state = _State(accept=accept, moves=False)
+        server = _serve(state)
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            if accept:
+                release_to_slo(url)
+            else:
+                with pytest.raises(RuntimeError, match="refused"):
+                    release_to_slo(url)
+            assert state.asked == [{"semipd_slo_policy": 1}]
+        finally:
+            server.shutdown()

@@ -1,9 +1,12 @@
-"""benchmark.slo_controller's load plan (CPU): the two phases, the rate step and the optional mix
-step, deterministic in the seed."""
+"""benchmark.slo_controller on the CPU: the load plan (two phases, the rate step and the optional mix
+step, deterministic in the seed), attainment, and the split over time from the scheduler's trace."""
 
 from __future__ import annotations
 
-from benchmark.slo_controller import attainment_of, load_plan, parse
+from sglang_semipd import protocol as P
+from sglang_semipd.trace import Trace, read_trace
+
+from benchmark.slo_controller import attainment_of, load_plan, parse, share_at, split_changes
 
 
 def _args(*extra: str):
@@ -45,3 +48,19 @@ def test_attainment_counts_both_slos_and_errors():
     assert attainment_of([ok, slow_first, slow_tokens, {"arrival": 0.0, "error": "x"}],
                          0.5, 0.15) == 0.25
     assert attainment_of([], 0.5, 0.15) is None
+
+
+def test_the_split_over_time_comes_from_every_resize_in_the_trace(tmp_path):
+    """Policy moves and pins alike are resize commands in the scheduler's trace."""
+    splits = [[40, 92], [72, 60], [104, 28]]
+    trace = Trace(str(tmp_path / "t.jsonl"))
+    trace.write("decision", {"t": 0.5, "share": 0.55, "previous": 0.55})  # a hold: no resize
+    trace.write("resize", P.Resize(seq=1, split=2, sent_at=1.0), reason="slo")
+    trace.write("resize_ack", P.ResizeAck(role="prefill", seq=1, split=2, iteration=3,
+                                          applied_at=1.001), latency_ms=1.0)
+    trace.write("resize", P.Resize(seq=2, split=0, sent_at=2.0), reason="set_internal_state")
+    trace.close()
+    changes = split_changes(read_trace(tmp_path / "t.jsonl"), splits)
+    assert changes == [(1.0, 104 / 132), (2.0, 40 / 132)]
+    assert [share_at(changes, t, 72 / 132) for t in (0.9, 1.5, 2.5)] == \
+        [72 / 132, 104 / 132, 40 / 132]
