@@ -1,15 +1,16 @@
 """On the GPU host: ``--sm-partition mps`` resizes by swapping in a standby worker pair.
 
 A semi-PD server (tiny bf16 model) under ``--sm-partition mps`` is asked for another prefill
-share while 32 long requests decode. Required: a standby pair starts and is swapped in
-(``standby_swap`` in the scheduler's trace), every request in flight during the swap completes
-with all its tokens (the old pair finished them), the old pair retires (``retired``) and its
-processes are gone, requests after the swap are served with the same greedy output as before,
-and at idle the shared pool holds nothing."""
+share while 16 clients keep long requests decoding. Required: a standby pair starts and is
+swapped in (``standby_swap`` in the scheduler's trace) with requests in flight; every request
+completes with all its tokens (the old pair finishes its own); the old pair retires
+(``retired``); a probe sent alone gets the same greedy output before and after; the server
+reports the new split; and at idle the shared pool holds nothing."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,17 +61,30 @@ def _wait(trace: str, kind: str, timeout_s: float = 240.0) -> dict:
 def test_a_resize_swaps_pairs_and_loses_nothing(server):
     probe = list(range(11, 140))
     before = _gen(server, probe, 24)["output_ids"]
-    with ThreadPoolExecutor(32) as pool:
-        futs = [pool.submit(_gen, server, list(range(200 + k, 300 + k)), 1500)
-                for k in range(32)]
+    # a standby pair takes about a minute to start and a 2,000-token request a few seconds, so
+    # the load keeps 16 requests in flight until the swap (each thread sends one after another)
+    stop, outs, lock = threading.Event(), [], threading.Lock()
+
+    def keep_busy(k: int) -> None:
+        while not stop.is_set():
+            out = _gen(server, list(range(200 + k, 300 + k)), 2000)
+            with lock:
+                outs.append(out)
+
+    with ThreadPoolExecutor(16) as pool:
+        futs = [pool.submit(keep_busy, k) for k in range(16)]
         time.sleep(2.0)
         assert http_json(server.url + "/set_internal_state",
                          {"server_args": {"semipd_prefill_sm_share": 0.75}}) == [True]
         swap = _wait(server.trace, "standby_swap")
-        assert swap["generation"] == 1 and swap["old_in_flight"] > 0, swap
-        after = _gen(server, probe, 24)["output_ids"]  # the new pair serves it
-        outs = [f.result() for f in futs]
-    assert all(o["meta_info"]["completion_tokens"] == 1500 for o in outs)
+        time.sleep(1.0)  # a few requests reach the new pair too
+        stop.set()
+        for f in futs:
+            f.result()
+    assert swap["generation"] == 1 and swap["old_in_flight"] > 0, swap
+    assert len(outs) > 16
+    assert all(o["meta_info"]["completion_tokens"] == 2000 for o in outs)
+    after = _gen(server, probe, 24)["output_ids"]  # alone, like before, on the new pair
     assert after == before
     retired = _wait(server.trace, "retired", timeout_s=120)
     assert retired["generation"] == 0
