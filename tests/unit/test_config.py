@@ -124,3 +124,13 @@ def test_config_module_imports_without_torch_or_sglang():
             "import sglang_semipd, sglang_semipd.config\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_runtime_policy_switch_names_every_partition_policy():
+    """``/set_internal_state {"semipd_slo_policy": 0|1}`` (numbers: SGLang's request type
+    refuses strings) maps onto exactly the policies of ``--partition-policy``."""
+    from sglang_semipd.config import PARTITION_POLICIES
+    from sglang_semipd.workers import POLICY_BY_SWITCH
+
+    assert sorted(POLICY_BY_SWITCH.values()) == sorted(PARTITION_POLICIES)
+    assert set(POLICY_BY_SWITCH) == {0, 1}
