@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from sglang_semipd.testing.model_maker import make_model, write_sharegpt
+from sglang_semipd.testing.model_maker import write_sharegpt
 from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
 
 pytestmark = pytest.mark.gpu
@@ -30,21 +30,14 @@ FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    root = tmp_path_factory.mktemp("models")
-    tiny = make_model(root / "tiny-bf16", "tiny", "bfloat16", seed=0)
-    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or str(tmp_path_factory.mktemp("logs"))
-    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny),
+def server(tiny_bf16, gpu_log_dir, tmp_path_factory: pytest.TempPathFactory):
+    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny_bf16),
                             "--port", str(PORT), *FLAGS)
-    s = ServerProcess(cmd, PORT, os.path.join(log_dir, "server_semipd_parity.log"))
-    s.start()
-    s.sharegpt = write_sharegpt(root / "sharegpt_synth.json", n=200)
-    s.log_dir = log_dir
-    yield s
-    s.stop()
+    with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_semipd_parity.log")) as s:
+        s.sharegpt = write_sharegpt(tmp_path_factory.mktemp("data") / "sharegpt_synth.json",
+                                    n=200)
+        s.log_dir = gpu_log_dir
+        yield s
 
 
 def _gen(server, text: str, **params):

@@ -15,7 +15,6 @@ import urllib.request
 
 import pytest
 
-from sglang_semipd.testing.model_maker import make_model
 from sglang_semipd.testing.server import (ServerProcess, flush_cache, http_json,
                                           python_module_cmd)
 
@@ -29,16 +28,11 @@ PROMPT = [504, 3458, 282, 4649, 314, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    tiny = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
-                      seed=0)
-    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or tmp_path_factory.mktemp("logs")
-    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny),
+def server(tiny_bf16, gpu_log_dir):
+    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny_bf16),
                             "--port", str(PORT), *FLAGS)
-    s = ServerProcess(cmd, PORT, os.path.join(log_dir, "server_semipd_api.log"))
-    s.start()
-    yield s
-    s.stop()
+    with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_semipd_api.log")) as s:
+        yield s
 
 
 def _gen(server, ids, **params):

@@ -93,14 +93,11 @@ def test_complementary_workers_overlap_under_mps():
 
 # ---------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def server(tiny_bf16, gpu_log_dir):
     _gpu()
-    from sglang_semipd.testing.model_maker import make_model
     from sglang_semipd.testing.server import ServerProcess, python_module_cmd
 
-    tiny = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
-                      seed=0)
-    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or str(tmp_path_factory.mktemp("logs"))
+    tiny, log_dir = tiny_bf16, gpu_log_dir
     trace = os.path.join(log_dir, "trace_resize.jsonl")
     if os.path.exists(trace):
         os.remove(trace)

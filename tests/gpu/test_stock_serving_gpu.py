@@ -14,7 +14,6 @@ import os
 
 import pytest
 
-from sglang_semipd.testing.model_maker import make_model
 from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
 
 pytestmark = pytest.mark.gpu
@@ -28,11 +27,6 @@ SERVE_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                "--cuda-graph-max-bs-decode", "16")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory):
-    return make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16", seed=0)
-
-
 LAUNCHERS = {"stock": ("sglang.launch_server",),
              "semipd_launcher": ("sglang_semipd.launch_server", "--no-semi-pd"),
              # the semi-PD server itself; its pool pays two workers' headroom, so it needs a
@@ -42,12 +36,11 @@ EXTRA_FLAGS = {"semipd": ("--mem-fraction-static", "0.8", "--max-total-tokens", 
 
 
 @pytest.fixture(scope="module", params=sorted(LAUNCHERS))
-def server(request, tiny, tmp_path_factory: pytest.TempPathFactory):
-    log_dir = os.environ.get("SEMIPD_TEST_LOG_DIR") or tmp_path_factory.mktemp("logs")
-    cmd = python_module_cmd(*LAUNCHERS[request.param], "--model-path", str(tiny),
+def server(request, tiny_bf16, gpu_log_dir):
+    cmd = python_module_cmd(*LAUNCHERS[request.param], "--model-path", str(tiny_bf16),
                             "--port", str(PORT), *SERVE_FLAGS,
                             *EXTRA_FLAGS.get(request.param, ()))
-    with ServerProcess(cmd, PORT, os.path.join(log_dir, f"server_{request.param}.log")) as s:
+    with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, f"server_{request.param}.log")) as s:
         yield s
 
 
@@ -69,12 +62,12 @@ def _reference_logprobs(model_dir, seq: list[int]):
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
-def test_generate_agrees_with_transformers(server, tiny):
+def test_generate_agrees_with_transformers(server, tiny_bf16):
     for ids in PROMPTS:
         out = _generate(server, ids)
         gen = out["output_ids"]
         assert len(gen) == MAX_NEW
-        ref = _reference_logprobs(tiny, ids + gen)
+        ref = _reference_logprobs(tiny_bf16, ids + gen)
         served = [lp for lp, _tok, _txt in out["meta_info"]["output_token_logprobs"]]
         for step, tok in enumerate(gen):
             row = ref[len(ids) - 1 + step]
@@ -88,19 +81,19 @@ def test_generate_agrees_with_transformers(server, tiny):
         assert _generate(server, ids)["output_ids"] == gen  # deterministic
 
 
-def test_openai_completions_and_chat(server, tiny):
+def test_openai_completions_and_chat(server, tiny_bf16):
     comp = http_json(server.url + "/v1/completions", {
-        "model": str(tiny), "prompt": "Once upon a time", "max_tokens": 8,
+        "model": str(tiny_bf16), "prompt": "Once upon a time", "max_tokens": 8,
         "temperature": 0})
     assert comp["object"] == "text_completion"
     assert comp["usage"]["completion_tokens"] >= 1
     assert isinstance(comp["choices"][0]["text"], str)
     chat = http_json(server.url + "/v1/chat/completions", {
-        "model": str(tiny), "messages": [{"role": "user", "content": "hi"}],
+        "model": str(tiny_bf16), "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 8})
     assert chat["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_model_info(server, tiny):
+def test_model_info(server, tiny_bf16):
     info = http_json(server.url + "/get_model_info")
-    assert info["model_path"] == str(tiny)
+    assert info["model_path"] == str(tiny_bf16)

@@ -16,7 +16,6 @@ import random
 import numpy as np
 import pytest
 
-from sglang_semipd.testing.model_maker import make_model
 
 pytestmark = pytest.mark.gpu
 
@@ -35,11 +34,10 @@ def server_args(model: str, **overrides):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+def stack(tiny_bf16, tmp_path_factory: pytest.TempPathFactory):
     from sglang_semipd.testing.unified import UnifiedStack
 
-    model = make_model(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", "bfloat16",
-                       seed=0)
+    model = tiny_bf16
     run_dir = str(tmp_path_factory.mktemp("run"))
     workers = {"prefill": {"role": "prefill"}, "decode": {"role": "decode", "cuda_graphs": True}}
     with UnifiedStack(server_args(str(model)), run_dir, workers) as s:
