@@ -90,6 +90,43 @@ class _SharedPoolChecks:
 
 
 STALL_REPORT_S = 30.0  # a worker holding requests this long without a batch logs them
+ADMISSION_RETRY_S = 0.01  # the prefill worker re-tries a blocked admission this often
+
+
+class AdmissionRetry:
+    """Clears SGLang's ``ScheduleBatch.batch_is_full`` in the prefill worker.
+
+    SGLang's scheduler sets ``batch_is_full`` on its running batch when admission runs out of
+    KV tokens (``AddReqResult.NO_TOKEN``) or request rows, and admits nothing while it is
+    set; it clears it at the next decode step (``update_running_batch``) or when a prefill
+    batch it merges has shrunk. The prefill worker has neither: its requests leave at the
+    hand-off and it never decodes, so one failed admission would stop it for good while the
+    decode worker frees the pool (seen on the H100: 39 requests waiting, none admitted).
+    Here the flag is cleared once it has been set for ``retry_s`` -- about one decode step,
+    the rate at which stock SGLang re-tries -- so admission is tried again as the decode
+    worker finishes, retracts or caches requests."""
+
+    def __init__(self, retry_s: float = ADMISSION_RETRY_S,
+                 clock: Any = time.monotonic) -> None:
+        self.retry_s, self.clock = retry_s, clock
+        self._since: float | None = None
+        self.retries = 0
+
+    def check(self, running_batch: Any) -> bool:
+        """Call before each scheduling pass; True when it cleared the flag."""
+        if running_batch is None or not running_batch.batch_is_full:
+            self._since = None
+            return False
+        now = self.clock()
+        if self._since is None:
+            self._since = now
+            return False
+        if now - self._since < self.retry_s:
+            return False
+        running_batch.batch_is_full = False
+        self._since = None
+        self.retries += 1
+        return True
 
 
 class _SemiPDMixin:
@@ -262,8 +299,14 @@ def make_prefill_scheduler_cls() -> type:
                         start_split: int) -> None:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_peer = plan.kv_role("decode")  # hand-offs go to this decode client
+            self.semipd_admission = AdmissionRetry()
             tell_decode_about_aborts(self.ipc_channels.send_to_tokenizer,
                                      lambda rid: self._send(P.HandOff(rid=rid, finished=True)))
+
+        def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
+            self.semipd_admission.check(running_batch)
+            return super().get_next_batch_to_run(running_batch=running_batch,
+                                                 last_batch=last_batch)
 
         def process_batch_result(self, batch: Any, result: Any) -> None:
             if not batch.forward_mode.is_extend() or batch.is_dllm():

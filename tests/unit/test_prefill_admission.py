@@ -1,0 +1,87 @@
+"""The prefill worker re-tries admission that SGLang blocked with ``batch_is_full``.
+
+SGLang 0.5.17's scheduler admits nothing while its running batch's ``batch_is_full`` is set
+(set when admission runs out of KV tokens) and clears it only at a decode step. The prefill
+worker never decodes, so :class:`~sglang_semipd.workers.AdmissionRetry` clears it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_semipd.workers import ADMISSION_RETRY_S, AdmissionRetry
+
+
+def _scheduler_stub(waiting: list) -> SimpleNamespace:
+    """The attributes SGLang's prefill pass reads before its ``batch_is_full`` gate."""
+    return SimpleNamespace(
+        grammar_manager=SimpleNamespace(has_waiting_grammars=lambda: False),
+        enable_hierarchical_cache=False, enable_priority_preemption=False,
+        is_hybrid_swa=False, waiting_queue=waiting, chunked_req=None)
+
+
+def test_sglang_admits_nothing_while_an_empty_running_batch_is_marked_full(tmp_path):
+    """Pins the SGLang behaviour the prefill worker must undo: a waiting request and no
+    running request, yet no prefill batch while the flag is set."""
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.runtime_context import publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_semipd.testing.model_maker import make_model
+    from sglang_semipd.workers import role_server_args
+
+    model = make_model(tmp_path / "tiny", "tiny", "bfloat16", seed=0)
+    sa = ServerArgs(model_path=str(model), device="cpu", attention_backend="triton",
+                    sampling_backend="pytorch", grammar_backend="none")
+    publish(role_server_args("prefill", sa), role="scheduler")  # as the worker process does
+    running = ScheduleBatch(reqs=[], batch_is_full=True)
+    stub = _scheduler_stub(waiting=[object()])
+    try:
+        batch, still = Scheduler._get_new_batch_prefill_raw(
+            stub, prefill_delayer_single_pass=None, running_batch=running)
+    finally:
+        reset_context()
+    assert batch is None and still is running and running.batch_is_full
+    assert running.is_empty()
+
+
+def test_the_flag_is_cleared_after_the_retry_interval_and_only_then():
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    now = [100.0]
+    retry = AdmissionRetry(retry_s=0.01, clock=lambda: now[0])
+    running = ScheduleBatch(reqs=[], batch_is_full=True)
+    assert retry.check(running) is False and running.batch_is_full  # first seen full
+    now[0] += 0.005
+    assert retry.check(running) is False and running.batch_is_full
+    now[0] += 0.006
+    assert retry.check(running) is True and not running.batch_is_full
+    assert retry.retries == 1
+    # SGLang sets it again (admission failed again): another full interval before a retry
+    running.batch_is_full = True
+    assert retry.check(running) is False and running.batch_is_full
+    now[0] += 0.011
+    assert retry.check(running) is True and retry.retries == 2
+
+
+def test_a_flag_cleared_elsewhere_restarts_the_interval():
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    now = [0.0]
+    retry = AdmissionRetry(retry_s=1.0, clock=lambda: now[0])
+    running = ScheduleBatch(reqs=[], batch_is_full=True)
+    retry.check(running)
+    running.batch_is_full = False  # e.g. SGLang cleared it when a merged batch shrank
+    now[0] += 0.9
+    assert retry.check(running) is False
+    running.batch_is_full = True
+    now[0] += 0.2
+    assert retry.check(running) is False and running.batch_is_full  # interval restarted
+    assert retry.check(None) is False
+
+
+def test_the_default_interval_is_about_one_decode_step():
+    assert 0.001 <= ADMISSION_RETRY_S <= 0.05
+    assert AdmissionRetry().retry_s == pytest.approx(ADMISSION_RETRY_S)
