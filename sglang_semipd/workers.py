@@ -91,6 +91,7 @@ class _SharedPoolChecks:
 
 STALL_REPORT_S = 30.0  # a worker holding requests this long without a batch logs them
 ADMISSION_RETRY_S = 0.01  # the prefill worker re-tries a blocked admission this often
+PREFILL_OOM_WAIT_S = 30.0  # a refused prefill allocation waits this long for decode to free
 
 
 class AdmissionRetry:
@@ -300,6 +301,9 @@ def make_prefill_scheduler_cls() -> type:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_peer = plan.kv_role("decode")  # hand-offs go to this decode client
             self.semipd_admission = AdmissionRetry()
+            alloc = self.token_to_kv_pool_allocator  # RemoteTokenAllocator: see its doc
+            if hasattr(alloc, "oom_wait_s"):
+                alloc.oom_wait_s = PREFILL_OOM_WAIT_S
             tell_decode_about_aborts(self.ipc_channels.send_to_tokenizer,
                                      lambda rid: self._send(P.HandOff(rid=rid, finished=True)))
 

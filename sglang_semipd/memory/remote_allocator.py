@@ -23,7 +23,17 @@ The scheduler sees an ordinary ``BaseTokenToKVPoolAllocator``; underneath:
   ``Stats`` (refreshed when older than ``stats_max_age_s``, or by
   :meth:`refresh_stats`) corrected by this process's own allocs/frees since, plus
   the local lease and the buffered frees.  The other worker's traffic shows up
-  only at the next refresh.
+  only at the next refresh -- which comes after ``tight_stats_max_age_s`` instead
+  once the last known free count is below ``tight_free_tokens``: a nearly full pool
+  is where a stale count makes the scheduler admit what the pool no longer has.
+* **Waiting for room (``oom_wait_s``).**  Two processes allocate from one pool, so an
+  allocation the estimate allowed can still be refused (the other worker took the
+  slots in between).  With ``oom_wait_s > 0`` a refused allocation is retried, with
+  a growing pause, until it succeeds or ``oom_wait_s`` has passed; only then is it
+  ``None`` (SGLang then raises).  The prefill worker waits (the decode worker frees
+  slots as its requests finish, retract or are cached); the decode worker does not
+  (``0``, the default): it never waits on the prefill worker, whose slots all pass
+  to decode, and SGLang's decode path retracts instead.
 * Exhausted leases are closed lazily (one ``ReturnLease`` each), in batches of
   ``lease_close_batch`` at a flush, and all at :meth:`flush` / :meth:`close`.
 
@@ -63,7 +73,9 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
                  dtype: Optional[torch.dtype] = None, kvcache: Any = None,
                  lease_block: int = 256, small_alloc_max: Optional[int] = None,
                  free_flush_tokens: int = 4096, lease_close_batch: int = 8,
-                 stats_max_age_s: Optional[float] = 0.5) -> None:
+                 stats_max_age_s: Optional[float] = 0.5,
+                 tight_stats_max_age_s: float = 0.005,
+                 tight_free_tokens: Optional[int] = None, oom_wait_s: float = 0.0) -> None:
         if not client.client_id:
             raise ValueError("client must be registered (hello) before use")
         ps = max(client.page_size, 1)
@@ -78,6 +90,12 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         self.free_flush_tokens = free_flush_tokens
         self.lease_close_batch = lease_close_batch
         self.stats_max_age_s = stats_max_age_s
+        self.tight_stats_max_age_s = tight_stats_max_age_s
+        self.tight_free_tokens = max(4 * self.lease_block, client.capacity // 8) \
+            if tight_free_tokens is None else tight_free_tokens
+        self.oom_wait_s = oom_wait_s
+        self.oom_waits = 0  # refused allocations that were waited for (and how long, below)
+        self.oom_wait_total_s = 0.0
         self._lease: Optional[SlotLease] = None
         self._exhausted: list[SlotLease] = []
         self._pending: list[torch.Tensor] = []  # one token index per freed page
@@ -101,6 +119,9 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         """The last ``Stats`` report, refreshed first when older than ``max_age_s``
         (default ``stats_max_age_s``; ``None`` never refreshes)."""
         age = self.stats_max_age_s if max_age_s is None else max_age_s
+        if age is not None and max_age_s is None and self._stats is not None \
+                and self._stats.free + self._free_delta < self.tight_free_tokens:
+            age = min(age, self.tight_stats_max_age_s)
         if age is not None and time.monotonic() - self._stats_t > age:
             return self.refresh_stats()
         assert self._stats is not None
@@ -138,17 +159,41 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         idx = self._alloc_small(n) if n <= self.small_alloc_max else self._alloc_server(n)
         return None if idx is None else as_tensor(idx, self.device)
 
-    def _try_server(self, n: int, call: Any, what: str) -> Any:
-        """Flush buffered frees if the server may be short, then ``call(n)``; None on OOM."""
+    def _try_server(self, n: int, call: Any, what: str, wait: bool = True) -> Any:
+        """Flush buffered frees if the server may be short, then ``call(n)``; on OOM, retry
+        for up to ``oom_wait_s`` when ``wait`` (see module doc); None on OOM."""
         if self._pending_tokens and self.server_free_estimate() < n:
             self._flush_frees()
-        try:
-            return call(n)
-        except P.KVStateError as exc:
-            if exc.code != P.ErrorCode.OUT_OF_MEMORY:
-                raise
-            logger.info("%s(%d) refused: %s", what, n, exc)
-            return None
+        deadline = pause = None
+        while True:
+            try:
+                out = call(n)
+            except P.KVStateError as exc:
+                if exc.code != P.ErrorCode.OUT_OF_MEMORY:
+                    raise
+                now = time.monotonic()
+                if not wait or self.oom_wait_s <= 0 or (deadline is not None and now >= deadline):
+                    logger.info("%s(%d) refused: %s", what, n, exc)
+                    if deadline is not None:
+                        self._note_wait(what, n, now - (deadline - self.oom_wait_s), False)
+                    self.refresh_stats()
+                    return None
+                if deadline is None:
+                    deadline, pause = now + self.oom_wait_s, 0.0005
+                time.sleep(min(pause, max(deadline - now, 0.0)))
+                pause = min(pause * 2, 0.02)
+                self._flush_frees()
+                continue
+            if deadline is not None:
+                self._note_wait(what, n, time.monotonic() - (deadline - self.oom_wait_s), True)
+            return out
+
+    def _note_wait(self, what: str, n: int, waited_s: float, granted: bool) -> None:
+        self.oom_waits += 1
+        self.oom_wait_total_s += waited_s
+        log = logger.info if granted else logger.warning
+        log("%s(%d) %s after waiting %.1f ms for the other worker to free slots", what, n,
+            "granted" if granted else "still refused", waited_s * 1e3)
 
     def _alloc_server(self, n: int) -> Optional[array]:
         idx = self._try_server(n, self.client.alloc, "alloc")
@@ -158,8 +203,9 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
 
     def _open_lease(self, n: int) -> Optional[SlotLease]:
         """One ``Lease`` round trip for >= n tokens (a full block when possible)."""
-        for size in dict.fromkeys((max(self.lease_block, n), n)):
-            lease = self._try_server(size, self.client.lease, "lease")
+        sizes = list(dict.fromkeys((max(self.lease_block, n), n)))
+        for size in sizes:  # only the last (smallest) attempt waits for room
+            lease = self._try_server(size, self.client.lease, "lease", wait=size == sizes[-1])
             if lease is not None:
                 self._free_delta -= len(lease.indices)
                 return lease

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import random
 import threading
+import time
 from array import array
 from types import SimpleNamespace
 from typing import Any
@@ -498,4 +499,73 @@ def test_create_tree_cache_with_semipd_backend(servers) -> None:
     with pytest.raises(TypeError):
         create_tree_cache(ctx(local))
     close_remote(side)
+    assert_clean(sup)
+
+
+def test_a_refused_allocation_waits_for_the_other_worker_when_asked(servers) -> None:
+    """Two workers allocate from one pool, so an allocation the estimate allowed can be
+    refused (the prefill worker died of this on the H100: ``available=513`` estimated, 8
+    free). With ``oom_wait_s`` the prefill worker's allocation waits until the decode
+    worker frees; without it (the decode worker's default) it is refused at once."""
+    endpoint, sup = fresh(servers, 1)
+    prefill = remote_side(endpoint, "p", oom_wait_s=5.0)
+    decode = remote_side(endpoint, "d")
+    held = decode.alloc.alloc(CAPACITY - 50)
+    assert held is not None and decode.alloc.alloc(200) is None  # no wait: refused now
+    assert decode.alloc.oom_waits == 0
+
+    def free_later() -> None:
+        time.sleep(0.3)
+        decode.alloc.free(held[:400])
+        decode.alloc.flush()
+
+    t = threading.Thread(target=free_later)
+    t0 = time.monotonic()
+    t.start()
+    got = prefill.alloc.alloc(200)
+    waited = time.monotonic() - t0
+    t.join()
+    assert got is not None and len(got) == 200
+    assert 0.25 <= waited < 4.0, waited
+    assert prefill.alloc.oom_waits == 1 and prefill.alloc.oom_wait_total_s >= 0.25
+    prefill.alloc.free(got)
+    decode.alloc.free(held[400:])
+    for side in (prefill, decode):
+        close_remote(side)
+    assert_clean(sup)
+
+
+def test_a_wait_that_nobody_ends_is_refused_after_oom_wait_s(servers, caplog) -> None:
+    endpoint, sup = fresh(servers, 1)
+    side = remote_side(endpoint, "p", oom_wait_s=0.2)
+    held = side.alloc.alloc(CAPACITY - 8)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="sglang_semipd.memory.remote_allocator"):
+        assert side.alloc.alloc(100) is None
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+    assert "still refused after waiting" in caplog.text
+    last = side.alloc.alloc(8)  # an exact fit is granted at once
+    assert last is not None and len(last) == 8
+    side.alloc.free(held)
+    side.alloc.free(last)
+    close_remote(side)
+    assert_clean(sup)
+
+
+@pytest.mark.parametrize("tight", [True, False])
+def test_a_nearly_full_pool_refreshes_the_free_count_sooner(servers, tight: bool) -> None:
+    """Below ``tight_free_tokens`` the last ``Stats`` is trusted for only
+    ``tight_stats_max_age_s``, so the other worker's allocations show up within ms."""
+    endpoint, sup = fresh(servers, 1)
+    watcher = remote_side(endpoint, "w", stats_max_age_s=30.0, tight_stats_max_age_s=0.005,
+                          tight_free_tokens=CAPACITY + 1 if tight else 0)
+    other = remote_side(endpoint, "o")
+    assert watcher.alloc.available_size() == CAPACITY
+    held = other.alloc.alloc(1000)
+    time.sleep(0.02)
+    seen = watcher.alloc.available_size()
+    assert seen == (CAPACITY - 1000 if tight else CAPACITY)
+    other.alloc.free(held)
+    for side in (watcher, other):
+        close_remote(side)
     assert_clean(sup)
