@@ -16,7 +16,7 @@ source "$(dirname "$0")/gpu_common.sh" "${1:-}"
 
 source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
-timeout -s INT -k 45 ${TESTS_TIMEOUT:-330} python3 -m pytest -m gpu ${TESTS:-tests/gpu} -v -rA -s -p no:cacheprovider > "$LOG/pytest_gpu.log" 2>&1
+timeout -s INT -k 30 $(budget ${TESTS_TIMEOUT:-330}) python3 -m pytest $(each_test_timeout) -m gpu ${TESTS:-tests/gpu} -v -rA -s -p no:cacheprovider > "$LOG/pytest_gpu.log" 2>&1
 TEST_RC=$?
 stamp "gpu tests rc=$TEST_RC: $(tail -n 1 "$LOG/pytest_gpu.log")"
 if [ "${PROBES_NEED_PASS:-0}" = 1 ] && [ "$TEST_RC" != 0 ]; then
@@ -54,7 +54,7 @@ PY
 fi
 if [[ " ${PROBES:-} " == *" unified_storage "* ]]; then
   python3 scripts/make_test_models.py /tmp/models --only llama8b > /dev/null 2>&1
-  timeout -s INT -k 45 ${UNIFIED_TIMEOUT:-420} python3 -m benchmark.unified_storage \
+  timeout -s INT -k 30 $(budget ${UNIFIED_TIMEOUT:-420}) python3 -m benchmark.unified_storage \
       --model-dir /tmp/models/llama8b --load-format dummy --log-dir "$LOG/unified" \
       --out "$LOG/unified_storage.json" > "$LOG/unified_storage.txt" 2>&1
   stamp "probe unified_storage rc=$?"

@@ -15,7 +15,7 @@ source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
 [ -f .gpu/bench/workloads.json ] || { stamp "no .gpu/bench/workloads.json (run prepare)"; exit 1; }
 python3 scripts/make_test_models.py /tmp/models --only llama8b > /dev/null 2>&1
-timeout -s INT -k 45 ${BENCH_TIMEOUT:-540} python3 -m benchmark.compare run --workloads .gpu/bench \
+timeout -s INT -k 30 $(budget ${BENCH_TIMEOUT:-540}) python3 -m benchmark.compare run --workloads .gpu/bench \
     --model-dir /tmp/models/llama8b --load-format dummy --systems "${SYSTEMS:?SYSTEMS=...}" \
     --rates "${RATES:-4,8,12,16}" --duration-s "${DURATION_S:-15}" \
     ${WORKLOADS:+--only-workloads "$WORKLOADS"} --out-dir "$LOG/compare" \

@@ -18,7 +18,7 @@ stamp "imports checked"
 python3 scripts/make_test_models.py /tmp/models --sharegpt > "$LOG/models.txt" 2>&1
 stamp "models made"
 
-timeout 300 python3 -m pytest -m gpu tests/gpu -v -rA -p no:cacheprovider > "$LOG/pytest_gpu.log" 2>&1
+timeout 300 python3 -m pytest $(each_test_timeout) -m gpu tests/gpu -v -rA -p no:cacheprovider > "$LOG/pytest_gpu.log" 2>&1
 stamp "gpu tests rc=$?: $(tail -n 1 "$LOG/pytest_gpu.log")"
 
 timeout 400 python3 -m benchmark.baseline_sglang --model-dir /tmp/models/llama8b \

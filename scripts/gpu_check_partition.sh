@@ -8,7 +8,7 @@ source "$(dirname "$0")/gpu_common.sh" "${1:-}"
 source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
 python3 scripts/make_test_models.py /tmp/models --only llama8b > /dev/null 2>&1
-timeout -s INT -k 45 ${BENCH_TIMEOUT:-540} python3 -m benchmark.sm_partition --model-dir /tmp/models/llama8b \
+timeout -s INT -k 30 $(budget ${BENCH_TIMEOUT:-540}) python3 -m benchmark.sm_partition --model-dir /tmp/models/llama8b \
     --load-format dummy --modes ${MODES:-green,none} --log-dir "$LOG" \
     --out "$LOG/sm_partition.json" > "$LOG/sm_partition.txt" 2>&1
 stamp "sm_partition rc=$?"

@@ -14,13 +14,13 @@ source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
 python3 scripts/make_test_models.py /tmp/models --only tiny-bf16 > /dev/null 2>&1
 if [ "${CRASH:-1}" = 1 ]; then
-  timeout -s INT -k 45 ${CRASH_TIMEOUT:-400} python3 -m pytest -m gpu -v -rA -s -p no:cacheprovider \
+  timeout -s INT -k 30 $(budget ${CRASH_TIMEOUT:-400}) python3 -m pytest $(each_test_timeout) -m gpu -v -rA -s -p no:cacheprovider \
       tests/gpu/test_semipd_crash_gpu.py ${CRASH_K:+-k "$CRASH_K"} > "$LOG/pytest_gpu.log" 2>&1
   stamp "crash tests rc=$?: $(tail -n 1 "$LOG/pytest_gpu.log")"
   grep -E "PASSED|FAILED|ERROR" "$LOG/pytest_gpu.log" | head -n 10
 fi
 if [ "${SOAK:-1}" = 1 ]; then
-  timeout -s INT -k 45 ${SOAK_TIMEOUT:-330} python3 -m benchmark.soak --model-dir /tmp/models/tiny-bf16 \
+  timeout -s INT -k 30 $(budget ${SOAK_TIMEOUT:-330}) python3 -m benchmark.soak --model-dir /tmp/models/tiny-bf16 \
       --requests ${REQUESTS:-20000} --log-dir "$LOG" --out "$LOG/soak.json" \
       > "$LOG/soak.txt" 2>&1
   stamp "soak rc=$?"

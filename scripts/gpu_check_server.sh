@@ -14,12 +14,12 @@ stamp "activated"
 MODEL=${MODEL:-tiny-bf16}
 python3 scripts/make_test_models.py /tmp/models --only $MODEL > /dev/null 2>&1
 if [ "${SERVER_TESTS:-0}" = 1 ]; then
-  timeout -s INT -k 45 ${TESTS_TIMEOUT:-420} python3 -m pytest -m gpu -v -rA -s -p no:cacheprovider \
+  timeout -s INT -k 30 $(budget ${TESTS_TIMEOUT:-420}) python3 -m pytest $(each_test_timeout) -m gpu -v -rA -s -p no:cacheprovider \
       tests/gpu/test_semipd_server_gpu.py "tests/gpu/test_stock_serving_gpu.py" -k "semipd and not launcher" \
       > "$LOG/pytest_gpu.log" 2>&1
   stamp "server gpu tests rc=$?: $(tail -n 1 "$LOG/pytest_gpu.log")"
 fi
-timeout -s INT -k 45 ${SERVER_TIMEOUT:-540} python3 -m benchmark.correctness --model-dir /tmp/models/$MODEL \
+timeout -s INT -k 30 $(budget ${SERVER_TIMEOUT:-540}) python3 -m benchmark.correctness --model-dir /tmp/models/$MODEL \
     --prompts ${PROMPTS:-200} ${ONLY:+--only $ONLY} --extra-flags="${EXTRA_FLAGS:-}" --log-dir "$LOG" \
     --out "$LOG/correctness.json" > "$LOG/correctness.txt" 2>&1
 stamp "correctness rc=$?"

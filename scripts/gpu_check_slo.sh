@@ -11,12 +11,12 @@ source "$(dirname "$0")/gpu_common.sh" "${1:-}"
 source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout -s INT -k 45 ${TESTS_TIMEOUT:-240} python3 -m pytest -m gpu -v -rA -s -p no:cacheprovider \
+  timeout -s INT -k 30 $(budget ${TESTS_TIMEOUT:-240}) python3 -m pytest $(each_test_timeout) -m gpu -v -rA -s -p no:cacheprovider \
       tests/gpu/test_semipd_server_gpu.py > "$LOG/pytest_gpu.log" 2>&1
   stamp "server gpu tests rc=$?: $(tail -n 1 "$LOG/pytest_gpu.log")"
 fi
 python3 scripts/make_test_models.py /tmp/models --only llama8b > /dev/null 2>&1
-timeout -s INT -k 45 ${BENCH_TIMEOUT:-480} python3 -m benchmark.slo_controller --model-dir /tmp/models/llama8b \
+timeout -s INT -k 30 $(budget ${BENCH_TIMEOUT:-480}) python3 -m benchmark.slo_controller --model-dir /tmp/models/llama8b \
     --load-format dummy --phase-s ${PHASE_S:-15} --static-shares "${STATIC_SHARES:-0.375,0.5,0.625,0.75}" \
     ${SLO_ARGS:-} --log-dir "$LOG" --out "$LOG/slo_controller.json" \
     > "$LOG/slo_controller.txt" 2>&1

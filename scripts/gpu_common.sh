@@ -25,6 +25,26 @@ LOG=/tmp/semipd-logs
 rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG/timings.txt"; }
+# The device tool stops a call at its limit (600 s at most) without running the exit trap,
+# so nothing would come back: each step's timeout is cut to what is left of CALL_LIMIT_S
+# (default 590; set it to the call's timeout_s) after its kill grace (30 s) and the exit
+# packing (20 s).  Session 6 lost a whole call to a 550 s test step plus its grace.
+CALL_LIMIT_S=${CALL_LIMIT_S:-590}
+budget() {  # budget SECONDS -> SECONDS, or less (at least 1)
+  local left=$(( T0 + CALL_LIMIT_S - $(date +%s) - 50 ))
+  [ "$left" -ge 1 ] || left=1
+  if [ "$1" -le "$left" ]; then echo "$1"; else
+    echo "[$(( $(date +%s) - T0 ))s] step timeout $1 s cut to $left s (CALL_LIMIT_S=$CALL_LIMIT_S)" \
+      | tee -a "$LOG/timings.txt" >&2
+    echo "$left"
+  fi
+}
+# pytest-timeout (on the GPU host): one hanging test fails after TEST_TIMEOUT_EACH seconds
+# (module fixtures -- a server start -- count in their first test) instead of eating the call.
+each_test_timeout() {
+  python3 -c "import pytest_timeout" 2>/dev/null && \
+    echo "--timeout=${TEST_TIMEOUT_EACH:-300} --timeout-method=signal"
+}
 finish() {
   sweep
   cp "$LOG/timings.txt" "$RES/" 2>/dev/null

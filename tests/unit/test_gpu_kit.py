@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = ("build_gpu_bundle.sh", "gpu_activate.sh", "gpu_check_foundation.sh")
+SCRIPTS = tuple(sorted(p.name for p in (REPO / "scripts").glob("*.sh")))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -70,3 +71,16 @@ def test_activation_without_archive_fails(tmp_path):
     res = subprocess.run(["bash", "-c", f"source {REPO / 'scripts' / 'gpu_activate.sh'} "
                           f"{tmp_path}"], capture_output=True, text=True)
     assert res.returncode != 0 and "no sglang-*-site.tar.xz" in res.stderr
+
+
+def test_step_timeouts_are_cut_to_what_is_left_of_the_call(tmp_path):
+    """A step's timeout never runs past the device call's limit less the kill grace and
+    the exit packing (else the call is cut and nothing comes back)."""
+    script = (f"source scripts/gpu_common.sh {tmp_path}/res >/dev/null; CALL_LIMIT_S=100; "
+              "echo $(budget 30) $(budget 80); CALL_LIMIT_S=10; echo $(budget 5)")
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "OUT": str(tmp_path / "res")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["30", "50", "1"]
+    assert "step timeout 80 s cut to 50 s" in out.stderr
+    assert (tmp_path / "res" / "timings.txt").exists()  # the exit trap still packs results
