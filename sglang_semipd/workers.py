@@ -468,6 +468,17 @@ def make_decode_scheduler_cls() -> type:
             if runner is not None:
                 self.tp_worker.model_runner.decode_cuda_graph_runner = runner
 
+        def update_running_batch(self, batch: Any) -> Any:
+            """SGLang's, after securing the next decode step's KV slots in this worker's
+            lease (``RemoteTokenAllocator.secure``): SGLang checks an estimate of the shared
+            pool, and an allocation refused after that check raises instead of retracting.
+            Counted over the unfiltered batch (finished requests included: a few slots too
+            many), since filtering here would hide the finished ones from SGLang."""
+            alloc = self.token_to_kv_pool_allocator
+            if not batch.is_empty() and hasattr(alloc, "secure"):
+                alloc.secure(batch.new_tokens_required_next_decode())
+            return super().update_running_batch(batch)
+
         def _add_request_to_queue(self, req: Any, is_retracted: bool = False) -> None:
             if is_retracted or req.finished():
                 return super()._add_request_to_queue(req, is_retracted)

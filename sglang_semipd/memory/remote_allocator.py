@@ -156,8 +156,43 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         n = self._round(int(need_size))
         if n <= 0:
             return torch.empty((0,), dtype=torch.int64, device=self.device)
-        idx = self._alloc_small(n) if n <= self.small_alloc_max else self._alloc_server(n)
+        idx = self._alloc_small(n) if self._from_lease(n) else self._alloc_server(n)
         return None if idx is None else as_tensor(idx, self.device)
+
+    def _from_lease(self, n: int) -> bool:
+        """Small allocations, and any the local lease already covers (see :meth:`secure`)."""
+        return n <= self.small_alloc_max or n <= self.leased_available
+
+    def secure(self, n: int) -> bool:
+        """Make sure the local lease holds ``n`` tokens (rounded up to pages), so the next
+        allocations of up to ``n`` tokens need no server call and cannot be refused.
+
+        The decode worker calls this before SGLang checks whether the next decode step fits:
+        the shared pool's free count is an estimate (the prefill worker allocates too), and a
+        decode allocation refused *after* that check would raise instead of retracting.
+        Returns False when the memory manager cannot lease that many now; the free-count
+        estimate is then fresh, so SGLang's check sees the shortage and retracts."""
+        n = self._round(int(n))
+        if n <= self.leased_available:
+            return True
+        fresh = None
+        for size in dict.fromkeys((max(self.lease_block, n), n)):
+            fresh = self._try_server(size, self.client.lease, "lease", wait=False)
+            if fresh is not None:
+                break
+        # refused: the free count is fresh now; hand the remainder back only if it and the
+        # server's free slots together cover n (else keep what this worker holds)
+        if fresh is None and self.leased_available \
+                and self.server_free_estimate() + self.leased_available >= n:
+            self.release_lease()
+            fresh = self._try_server(n, self.client.lease, "lease", wait=False)
+        if fresh is None:
+            return False
+        self._free_delta -= len(fresh.indices)
+        if self._lease is not None:
+            self.release_lease()
+        self._lease = fresh
+        return True
 
     def _try_server(self, n: int, call: Any, what: str, wait: bool = True) -> Any:
         """Flush buffered frees if the server may be short, then ``call(n)``; on OOM, retry
@@ -234,7 +269,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         if num_pages == 0:
             return torch.empty((0,), dtype=torch.int64)
         n = num_pages * self.page_size
-        idx = self._alloc_small(n) if n <= self.small_alloc_max else self._alloc_server(n)
+        idx = self._alloc_small(n) if self._from_lease(n) else self._alloc_server(n)
         if idx is None:
             return None
         return as_tensor(idx, "cpu")[:: self.page_size] // self.page_size

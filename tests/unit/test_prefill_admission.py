@@ -85,3 +85,20 @@ def test_a_flag_cleared_elsewhere_restarts_the_interval():
 def test_the_default_interval_is_about_one_decode_step():
     assert 0.001 <= ADMISSION_RETRY_S <= 0.05
     assert AdmissionRetry().retry_s == pytest.approx(ADMISSION_RETRY_S)
+
+
+def test_the_decode_seams_we_wrap_exist_in_sglang():
+    """The decode worker secures its next step's slots in ``update_running_batch`` before
+    SGLang's ``check_decode_mem``, counting with ``new_tokens_required_next_decode``."""
+    import inspect
+
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from sglang_semipd.workers import make_decode_scheduler_cls
+
+    src = inspect.getsource(Scheduler.update_running_batch)
+    assert src.index("filter_batch") < src.index("check_decode_mem") < \
+        src.index("prepare_for_decode")
+    assert "new_tokens_required_next_decode" in inspect.getsource(ScheduleBatch.check_decode_mem)
+    assert "update_running_batch" in make_decode_scheduler_cls().__dict__

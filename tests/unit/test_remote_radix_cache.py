@@ -569,3 +569,40 @@ def test_a_nearly_full_pool_refreshes_the_free_count_sooner(servers, tight: bool
     for side in (watcher, other):
         close_remote(side)
     assert_clean(sup)
+
+
+def test_secure_makes_the_next_decode_allocation_local(servers) -> None:
+    """``secure(n)`` leases ahead, so the decode step's allocation (even one larger than
+    ``small_alloc_max``) needs no server call and cannot be refused after SGLang's check."""
+    endpoint, sup = fresh(servers, 1)
+    side = remote_side(endpoint, "d", lease_block=64)
+    counting = CountingClient(side.alloc.client)
+    assert side.alloc.secure(200) and side.alloc.leased_available >= 200
+    before = dict(counting.counts)
+    got = side.alloc.alloc(200)  # > small_alloc_max (32): would be an Alloc round trip
+    assert got is not None and len(got) == 200 and counting.counts == before
+    assert side.alloc.secure(0) and counting.counts == before
+    side.alloc.free(got)
+    close_remote(side)
+    assert_clean(sup)
+
+
+def test_secure_uses_the_lease_remainder_and_says_no_when_the_pool_cannot(servers) -> None:
+    endpoint, sup = fresh(servers, 1)
+    decode = remote_side(endpoint, "d", lease_block=64, stats_max_age_s=30.0,
+                         tight_free_tokens=0)
+    prefill = remote_side(endpoint, "p")
+    small = decode.alloc.alloc(14)  # opens a 64-token lease: 50 left in it
+    assert decode.alloc.leased_available == 50
+    held = prefill.alloc.alloc(CAPACITY - 64 - 70)  # the server keeps 70 free
+    assert decode.alloc.available_size() > 100  # stale: does not know about the 4k just taken
+    # 100 > 70 free, but the lease's 50 handed back make 120: one lease of 100 fits
+    assert decode.alloc.secure(100) and decode.alloc.leased_available == 100
+    assert decode.alloc.secure(150) is False  # 20 free + 100 leased: refused ...
+    assert decode.alloc.available_size() < 150  # ... and the estimate is fresh: SGLang retracts
+    assert decode.alloc.leased_available == 100  # what it held is kept
+    decode.alloc.free(small)
+    prefill.alloc.free(held)
+    for side in (decode, prefill):
+        close_remote(side)
+    assert_clean(sup)
