@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import logging
+import os
 import random
 import shlex
 import sys
@@ -26,10 +27,25 @@ from typing import Any
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
 from sglang_semipd.testing.server import flush_cache
 
+CHUNK = 512
 SERVE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch",
                "--grammar-backend", "none", "--mem-fraction-static", "0.8",
-               "--max-total-tokens", "100000", "--chunked-prefill-size", "512",
+               "--max-total-tokens", "100000", "--chunked-prefill-size", str(CHUNK),
                "--cuda-graph-max-bs-decode", "32", "--disable-prefill-cuda-graph"]
+TRUNCATION_ALIGN_ENV = "SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE"
+
+
+def server_env(extra_flags: list[str]) -> dict[str, str]:
+    """Environment for both servers. Under ``--enable-deterministic-inference`` with triton
+    attention, SGLang 0.5.17 aligns chunked-prefill boundaries to
+    ``$SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE`` (default 4096) and never schedules a
+    chunk shorter than that (``PrefillAdder.add_one_req``): with this run's 512-token chunk
+    every prompt longer than a chunk would wait for ever, on stock and semi-PD alike. Both
+    servers get the chunk size as the alignment (unless the caller set it)."""
+    env = dict(os.environ)
+    if "--enable-deterministic-inference" in extra_flags:
+        env.setdefault(TRUNCATION_ALIGN_ENV, str(CHUNK))
+    return env
 
 
 def parse() -> argparse.Namespace:
@@ -81,9 +97,12 @@ def run_server(module_args: list[str], a: argparse.Namespace, name: str,
                prompts: list[list[int]], log_dir: Path) -> tuple[list[dict], dict]:
     from sglang_semipd.testing.server import ServerProcess, http_json
 
+    extra = shlex.split(a.extra_flags)
     cmd = [sys.executable, "-m", *module_args, "--model-path", a.model_dir,
-           "--port", str(a.port), *SERVE_FLAGS, *shlex.split(a.extra_flags)]
-    with ServerProcess(cmd, a.port, log_dir / f"server_{name}.log", start_timeout=420) as s:
+           "--port", str(a.port), *SERVE_FLAGS, *extra]
+    env = server_env(extra)
+    with ServerProcess(cmd, a.port, log_dir / f"server_{name}.log", start_timeout=420,
+                       env=env) as s:
         first = query(s.url, prompts[0], a.max_new_tokens)  # warm
         t0 = time.monotonic()
         with cf.ThreadPoolExecutor(a.concurrency) as pool:
@@ -97,7 +116,8 @@ def run_server(module_args: list[str], a: argparse.Namespace, name: str,
         stream_ok = _stream_matches(s.url, prompts[1], a.max_new_tokens, first_ids=None)
         info = {"startup_s": s.startup_s, "concurrent_s": elapsed, "warm": first,
                 "sequential": sequential, "chat": chat, "stream_matches_nonstream": stream_ok,
-                "command": shlex.join(["python", "-m", *cmd[2:]])}
+                "command": shlex.join(["python", "-m", *cmd[2:]]),
+                "env": {k: env[k] for k in (TRUNCATION_ALIGN_ENV,) if k in env}}
     return results, info
 
 

@@ -1,8 +1,11 @@
-"""The prefill worker re-tries admission that SGLang blocked with ``batch_is_full``.
+"""Both workers admit and allocate against one shared pool whose free count is an estimate.
 
-SGLang 0.5.17's scheduler admits nothing while its running batch's ``batch_is_full`` is set
-(set when admission runs out of KV tokens) and clears it only at a decode step. The prefill
-worker never decodes, so :class:`~sglang_semipd.workers.AdmissionRetry` clears it."""
+* The prefill worker re-tries admission that SGLang blocked with ``batch_is_full``: SGLang
+  0.5.17 admits nothing while its running batch's flag is set and clears it only at a decode
+  step, which the prefill worker never runs (:class:`~sglang_semipd.workers.AdmissionRetry`).
+* The decode worker leases its next step's slots before SGLang checks that the step fits
+  (``RemoteTokenAllocator.secure``, tested against a real memory manager in
+  ``test_remote_radix_cache.py``)."""
 
 from __future__ import annotations
 
@@ -102,3 +105,28 @@ def test_the_decode_seams_we_wrap_exist_in_sglang():
         src.index("prepare_for_decode")
     assert "new_tokens_required_next_decode" in inspect.getsource(ScheduleBatch.check_decode_mem)
     assert "update_running_batch" in make_decode_scheduler_cls().__dict__
+
+
+def test_the_decode_worker_secures_the_step_before_sglang_checks_it(monkeypatch):
+    """``DecodeScheduler.update_running_batch`` leases the next step's slots, then runs
+    SGLang's (played here by a recorder: the override's order is under test)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from sglang_semipd.workers import make_decode_scheduler_cls
+
+    calls = []
+    monkeypatch.setattr(Scheduler, "update_running_batch",
+                        lambda self, batch: calls.append(("sglang", batch)) or batch)
+    cls = make_decode_scheduler_cls()
+    worker = object.__new__(cls)
+    worker.token_to_kv_pool_allocator = SimpleNamespace(
+        secure=lambda n: calls.append(("secure", n)) or True)
+    batch = SimpleNamespace(is_empty=lambda: False, new_tokens_required_next_decode=lambda: 7)
+    assert worker.update_running_batch(batch) is batch
+    assert calls == [("secure", 7), ("sglang", batch)]
+    calls.clear()
+    empty = SimpleNamespace(is_empty=lambda: True)
+    worker.update_running_batch(empty)
+    assert calls == [("sglang", empty)]  # nothing to secure for an empty batch
