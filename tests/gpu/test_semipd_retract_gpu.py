@@ -27,6 +27,7 @@ FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
          "--max-total-tokens", "4096", "--cuda-graph-max-bs-decode", "64",
          "--enable-deterministic-inference")
 N, PROMPT, OUT = 48, 200, 200
+RETRACT_LOG = "KV cache pool is full. Retract requests."  # SGLang 0.5.17 update_running_batch
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,9 @@ def test_retraction_under_a_small_pool_loses_nothing(server):
     with ThreadPoolExecutor(N) as pool:
         together = list(pool.map(lambda p: _gen(server, p), prompts))
     log = server.log_path.read_text(errors="replace")
-    assert "retract" in log.lower(), "the load never made the decode worker retract"
+    # SGLang's own warning (its ServerArgs dump also says "retraction_policy", so a bare
+    # "retract" would always be found)
+    assert RETRACT_LOG in log, "the load never made the decode worker retract"
     for out in together:
         assert out["meta_info"]["completion_tokens"] == OUT, out["meta_info"]
         assert out["meta_info"]["finish_reason"]["type"] == "length"

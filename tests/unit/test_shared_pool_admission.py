@@ -101,6 +101,7 @@ def test_the_decode_seams_we_wrap_exist_in_sglang():
     from sglang_semipd.workers import make_decode_scheduler_cls
 
     src = inspect.getsource(Scheduler.update_running_batch)
+    assert '"KV cache pool is full. Retract requests. "' in src  # the GPU retract test's marker
     assert src.index("filter_batch") < src.index("check_decode_mem") < \
         src.index("prepare_for_decode")
     assert "new_tokens_required_next_decode" in inspect.getsource(ScheduleBatch.check_decode_mem)
