@@ -60,6 +60,7 @@ from sglang_semipd.memory.client import KVStateClient, SlotLease, as_index_array
 logger = logging.getLogger(__name__)
 
 _EMPTY = array("q")
+REFUSAL_LOG_S = 10.0  # refusals are summarised in the log at most this often
 
 
 class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
@@ -96,6 +97,8 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         self.oom_wait_s = oom_wait_s
         self.oom_waits = 0  # refused allocations that were waited for (and how long, below)
         self.oom_wait_total_s = 0.0
+        self.refusals = 0  # allocations the memory manager refused (pool full)
+        self._refusals_logged, self._refusals_logged_t = 0, -REFUSAL_LOG_S
         self._lease: Optional[SlotLease] = None
         self._exhausted: list[SlotLease] = []
         self._pending: list[torch.Tensor] = []  # one token index per freed page
@@ -208,7 +211,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
                     raise
                 now = time.monotonic()
                 if not wait or self.oom_wait_s <= 0 or (deadline is not None and now >= deadline):
-                    logger.info("%s(%d) refused: %s", what, n, exc)
+                    self._note_refusal(what, n, exc, now)
                     if deadline is not None:
                         self._note_wait(what, n, now - (deadline - self.oom_wait_s), False)
                     self.refresh_stats()
@@ -223,12 +226,27 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
                 self._note_wait(what, n, time.monotonic() - (deadline - self.oom_wait_s), True)
             return out
 
+    def _note_refusal(self, what: str, n: int, exc: Exception, now: float) -> None:
+        """Count a refusal; log it at debug level, and at most every ``REFUSAL_LOG_S`` a
+        summary (a nearly full pool refuses the decode worker's block-sized lease at every
+        step, which must not flood the log)."""
+        self.refusals += 1
+        logger.debug("%s(%d) refused: %s", what, n, exc)
+        if now - self._refusals_logged_t >= REFUSAL_LOG_S:
+            logger.info("%d allocations refused (pool full) in the last %.0f s; latest: %s(%d): %s",
+                        self.refusals - self._refusals_logged, REFUSAL_LOG_S, what, n, exc)
+            self._refusals_logged, self._refusals_logged_t = self.refusals, now
+
     def _note_wait(self, what: str, n: int, waited_s: float, granted: bool) -> None:
         self.oom_waits += 1
         self.oom_wait_total_s += waited_s
-        log = logger.info if granted else logger.warning
-        log("%s(%d) %s after waiting %.1f ms for the other worker to free slots", what, n,
-            "granted" if granted else "still refused", waited_s * 1e3)
+        if not granted:
+            logger.warning("%s(%d) still refused after waiting %.1f ms for the other worker to "
+                           "free slots", what, n, waited_s * 1e3)
+        else:
+            logger.log(logging.INFO if waited_s >= 1.0 else logging.DEBUG,
+                       "%s(%d) granted after waiting %.1f ms for the other worker to free slots",
+                       what, n, waited_s * 1e3)
 
     def _alloc_server(self, n: int) -> Optional[array]:
         idx = self._try_server(n, self.client.alloc, "alloc")

@@ -606,3 +606,20 @@ def test_secure_uses_the_lease_remainder_and_says_no_when_the_pool_cannot(server
     for side in (decode, prefill):
         close_remote(side)
     assert_clean(sup)
+
+
+def test_refusals_are_counted_and_summarised_not_logged_one_by_one(servers, caplog) -> None:
+    """A nearly full pool refuses the decode worker's lease at every step: one summary line
+    per ``REFUSAL_LOG_S``, not one line per refusal."""
+    endpoint, sup = fresh(servers, 1)
+    side = remote_side(endpoint, "d", lease_block=64)
+    held = side.alloc.alloc(CAPACITY - 10)
+    with caplog.at_level("INFO", logger="sglang_semipd.memory.remote_allocator"):
+        for _ in range(30):
+            assert side.alloc.secure(64) is False
+    assert side.alloc.refusals >= 30
+    summaries = [r for r in caplog.records if "allocations refused" in r.getMessage()]
+    assert len(summaries) == 1, [r.getMessage() for r in caplog.records]
+    side.alloc.free(held)
+    close_remote(side)
+    assert_clean(sup)
