@@ -166,13 +166,12 @@ class Coordinator:
         """Wait until the memory manager and both workers (spawned by :meth:`spawn_children`,
         unless ``pipes`` says they were) are ready; returns SGLang's ready dict."""
         pipes = pipes if pipes is not None else self.spawn_children()
-        manager_ready = self._manager_ready
         info = self._wait_ready("memory_manager", pipes["memory_manager"])
         logger.info("memory manager ready: %d KV slots, %.2f GiB weights; start-up phases "
                     "(s): %s", info["max_total_num_tokens"], info["weights_bytes"] / 2**30,
                     info.get("startup_phases_s"))
         self._bind_sockets()
-        manager_ready.set()
+        self._manager_ready.set()
         ready = {role: self._wait_ready(role, pipes[role]) for role in self.endpoints}
         self.splits = [SMSplit(p, d, p / (p + d)) for p, d in ready["prefill"]["semipd_splits"]]
         start = ready["prefill"]["semipd_start_split"]
@@ -201,31 +200,42 @@ class Coordinator:
         import SGLang while the manager loads the model, and touch CUDA only once it is
         ready); returns their ready pipes for :meth:`start`."""
         from sglang_semipd.memory_manager import MemoryManagerSpec, run_memory_manager
-        from sglang_semipd.workers import WorkerPlan, run_worker_process
 
-        spawn = mp.get_context("spawn")
-        manager_ready = self._manager_ready = spawn.Event()
+        self._manager_ready = mp.get_context("spawn").Event()
         spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
                                  weight_socket=self.weight_socket, nccl_port=get_free_port(),
                                  gpu_id=self.gpu_id, tp_rank=self.tp_rank)
-        pipes = {"memory_manager": self._spawn(spawn, "memory_manager", run_memory_manager,
-                                               (spec,))}
+        pipes = {}
+        self.procs["memory_manager"], pipes["memory_manager"] = self._spawn(
+            "memory_manager", run_memory_manager, (spec,))
         for role, ep in self.endpoints.items():
-            plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint,
-                              handoff_endpoint=ep.handoff, control_endpoint=ep.control,
-                              sm_partition=self.cfg.sm_partition, shares=self.cfg.sm_splits,
-                              start_share=self.cfg.prefill_sm_share, gpu_id=self.gpu_id,
-                              tp_rank=self.tp_rank)
-            args = (plan, self.server_args, worker_port_args(self.port_args, ep), manager_ready)
-            pipes[role] = self._spawn(spawn, role, run_worker_process, args)
+            self.procs[role], pipes[role] = self._spawn_worker(role, ep, 0, None)
         return pipes
 
-    def _spawn(self, spawn: Any, name: str, target: Any, args: tuple) -> Any:
+    def _spawn(self, name: str, target: Any, args: tuple) -> tuple[Any, Any]:
+        """(process, ready pipe): ``target(*args, pipe_writer)`` in a spawned process."""
+        spawn = mp.get_context("spawn")
         reader, writer = spawn.Pipe(duplex=False)
         proc = spawn.Process(target=target, args=(*args, writer), name=f"semipd-{name}")
         proc.start()
-        self.procs[name] = proc
-        return reader
+        return proc, reader
+
+    def _spawn_worker(self, role: str, ep: WorkerEndpoints, gen_id: int,
+                      split: Optional[int]) -> tuple[Any, Any]:
+        """(process, ready pipe) of one worker of generation ``gen_id`` (0: the pair started
+        with the server, on ``--prefill-sm-share``; else an mps standby on ``split``)."""
+        from sglang_semipd.workers import WorkerPlan, run_worker_process
+
+        share = self.cfg.prefill_sm_share if split is None else \
+            self.splits[split].prefill_fraction
+        plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint, handoff_endpoint=ep.handoff,
+                          control_endpoint=ep.control, sm_partition=self.cfg.sm_partition,
+                          shares=self.cfg.sm_splits, start_share=share, gpu_id=self.gpu_id,
+                          tp_rank=self.tp_rank, generation=gen_id)
+        args = (plan, self.server_args, worker_port_args(self.port_args, ep),
+                self._manager_ready)
+        return self._spawn(role if gen_id == 0 else f"{role}@{gen_id}", run_worker_process,
+                           args)
 
     def _wait_ready(self, name: str, reader: Any, timeout_s: float = 900.0) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -549,24 +559,6 @@ class Coordinator:
                     "starting (%s)", _sms(self.splits[split]), gen_id, reason or "requested")
         self.trace.write("standby_start", {"t": gen.started_at, "generation": gen_id,
                                            "split": split, "reason": reason})
-
-    def _spawn_worker(self, role: str, ep: WorkerEndpoints, gen_id: int,
-                      split: int) -> tuple[Any, Any]:
-        """(process, ready pipe) of one standby worker."""
-        from sglang_semipd.workers import WorkerPlan, run_worker_process
-
-        spawn = mp.get_context("spawn")
-        plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint, handoff_endpoint=ep.handoff,
-                          control_endpoint=ep.control, sm_partition=self.cfg.sm_partition,
-                          shares=self.cfg.sm_splits,
-                          start_share=self.splits[split].prefill_fraction,
-                          gpu_id=self.gpu_id, tp_rank=self.tp_rank, generation=gen_id)
-        reader, writer = spawn.Pipe(duplex=False)
-        proc = spawn.Process(target=run_worker_process, name=f"semipd-{role}@{gen_id}",
-                             args=(plan, self.server_args, worker_port_args(self.port_args, ep),
-                                   self._manager_ready, writer))
-        proc.start()
-        return proc, reader
 
     def _poll_standby(self) -> None:
         gen = self.standby
