@@ -301,9 +301,8 @@ def make_prefill_scheduler_cls() -> type:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_peer = plan.kv_role("decode")  # hand-offs go to this decode client
             self.semipd_admission = AdmissionRetry()
-            alloc = self.token_to_kv_pool_allocator  # RemoteTokenAllocator: see its doc
-            if hasattr(alloc, "oom_wait_s"):
-                alloc.oom_wait_s = PREFILL_OOM_WAIT_S
+            # a refused allocation waits for the decode worker (RemoteTokenAllocator's doc)
+            self.token_to_kv_pool_allocator.oom_wait_s = PREFILL_OOM_WAIT_S
             tell_decode_about_aborts(self.ipc_channels.send_to_tokenizer,
                                      lambda rid: self._send(P.HandOff(rid=rid, finished=True)))
 
@@ -474,9 +473,8 @@ def make_decode_scheduler_cls() -> type:
             pool, and an allocation refused after that check raises instead of retracting.
             Counted over the unfiltered batch (finished requests included: a few slots too
             many), since filtering here would hide the finished ones from SGLang."""
-            alloc = self.token_to_kv_pool_allocator
-            if not batch.is_empty() and hasattr(alloc, "secure"):
-                alloc.secure(batch.new_tokens_required_next_decode())
+            if not batch.is_empty():
+                self.token_to_kv_pool_allocator.secure(batch.new_tokens_required_next_decode())
             return super().update_running_batch(batch)
 
         def _add_request_to_queue(self, req: Any, is_retracted: bool = False) -> None:

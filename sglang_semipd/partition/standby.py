@@ -34,9 +34,6 @@ class GenerationTracker:
         self._live[gen].add(rid)
         return gen
 
-    def owner(self, rid: str) -> Optional[int]:
-        return self._owner.get(rid)
-
     def finish(self, rids: Iterable[str]) -> list[int]:
         """Requests finished; returns the retiring generations this left without requests."""
         emptied = []
