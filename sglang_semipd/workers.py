@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import msgspec
 import zmq
@@ -92,6 +92,16 @@ class _SharedPoolChecks:
 STALL_REPORT_S = 30.0  # a worker holding requests this long without a batch logs them
 ADMISSION_RETRY_S = 0.01  # the prefill worker re-tries a blocked admission this often
 PREFILL_OOM_WAIT_S = 30.0  # a refused prefill allocation waits this long for decode to free
+
+
+def reprefill_bound(waiting: Any, chunked_prefill_size: Optional[int], page_size: int) -> int:
+    """Most KV slots one SGLang prefill pass may allocate for ``waiting`` requests: their
+    whole sequences (prompt + output so far; a radix hit only lowers it), at most one chunk
+    when chunked prefill is on, plus a page of rounding per request."""
+    total = sum(len(r.origin_input_ids) + len(r.output_ids) for r in waiting)
+    if chunked_prefill_size is not None and chunked_prefill_size > 0:
+        total = min(total, chunked_prefill_size)
+    return total + max(page_size, 1) * len(waiting)
 
 
 class AdmissionRetry:
@@ -476,6 +486,18 @@ def make_decode_scheduler_cls() -> type:
             if not batch.is_empty():
                 self.token_to_kv_pool_allocator.secure(batch.new_tokens_required_next_decode())
             return super().update_running_batch(batch)
+
+        def get_new_batch_prefill(self, running_batch: Any) -> Any:
+            """SGLang's, which here only re-prefills requests this worker retracted, after
+            leasing the KV slots that pass may allocate (``RemoteTokenAllocator.secure_up_to``):
+            SGLang admits against the shared pool's estimate and allocates afterwards, and
+            a refused allocation there raises (measured on the H100: the decode worker died
+            in ``alloc_token_slots`` re-prefilling retracted requests)."""
+            if self.waiting_queue:
+                self.token_to_kv_pool_allocator.secure_up_to(
+                    reprefill_bound(self.waiting_queue, self.server_args.chunked_prefill_size,
+                                    self.page_size))
+            return super().get_new_batch_prefill(running_batch)
 
         def _add_request_to_queue(self, req: Any, is_retracted: bool = False) -> None:
             if is_retracted or req.finished():

@@ -159,7 +159,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         n = self._round(int(need_size))
         if n <= 0:
             return torch.empty((0,), dtype=torch.int64, device=self.device)
-        idx = self._alloc_small(n) if self._from_lease(n) else self._alloc_server(n)
+        idx = self._alloc_small(n) if self._from_lease(n) else self._alloc_large(n)
         return None if idx is None else as_tensor(idx, self.device)
 
     def _from_lease(self, n: int) -> bool:
@@ -196,6 +196,24 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
             self.release_lease()
         self._lease = fresh
         return True
+
+    def secure_up_to(self, n: int) -> int:
+        """Lease as much of ``n`` tokens as the pool can give now (whole pages); returns what
+        the local lease then holds.
+
+        The decode worker calls this before SGLang admits requests it retracted for a
+        re-prefill: SGLang admits against :meth:`available_size` and then allocates, and the
+        prefill worker may take the server's free slots in between.  What the lease holds
+        cannot be taken; when the pool cannot give all of ``n``, the free-count estimate is
+        fresh afterwards, so SGLang admits no more than the lease and the pool hold."""
+        n = self._round(int(n))
+        if self.secure(n):
+            return self.leased_available
+        have = self.server_free_estimate() + self.leased_available  # fresh after the refusal
+        m = min(n, have // self.page_size * self.page_size)
+        if m > self.leased_available:
+            self.secure(m)  # refused only if the other worker took slots since: no harm
+        return self.leased_available
 
     def _try_server(self, n: int, call: Any, what: str, wait: bool = True) -> Any:
         """Flush buffered frees if the server may be short, then ``call(n)``; on OOM, retry
@@ -248,11 +266,31 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
                        "%s(%d) granted after waiting %.1f ms for the other worker to free slots",
                        what, n, waited_s * 1e3)
 
-    def _alloc_server(self, n: int) -> Optional[array]:
-        idx = self._try_server(n, self.client.alloc, "alloc")
+    def _alloc_server(self, n: int, wait: bool = True) -> Optional[array]:
+        idx = self._try_server(n, self.client.alloc, "alloc", wait=wait)
         if idx is not None:
             self._free_delta -= len(idx)
         return idx
+
+    def _alloc_large(self, n: int) -> Optional[array]:
+        """``n`` tokens the lease does not cover: one ``Alloc`` round trip; refused, the
+        lease's remainder and an ``Alloc`` of the rest (slots leased ahead by :meth:`secure`
+        count in :meth:`available_size` but are no longer free on the server).  A worker that
+        waits for room (``oom_wait_s``) waits only for the last attempt."""
+        lease = self._lease
+        if lease is None or not lease.available:
+            return self._alloc_server(n)
+        idx = self._alloc_server(n, wait=False)
+        if idx is not None:
+            return idx
+        part = lease.take(lease.available)
+        rest = self._alloc_server(n - len(part))
+        if rest is None:
+            lease.give_back(part)
+            return None
+        out = array("q", part)
+        out.extend(rest)
+        return out
 
     def _open_lease(self, n: int) -> Optional[SlotLease]:
         """One ``Lease`` round trip for >= n tokens (a full block when possible)."""
@@ -287,7 +325,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         if num_pages == 0:
             return torch.empty((0,), dtype=torch.int64)
         n = num_pages * self.page_size
-        idx = self._alloc_small(n) if self._from_lease(n) else self._alloc_server(n)
+        idx = self._alloc_small(n) if self._from_lease(n) else self._alloc_large(n)
         if idx is None:
             return None
         return as_tensor(idx, "cpu")[:: self.page_size] // self.page_size

@@ -608,6 +608,53 @@ def test_secure_uses_the_lease_remainder_and_says_no_when_the_pool_cannot(server
     assert_clean(sup)
 
 
+def test_secure_up_to_leases_what_the_pool_has_and_admission_sees_no_more(servers) -> None:
+    """Before re-prefilling retracted requests the decode worker leases what that pass may
+    allocate; a pool short of it gives what it has, and the estimate is fresh afterwards."""
+    endpoint, sup = fresh(servers, 1)
+    decode = remote_side(endpoint, "d", lease_block=64, stats_max_age_s=30.0,
+                         tight_free_tokens=0)
+    prefill = remote_side(endpoint, "p")
+    assert decode.alloc.secure_up_to(300) >= 300  # room: the whole bound
+    taken = decode.alloc.alloc(300)  # served from the lease
+    held = prefill.alloc.alloc(CAPACITY - 300 - 120)  # 120 left free on the server
+    assert decode.alloc.available_size() > 1000  # stale until the next refresh
+    assert decode.alloc.secure_up_to(500) == 120  # all the pool has, not the bound
+    assert decode.alloc.available_size() == 120  # fresh: SGLang admits no more than that
+    got = decode.alloc.alloc(120)
+    assert got is not None and len(got) == 120
+    assert decode.alloc.secure_up_to(10) == 0  # nothing left: nothing leased, no raise
+    for t in (taken, got):
+        decode.alloc.free(t)
+    prefill.alloc.free(held)
+    for side in (decode, prefill):
+        close_remote(side)
+    assert_clean(sup)
+
+
+def test_a_large_allocation_takes_the_lease_and_the_rest_from_the_server(servers) -> None:
+    """Slots leased ahead count in ``available_size`` but are no longer free on the server:
+    an allocation larger than the lease that the server alone cannot give is served from
+    both (SGLang admitted it against that estimate and raises on None)."""
+    endpoint, sup = fresh(servers, 1)
+    decode = remote_side(endpoint, "d", lease_block=64, stats_max_age_s=30.0,
+                         tight_free_tokens=0)
+    prefill = remote_side(endpoint, "p")
+    assert decode.alloc.secure(100) and decode.alloc.leased_available == 100
+    held = prefill.alloc.alloc(CAPACITY - 100 - 60)  # 60 free on the server
+    decode.alloc.refresh_stats()
+    assert decode.alloc.available_size() == 160
+    got = decode.alloc.alloc(150)  # > small_alloc_max and > the lease: both are needed
+    assert got is not None and len(got) == 150 and len(set(got.tolist())) == 150
+    assert decode.alloc.leased_available == 0
+    assert decode.alloc.alloc(40) is None  # 10 left: refused, and the lease is not touched
+    decode.alloc.free(got)
+    prefill.alloc.free(held)
+    for side in (decode, prefill):
+        close_remote(side)
+    assert_clean(sup)
+
+
 def test_refusals_are_counted_and_summarised_not_logged_one_by_one(servers, caplog) -> None:
     """A nearly full pool refuses the decode worker's lease at every step: one summary line
     per ``REFUSAL_LOG_S``, not one line per refusal."""

@@ -131,3 +131,51 @@ def test_the_decode_worker_secures_the_step_before_sglang_checks_it(monkeypatch)
     empty = SimpleNamespace(is_empty=lambda: True)
     worker.update_running_batch(empty)
     assert calls == [("sglang", empty)]  # nothing to secure for an empty batch
+
+
+def test_the_decode_worker_leases_a_re_prefill_before_sglang_admits_it(monkeypatch):
+    """Requests the decode worker retracted wait in its queue and are re-prefilled by SGLang's
+    prefill pass; the override leases what that pass may allocate first (the allocator side
+    is tested against a real memory manager in ``test_remote_radix_cache.py``)."""
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from sglang_semipd.workers import make_decode_scheduler_cls
+
+    calls = []
+    monkeypatch.setattr(Scheduler, "get_new_batch_prefill",
+                        lambda self, running: calls.append(("sglang", running)) or "plan")
+    worker = object.__new__(make_decode_scheduler_cls())
+    worker.token_to_kv_pool_allocator = SimpleNamespace(
+        secure_up_to=lambda n: calls.append(("secure_up_to", n)) or n)
+    worker.server_args = SimpleNamespace(chunked_prefill_size=512)
+    worker.page_size = 1
+    worker.waiting_queue = [SimpleNamespace(origin_input_ids=[1] * 100, output_ids=[2] * 30)]
+    assert worker.get_new_batch_prefill("running") == "plan"
+    assert calls == [("secure_up_to", 131), ("sglang", "running")]
+    calls.clear()
+    worker.waiting_queue = []
+    worker.get_new_batch_prefill("running")
+    assert calls == [("sglang", "running")]  # nothing retracted: nothing leased
+
+
+def test_the_re_prefill_bound_covers_whole_sequences_up_to_one_chunk():
+    from sglang_semipd.workers import reprefill_bound
+
+    reqs = [SimpleNamespace(origin_input_ids=[0] * n, output_ids=[0] * m)
+            for n, m in ((300, 200), (1000, 0))]
+    assert reprefill_bound(reqs, None, 1) == 1502
+    assert reprefill_bound(reqs, -1, 1) == 1502  # chunked prefill off
+    assert reprefill_bound(reqs, 512, 16) == 512 + 32  # one chunk, a page per request
+    assert reprefill_bound([], 512, 1) == 0
+
+
+def test_the_prefill_pass_seam_we_wrap_exists_in_sglang():
+    import inspect
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    src = inspect.getsource(Scheduler.get_next_batch_to_run)
+    assert "self.get_new_batch_prefill(running_batch)" in src
+    assert "alloc_for_extend" in inspect.getsource(
+        __import__("sglang.srt.managers.schedule_batch", fromlist=["x"]).ScheduleBatch
+        .prepare_for_extend)
