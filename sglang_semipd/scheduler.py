@@ -416,9 +416,13 @@ class Coordinator:
             except zmq.Again:
                 return
             tag = frames[0].bytes if len(frames) == 2 else None
-            if tag == P.HANDOFF_TAG and role == "prefill":
-                self.handoffs += 1
-                to_decode.send_multipart(frames, copy=False)
+            if tag == P.HANDOFF_TAG:
+                if self.cfg.sm_partition == "mps":
+                    self._on_handoff(frames)
+                if role == "prefill":
+                    self.handoffs += 1
+                    to_decode.send_multipart(frames, copy=False)
+                # from the decode worker: only a note that a request ended there (above)
             elif tag == P.CONTROL_TAG:
                 self._on_control(role, frames)
             else:
@@ -440,6 +444,20 @@ class Coordinator:
                 done = [r for r, why in zip(rids, reasons) if why is not None]
                 for gen in self.gens.finish(done):
                     self._retire(gen)
+
+    def _on_handoff(self, frames: Any) -> None:
+        """Under mps: a hand-off marked ``finished`` ends its request in its generation. The
+        workers answer some requests straight to the TokenizerManager (an abort of a queued
+        request, a request aborted while its hand-off was on the way), so no output batch
+        through here says they finished; without this their pair would never retire."""
+        try:
+            h = P.decode_handoff(frames)
+        except P.ProtocolError as exc:
+            logger.error("unreadable hand-off: %s", exc)
+            return
+        if h.finished:
+            for gen in self.gens.finish([h.rid]):
+                self._retire(gen)
 
     # ------------------------------------------------------------ SM partition
     def _on_control(self, role: str, frames: Any) -> None:

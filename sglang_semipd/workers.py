@@ -566,6 +566,9 @@ def make_decode_scheduler_cls() -> type:
                 self.semipd_client.dec_lock_ref(h.last_node)
             self.semipd_client.free_req_rows([h.req_pool_idx])
             self.ipc_channels.send_to_tokenizer.send_output(AbortReq(rid=h.rid))
+            # the scheduler sees no output batch for it: tell it the request ended here
+            self.ipc_channels.send_to_detokenizer.socket.send_multipart(
+                P.encode_handoff(P.HandOff(rid=h.rid, finished=True)))
             logger.debug("aborted %s while its hand-off was on the way: released, answered",
                          h.rid)
 

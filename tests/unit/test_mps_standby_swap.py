@@ -143,6 +143,43 @@ def test_a_resize_swaps_in_a_standby_pair_and_retires_the_old_one(wired, monkeyp
 
 
 @MPS
+def test_requests_answered_outside_output_batches_still_let_the_old_pair_retire(wired,
+                                                                                 monkeypatch):
+    """Measured on the H100: after an mps swap the old pair never retired, one request short.
+    Some requests end with an answer straight to the TokenizerManager (an abort of a queued
+    request, answered by the prefill worker; a request aborted while its hand-off was on the
+    way, answered by the decode worker), never in an output batch through the scheduler; the
+    workers' ``finished`` hand-offs end them in their generation instead."""
+    coord, spawned = _standby_setup(wired, monkeypatch)
+    old_decode_handoffs = wired.decode_handoffs
+    for rid in ("q1", "q2"):
+        wired.tokenizer.send(_request(rid))
+        for role in ("decode", "prefill"):
+            assert _recv(wired.worker_in[role]) == [_request(rid)]
+    wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.75)))
+    _until(lambda: len(spawned) == 2)
+    socks = _connect(zmq.Context.instance(), spawned)
+    for role in ("prefill", "decode"):
+        spawned[role][1].send({"status": "ready"})
+    _until(lambda: coord.gens.current == 1)
+    assert coord.gens.in_flight(0) == 2
+    # q1 was aborted in the prefill worker's queue: its decode worker still learns of it
+    ended = P.HandOff(rid="q1", finished=True)
+    wired.worker_out["prefill"].send_multipart(P.encode_handoff(ended))
+    assert P.decode_handoff(_recv(old_decode_handoffs)) == ended
+    _until(lambda: coord.gens.in_flight(0) == 1)
+    assert not wired.worker_ctl["decode"].poll(200)  # q2 is still on the old pair
+    # q2 was handed off, then dropped by the decode worker (its abort came first)
+    wired.worker_out["decode"].send_multipart(P.encode_handoff(P.HandOff(rid="q2",
+                                                                         finished=True)))
+    for role in ("prefill", "decode"):
+        assert P.decode_control(_recv(wired.worker_ctl[role])) == P.Retire(generation=0)
+    assert not wired.detok.poll(200)  # the note stays in the scheduler
+    for sock in socks.values():
+        sock.close(0)
+
+
+@MPS
 def test_a_standby_that_fails_to_start_is_abandoned(wired, monkeypatch):
     coord, spawned = _standby_setup(wired, monkeypatch)
     wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.25)))

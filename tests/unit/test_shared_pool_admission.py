@@ -179,3 +179,32 @@ def test_the_prefill_pass_seam_we_wrap_exists_in_sglang():
     assert "alloc_for_extend" in inspect.getsource(
         __import__("sglang.srt.managers.schedule_batch", fromlist=["x"]).ScheduleBatch
         .prepare_for_extend)
+
+
+def test_a_request_dropped_on_arrival_of_its_hand_off_is_released_answered_and_noted():
+    """The decode worker got the abort before the hand-off: it frees the request's own slots
+    (not the radix-protected prefix), unlocks its node, frees its row, answers the abort to
+    the TokenizerManager, and tells the scheduler the request ended (under mps the request's
+    worker pair retires only once all its requests ended)."""
+    import torch
+
+    from sglang_semipd import protocol as P
+    from sglang_semipd.workers import make_decode_scheduler_cls
+
+    calls = []
+    worker = object.__new__(make_decode_scheduler_cls())
+    worker.req_to_token_pool = SimpleNamespace(req_to_token=torch.arange(40).reshape(4, 10))
+    worker.semipd_client = SimpleNamespace(
+        free=lambda t: calls.append(("free", t.tolist())),
+        dec_lock_ref=lambda node: calls.append(("unlock", node)),
+        free_req_rows=lambda rows: calls.append(("rows", rows)))
+    worker.ipc_channels = SimpleNamespace(
+        send_to_tokenizer=SimpleNamespace(
+            send_output=lambda out: calls.append(("tokenizer", type(out).__name__, out.rid))),
+        send_to_detokenizer=SimpleNamespace(socket=SimpleNamespace(
+            send_multipart=lambda frames: calls.append(("note", P.decode_handoff(frames))))))
+    worker._drop_orphan(P.HandOff(rid="x", req_pool_idx=2, kv_len=7, cache_protected_len=4,
+                                  last_node=9))
+    assert calls == [("free", [24, 25, 26]), ("unlock", 9), ("rows", [2]),
+                     ("tokenizer", "AbortReq", "x"),
+                     ("note", P.HandOff(rid="x", finished=True))]
