@@ -294,16 +294,18 @@ def plot(record: dict[str, Any], path: Path) -> None:
     x = [r["prefill_share"] for r in rows]
     ax1.plot(x, [r["decode_step_ms"] for r in rows], "o-", label="decode + 8K prefills")
     ax1.plot(x, [r["decode_alone_step_ms"] for r in rows], "s--", label="decode alone")
+    colors = {"none": "gray", "mps": "tab:red"}  # one-split modes, told apart
     for r in none:
-        ax1.axhline(r["decode_step_ms"] or 0, color="gray", ls=":",
-                    label=f"{r.get('mode', 'none')} (one split)")
+        ax1.axhline(r["decode_step_ms"] or 0, color=colors.get(r.get("mode", "none"), "k"),
+                    ls=":", label=f"{r.get('mode', 'none')} (one split)")
     ax1.set_xlabel("prefill SM share")
     ax1.set_ylabel(f"decode step (ms), batch {record['batch']}")
     ax1.legend()
     ax2.plot(x, [r["prefill_tok_s"] for r in rows], "o-", label="with decode running")
     ax2.plot(x, [r["prefill_alone_tok_s"] for r in rows], "s--", label="prefill alone")
     for r in none:
-        ax2.axhline(r["prefill_tok_s"] or 0, color="gray", ls=":", label=r.get("mode", "none"))
+        ax2.axhline(r["prefill_tok_s"] or 0, color=colors.get(r.get("mode", "none"), "k"),
+                    ls=":", label=r.get("mode", "none"))
     ax2.set_xlabel("prefill SM share")
     ax2.set_ylabel("prefill tokens/s")
     ax2.legend()
