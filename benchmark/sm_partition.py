@@ -208,7 +208,9 @@ def measure_mps_resizes(url: str, trace: Path, a: argparse.Namespace, shares: li
                         n: int = 2, timeout_s: float = 300.0) -> dict[str, Any]:
     """``--sm-partition mps``: each resize starts a standby worker pair and swaps it in
     (``standby_swap`` in the trace: command -> new requests served by the new pair); the old
-    pair finishes its decode load first and retires (``retired``)."""
+    pair finishes its decode load first and retires (``retired``; ``None`` in
+    ``retire_after_swap_s`` when it had not within ``timeout_s``). ``p50`` is the lower
+    median of the ``samples_ms``."""
     load = Load(url, seed=11)
     swaps: list[float] = []
     retire_s: list[float] = []
@@ -229,16 +231,17 @@ def measure_mps_resizes(url: str, trace: Path, a: argparse.Namespace, shares: li
             swaps.append(swap["latency_ms"])
             for f in futs:
                 f.result()
-            while time.monotonic() < deadline:
+            retired = None  # stays None when the old pair did not retire before the deadline
+            while time.monotonic() < deadline and retired is None:
                 done = [r for r in read_trace(trace) if r["kind"] == "retired"
                         and r["generation"] == swap["generation"] - 1]
                 if done:
-                    retire_s.append(done[0]["t"] - swap["t"])
-                    break
+                    retired = done[0]["t"] - swap["t"]
                 time.sleep(0.5)
-    swaps.sort()
-    return {"p50": swaps[len(swaps) // 2], "p99": swaps[-1], "n": len(swaps),
-            "retire_after_swap_s": retire_s,
+            retire_s.append(retired)
+    ordered = sorted(swaps)
+    return {"p50": ordered[(len(ordered) - 1) // 2], "p99": ordered[-1], "n": len(swaps),
+            "samples_ms": swaps, "retire_after_swap_s": retire_s,
             "what": "command -> standby pair serving new requests (worker start included)"}
 
 
