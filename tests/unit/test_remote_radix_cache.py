@@ -587,11 +587,24 @@ def test_secure_makes_the_next_decode_allocation_local(servers) -> None:
     assert_clean(sup)
 
 
-def test_secure_uses_the_lease_remainder_and_says_no_when_the_pool_cannot(servers) -> None:
+def _decode_and_prefill(servers) -> tuple:
+    """(decode, prefill, supervisor) on a fresh pool: a decode side with 64-token leases that
+    trusts its free count until told (a stale estimate, as between two refreshes), and a
+    prefill side that takes slots behind its back."""
     endpoint, sup = fresh(servers, 1)
     decode = remote_side(endpoint, "d", lease_block=64, stats_max_age_s=30.0,
                          tight_free_tokens=0)
-    prefill = remote_side(endpoint, "p")
+    return decode, remote_side(endpoint, "p"), sup
+
+
+def _close_all(sup, *sides) -> None:
+    for side in sides:
+        close_remote(side)
+    assert_clean(sup)
+
+
+def test_secure_uses_the_lease_remainder_and_says_no_when_the_pool_cannot(servers) -> None:
+    decode, prefill, sup = _decode_and_prefill(servers)
     small = decode.alloc.alloc(14)  # opens a 64-token lease: 50 left in it
     assert decode.alloc.leased_available == 50
     held = prefill.alloc.alloc(CAPACITY - 64 - 70)  # the server keeps 70 free
@@ -603,18 +616,13 @@ def test_secure_uses_the_lease_remainder_and_says_no_when_the_pool_cannot(server
     assert decode.alloc.leased_available == 100  # what it held is kept
     decode.alloc.free(small)
     prefill.alloc.free(held)
-    for side in (decode, prefill):
-        close_remote(side)
-    assert_clean(sup)
+    _close_all(sup, decode, prefill)
 
 
 def test_secure_up_to_leases_what_the_pool_has_and_admission_sees_no_more(servers) -> None:
     """Before re-prefilling retracted requests the decode worker leases what that pass may
     allocate; a pool short of it gives what it has, and the estimate is fresh afterwards."""
-    endpoint, sup = fresh(servers, 1)
-    decode = remote_side(endpoint, "d", lease_block=64, stats_max_age_s=30.0,
-                         tight_free_tokens=0)
-    prefill = remote_side(endpoint, "p")
+    decode, prefill, sup = _decode_and_prefill(servers)
     assert decode.alloc.secure_up_to(300) >= 300  # room: the whole bound
     taken = decode.alloc.alloc(300)  # served from the lease
     held = prefill.alloc.alloc(CAPACITY - 300 - 120)  # 120 left free on the server
@@ -627,19 +635,14 @@ def test_secure_up_to_leases_what_the_pool_has_and_admission_sees_no_more(server
     for t in (taken, got):
         decode.alloc.free(t)
     prefill.alloc.free(held)
-    for side in (decode, prefill):
-        close_remote(side)
-    assert_clean(sup)
+    _close_all(sup, decode, prefill)
 
 
 def test_a_large_allocation_takes_the_lease_and_the_rest_from_the_server(servers) -> None:
     """Slots leased ahead count in ``available_size`` but are no longer free on the server:
     an allocation larger than the lease that the server alone cannot give is served from
     both (SGLang admitted it against that estimate and raises on None)."""
-    endpoint, sup = fresh(servers, 1)
-    decode = remote_side(endpoint, "d", lease_block=64, stats_max_age_s=30.0,
-                         tight_free_tokens=0)
-    prefill = remote_side(endpoint, "p")
+    decode, prefill, sup = _decode_and_prefill(servers)
     assert decode.alloc.secure(100) and decode.alloc.leased_available == 100
     held = prefill.alloc.alloc(CAPACITY - 100 - 60)  # 60 free on the server
     decode.alloc.refresh_stats()
@@ -650,9 +653,7 @@ def test_a_large_allocation_takes_the_lease_and_the_rest_from_the_server(servers
     assert decode.alloc.alloc(40) is None  # 10 left: refused, and the lease is not touched
     decode.alloc.free(got)
     prefill.alloc.free(held)
-    for side in (decode, prefill):
-        close_remote(side)
-    assert_clean(sup)
+    _close_all(sup, decode, prefill)
 
 
 def test_refusals_are_counted_and_summarised_not_logged_one_by_one(servers, caplog) -> None:
