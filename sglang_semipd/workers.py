@@ -492,12 +492,18 @@ def make_decode_scheduler_cls() -> type:
             leasing the KV slots that pass may allocate (``RemoteTokenAllocator.secure_up_to``):
             SGLang admits against the shared pool's estimate and allocates afterwards, and
             a refused allocation there raises (measured on the H100: the decode worker died
-            in ``alloc_token_slots`` re-prefilling retracted requests)."""
-            if self.waiting_queue:
-                self.token_to_kv_pool_allocator.secure_up_to(
-                    reprefill_bound(self.waiting_queue, self.server_args.chunked_prefill_size,
-                                    self.page_size))
-            return super().get_new_batch_prefill(running_batch)
+            in ``alloc_token_slots`` re-prefilling retracted requests). What the pass did
+            not use goes back to the pool beyond one lease block: the prefill worker may be
+            waiting for room."""
+            if not self.waiting_queue:
+                return super().get_new_batch_prefill(running_batch)
+            alloc = self.token_to_kv_pool_allocator
+            alloc.secure_up_to(reprefill_bound(
+                self.waiting_queue, self.server_args.chunked_prefill_size, self.page_size))
+            plan = super().get_new_batch_prefill(running_batch)
+            if alloc.leased_available > alloc.lease_block:
+                alloc.release_lease()
+            return plan
 
         def _add_request_to_queue(self, req: Any, is_retracted: bool = False) -> None:
             if is_retracted or req.finished():

@@ -145,13 +145,20 @@ def test_the_decode_worker_leases_a_re_prefill_before_sglang_admits_it(monkeypat
     monkeypatch.setattr(Scheduler, "get_new_batch_prefill",
                         lambda self, running: calls.append(("sglang", running)) or "plan")
     worker = object.__new__(make_decode_scheduler_cls())
-    worker.token_to_kv_pool_allocator = SimpleNamespace(
-        secure_up_to=lambda n: calls.append(("secure_up_to", n)) or n)
+    alloc = SimpleNamespace(
+        lease_block=64, leased_available=0,
+        secure_up_to=lambda n: calls.append(("secure_up_to", n)) or n,
+        release_lease=lambda: calls.append(("release_lease",)))
+    worker.token_to_kv_pool_allocator = alloc
     worker.server_args = SimpleNamespace(chunked_prefill_size=512)
     worker.page_size = 1
     worker.waiting_queue = [SimpleNamespace(origin_input_ids=[1] * 100, output_ids=[2] * 30)]
     assert worker.get_new_batch_prefill("running") == "plan"
     assert calls == [("secure_up_to", 131), ("sglang", "running")]
+    calls.clear()
+    alloc.leased_available = 65  # the pass left more than a lease block unused: handed back
+    worker.get_new_batch_prefill("running")
+    assert calls == [("secure_up_to", 131), ("sglang", "running"), ("release_lease",)]
     calls.clear()
     worker.waiting_queue = []
     worker.get_new_batch_prefill("running")
