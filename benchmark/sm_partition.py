@@ -196,8 +196,14 @@ def measure_resizes(url: str, trace: Path, a: argparse.Namespace, shares: list[f
         abort_all(url)
         for f in futs:
             f.result()
-    lat = sorted(r["latency_ms"] for r in read_trace(trace) if r["kind"] == "resize_ack"
-                 and r["seq"] > first and r.get("latency_ms") is not None)
+    return latency_summary([r["latency_ms"] for r in read_trace(trace)
+                            if r["kind"] == "resize_ack" and r["seq"] > first
+                            and r.get("latency_ms") is not None])
+
+
+def latency_summary(samples: list[float]) -> dict[str, Any]:
+    """``p50`` (the upper median), ``p99``, ``max`` and ``n`` of resize latencies (ms)."""
+    lat = sorted(samples)
     if not lat:
         return {"p50": None, "p99": None, "n": 0}
     return {"p50": lat[len(lat) // 2], "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
@@ -209,8 +215,7 @@ def measure_mps_resizes(url: str, trace: Path, a: argparse.Namespace, shares: li
     """``--sm-partition mps``: each resize starts a standby worker pair and swaps it in
     (``standby_swap`` in the trace: command -> new requests served by the new pair); the old
     pair finishes its decode load first and retires (``retired``; ``None`` in
-    ``retire_after_swap_s`` when it had not within ``timeout_s``). ``p50`` is the lower
-    median of the ``samples_ms``."""
+    ``retire_after_swap_s`` when it had not within ``timeout_s``); every sample is kept."""
     load = Load(url, seed=11)
     swaps: list[float] = []
     retire_s: list[float] = []
@@ -239,9 +244,7 @@ def measure_mps_resizes(url: str, trace: Path, a: argparse.Namespace, shares: li
                     retired = done[0]["t"] - swap["t"]
                 time.sleep(0.5)
             retire_s.append(retired)
-    ordered = sorted(swaps)
-    return {"p50": ordered[(len(ordered) - 1) // 2], "p99": ordered[-1], "n": len(swaps),
-            "samples_ms": swaps, "retire_after_swap_s": retire_s,
+    return {**latency_summary(swaps), "samples_ms": swaps, "retire_after_swap_s": retire_s,
             "what": "command -> standby pair serving new requests (worker start included)"}
 
 
