@@ -165,6 +165,11 @@ class _SemiPDMixin:
     def _send_control(self, msg: Any) -> None:
         self.ipc_channels.send_to_detokenizer.socket.send_multipart(P.encode_control(msg))
 
+    def _send_handoff(self, h: P.HandOff) -> None:
+        """On this worker's output socket, to the scheduler (the prefill worker's hand-offs
+        go on to its decode worker; ``finished`` ones also end the request there)."""
+        self.ipc_channels.send_to_detokenizer.socket.send_multipart(P.encode_handoff(h))
+
     def _poll_control(self) -> None:
         while True:
             try:
@@ -314,7 +319,8 @@ def make_prefill_scheduler_cls() -> type:
             # a refused allocation waits for the decode worker (RemoteTokenAllocator's doc)
             self.token_to_kv_pool_allocator.oom_wait_s = PREFILL_OOM_WAIT_S
             tell_decode_about_aborts(self.ipc_channels.send_to_tokenizer,
-                                     lambda rid: self._send(P.HandOff(rid=rid, finished=True)))
+                                     lambda rid: self._send_handoff(P.HandOff(rid=rid,
+                                                                              finished=True)))
 
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
             self.semipd_admission.check(running_batch)
@@ -331,7 +337,7 @@ def make_prefill_scheduler_cls() -> type:
             done = []
             for r in cand:
                 if r.finished():
-                    self._send(P.HandOff(rid=r.rid, finished=True))
+                    self._send_handoff(P.HandOff(rid=r.rid, finished=True))
                 else:
                     self._hand_off(r)
                     done.append(r)
@@ -345,7 +351,7 @@ def make_prefill_scheduler_cls() -> type:
             node = r.last_node
             locks = [] if node is None or node.is_root else [node.id]
             self.semipd_client.transfer(0, tail, [row], locks, to_role=self.semipd_peer)
-            self._send(P.HandOff(
+            self._send_handoff(P.HandOff(
                 rid=r.rid, req_pool_idx=row, kv_len=kv_len, first_token=int(r.output_ids[-1]),
                 cache_protected_len=cpl, last_node=locks[0] if locks else 0,
                 last_node_prefix_len=int(getattr(node, "prefix_len", 0)) if locks else 0,
@@ -357,10 +363,6 @@ def make_prefill_scheduler_cls() -> type:
                 logprob=export_logprobs(r) if r.return_logprob else None))
             r.req_pool_idx = None  # the decode worker owns the row now
             r.kv = None
-
-        def _send(self, h: P.HandOff) -> None:
-            sock = self.ipc_channels.send_to_detokenizer.socket
-            sock.send_multipart(P.encode_handoff(h))
 
         def flush_cache(self, empty_cache: bool = True) -> bool:
             """SGLang's flush; refused (False, not a crash) while the decode worker still
@@ -573,8 +575,7 @@ def make_decode_scheduler_cls() -> type:
             self.semipd_client.free_req_rows([h.req_pool_idx])
             self.ipc_channels.send_to_tokenizer.send_output(AbortReq(rid=h.rid))
             # the scheduler sees no output batch for it: tell it the request ended here
-            self.ipc_channels.send_to_detokenizer.socket.send_multipart(
-                P.encode_handoff(P.HandOff(rid=h.rid, finished=True)))
+            self._send_handoff(P.HandOff(rid=h.rid, finished=True))
             logger.debug("aborted %s while its hand-off was on the way: released, answered",
                          h.rid)
 
