@@ -7,8 +7,12 @@
   ``--load-format dummy`` (random weights made on the GPU, no files).
 * ``deepseek-v2-lite``: DeepSeek-V2-Lite's shape (MLA + MoE), config-only, for the same use.
 
-Every directory gets the SmolLM2 tokenizer shipped in ``sglang_semipd/assets`` (49152 ids,
-which every preset's vocabulary covers). Writing weights needs torch and safetensors.
+Every directory gets the SmolLM2 tokenizer shipped in ``sglang_semipd/assets`` (49152 ids).
+A preset with a larger vocabulary gets it padded to the vocabulary's size with entries no
+text encodes to (``" [<id>]"``, no merge leads there): encoding is unchanged, and every id a
+dummy-weight model samples decodes to text. Without them, most of an 8B-shaped model's ids
+decoded to nothing, so streamed chat deltas stayed empty and bench_serving, which times the
+first non-empty delta, reported TTFT 0. Writing weights needs torch and safetensors.
 """
 
 from __future__ import annotations
@@ -76,16 +80,37 @@ def tokenizer_dir() -> Path:
     return Path(str(resources.files("sglang_semipd") / "assets" / "tokenizer-smollm2"))
 
 
-def copy_tokenizer(out: Path) -> dict[str, int]:
-    """Copy the tokenizer into ``out``; return its bos/eos/pad ids and vocabulary size."""
+def copy_tokenizer(out: Path, vocab_size: Optional[int] = None) -> dict[str, int]:
+    """Copy the tokenizer into ``out``, padded to ``vocab_size`` ids if that is larger (see
+    the module docstring); return its bos/eos/pad ids and its size."""
     src = tokenizer_dir()
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy(src / name, out / name)
-    vocab = json.loads((src / "tokenizer.json").read_text())["model"]["vocab"]
+    tok = json.loads((src / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    if vocab_size is not None and vocab_size > len(vocab):
+        _pad_vocab(tok, vocab_size)
+        (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     special = json.loads((src / "special_tokens_map.json").read_text())
     return {"bos": vocab[special["bos_token"]], "eos": vocab[special["eos_token"]],
             "pad": vocab[special["pad_token"]], "size": len(vocab)}
+
+
+def _pad_vocab(tok: dict[str, Any], vocab_size: int) -> None:
+    """Add byte-level BPE entries ``"\u0120[<id>]"`` (text ``" [<id>]"``) for ids
+    ``len(vocab) .. vocab_size - 1``. No merge produces them and the pre-tokenizer splits
+    digits and brackets apart, so no input encodes to one."""
+    model = tok["model"]
+    vocab = model["vocab"]
+    if model["type"] != "BPE" or model.get("ignore_merges") or sorted(vocab.values()) != list(
+            range(len(vocab))):
+        raise ValueError("padding needs a BPE vocabulary with ids 0..n-1 and merges applied")
+    for i in range(len(vocab), vocab_size):
+        entry = f"\u0120[{i}]"
+        if entry in vocab:
+            raise ValueError(f"{entry!r} is already in the vocabulary")
+        vocab[entry] = i
 
 
 def write_config(out: Path, preset: str, dtype: str, tok: dict[str, int]) -> dict[str, Any]:
@@ -148,7 +173,7 @@ def make_model(out: Path | str, preset: str = "tiny", dtype: str = "bfloat16", s
         raise ValueError(f"{preset} is config-only (serve it with --load-format dummy)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(out, preset, dtype, copy_tokenizer(out))
+    cfg = write_config(out, preset, dtype, copy_tokenizer(out, PRESETS[preset]["vocab_size"]))
     if not config_only:
         n = write_weights(out, cfg, dtype, seed)
         logger.info("%s: %s, %.1fM params (%s, seed %d)", out, preset, n / 1e6, dtype, seed)

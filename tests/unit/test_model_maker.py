@@ -114,3 +114,27 @@ def test_synthetic_sharegpt(tmp_path):
     assert len(data) == 20
     assert [c["from"] for c in data[0]["conversations"]] == ["human", "gpt"]
     assert write_sharegpt(tmp_path / "t.json", n=20, seed=3).read_text() == path.read_text()
+
+
+@pytest.mark.parametrize("preset", ["llama3.1-8b", "deepseek-v2-lite"])
+def test_a_larger_vocabulary_gets_a_padded_tokenizer_that_encodes_as_before(tmp_path, preset):
+    """Every id a dummy-weight model can sample decodes to text (bench_serving times the
+    first non-empty streamed delta), and no text encodes differently from the SmolLM2
+    tokenizer's own encoding."""
+    from transformers import AutoTokenizer
+
+    out = make_model(tmp_path / preset, preset)
+    tok, base = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tokenizer_dir())
+    size = PRESETS[preset]["vocab_size"]
+    assert len(tok) == size > len(base) == 49152
+    text = "Who wrote [49152] and 128255 in 2024? Café, naïve; [ 7 ]"
+    assert tok(text).input_ids == base(text).input_ids
+    assert tok.decode([size - 1]) == f" [{size - 1}]"
+    assert tok.decode([49152, 905]) == base.decode([905]).join([" [49152]", ""])
+    assert all(tok.decode([i]) for i in range(49152, size, 997))
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (base.bos_token_id, base.eos_token_id)
+
+
+def test_the_tiny_models_tokenizer_is_the_shipped_one(tiny_f32):
+    assert sha(tiny_f32 / "tokenizer.json") == sha(tokenizer_dir() / "tokenizer.json")
