@@ -9,6 +9,8 @@
 #         (SGLang's CUDA-IPC weight sharing) vs off: /generate answers and GPU memory used.
 #         unified_storage - benchmark/unified_storage.py on the Llama-3.1-8B-shaped dummy
 #         model: semi-PD memory manager + 2 attached workers vs stock SGLang (JSON + PNG).
+#         default_model_stock - stock SGLang on the converted default model (after the
+#         default-model chat test): a fresh server's first chat answers, for comparison.
 # RESULT_DIR gets pytest_gpu.log, timings.txt, probe JSON and logs.tgz (few files: the device
 # tool brings back at most 8).
 set -u
@@ -60,5 +62,30 @@ if [[ " ${PROBES:-} " == *" unified_storage "* ]]; then
   stamp "probe unified_storage rc=$?"
   cp "$LOG/unified_storage.png" "$RES/" 2>/dev/null
   tail -n 30 "$LOG/unified_storage.txt"
+fi
+if [[ " ${PROBES:-} " == *" default_model_stock "* ]]; then
+  # Stock SGLang on the converted default model (the chat test converts it): the first
+  # answers of a fresh server, plain then streamed, to compare with semi-PD's.
+  timeout 200 python3 - > "$LOG/probe_default_model_stock.txt" 2>&1 <<'PY'
+import json, sys
+from sglang_semipd.default_model import default_model_dir
+from sglang_semipd.testing.server import ServerProcess, http_json
+qs = ["What is the capital of France?", "What is the largest ocean on Earth?"]
+cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(default_model_dir()),
+       "--port", "31101", "--attention-backend", "triton", "--sampling-backend", "pytorch",
+       "--mem-fraction-static", "0.8"]
+res = {}
+with ServerProcess(cmd, 31101, "/tmp/semipd-logs/server_stock_default.log", start_timeout=150) as s:
+    for q in qs:
+        for attempt in ("first", "again"):
+            body = {"model": "default", "messages": [{"role": "user", "content": q}],
+                    "temperature": 0, "max_tokens": 40}
+            out = http_json(s.url + "/v1/chat/completions", body)
+            res[f"{q} ({attempt})"] = out["choices"][0]["message"]["content"]
+print(json.dumps(res, indent=1))
+json.dump(res, open("/tmp/semipd-logs/probe_default_model_stock.json", "w"), indent=1)
+PY
+  stamp "probe default_model_stock rc=$?"
+  cat "$LOG/probe_default_model_stock.txt" | tail -n 12
 fi
 cat "$LOG/timings.txt"

@@ -21,6 +21,10 @@ export TRITON_CACHE_DIR=/tmp/semipd-triton-cache
 if [ -f .gpu/triton-cache.tgz ] && [ ! -d "$TRITON_CACHE_DIR" ]; then
   mkdir -p "$TRITON_CACHE_DIR" && tar -C "$TRITON_CACHE_DIR" -xzf .gpu/triton-cache.tgz
 fi
+# The default model's GGUF, when its pieces came over earlier calls to this warm host
+# (scripts/gpu_default_model_pieces.sh): joined into the cache the launcher reads.
+export SGLANG_SEMIPD_CACHE=/tmp/semipd-cache
+if [ -d .gpu_part1 ]; then bash scripts/gpu_default_model_pieces.sh join || true; fi
 LOG=/tmp/semipd-logs
 rm -rf "$LOG"; mkdir -p "$LOG" "$RES"
 T0=$(date +%s)
