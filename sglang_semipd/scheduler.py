@@ -160,6 +160,7 @@ class Coordinator:
         self._release_seq = 0
         self._held_since = 0.0
         self._stop = False
+        self._shutting_down = False  # SGLang's ShutdownReq went to the workers
 
     # ------------------------------------------------------------ start-up
     def start(self, pipes: Optional[dict[str, Any]] = None) -> dict:
@@ -334,6 +335,11 @@ class Coordinator:
             if self.controller is not None:
                 self._guarded(self._observe_request, obj)
             name, both = type(obj).__name__, also_to_decode(obj)
+            if name == "ShutdownReq" and not self._shutting_down:
+                # SGLang's graceful exit (SIGTERM to the server): the workers release their
+                # resources and exit 0, then this process stops (see _check_children)
+                logger.info("SGLang asked the schedulers to shut down: the workers first")
+                self._shutting_down = True
             if self.cfg.sm_partition == "mps" and name in GENERATION_REQS:
                 for rid in _rids(obj):
                     self.gens.route(rid)  # served by the current pair, start to finish
@@ -664,6 +670,12 @@ class Coordinator:
         logger.info("generation %d retired", gen.id)
 
     def _check_children(self) -> None:
+        """A child that exited is a failure (raises, and the server goes down), except the
+        workers' exits after SGLang's ``ShutdownReq``: once every worker is gone this loop
+        stops and :meth:`stop` ends the memory manager."""
+        if self._shutting_down:
+            self._check_shutdown()
+            return
         for name, proc in self.procs.items():
             if not proc.is_alive():
                 raise RuntimeError(f"semi-PD {name} exited (code {proc.exitcode})")
@@ -679,6 +691,20 @@ class Coordinator:
                 gen.warned = True
                 logger.warning("generation %d not retired %.0f s after Retire (in flight: %d)",
                                gen.id, RETIRE_WARN_S, self.gens.in_flight(gen.id))
+
+    def _check_shutdown(self) -> None:
+        # the serving pairs got the ShutdownReq; a standby pair still starting did not, and
+        # stop() ends it with the memory manager
+        workers = {name: proc for name, proc in self.procs.items() if name != "memory_manager"}
+        workers.update({f"{role} (generation {gen.id})": proc for gen in self.old.values()
+                        for role, proc in gen.procs.items()})
+        if any(proc.is_alive() for proc in workers.values()):
+            return
+        failed = {name: proc.exitcode for name, proc in workers.items() if proc.exitcode != 0}
+        if failed:
+            logger.warning("workers that exited with an error during shutdown: %s", failed)
+        logger.info("every worker has shut down: stopping")
+        self._stop = True
 
     def stop(self) -> None:
         others = [p for g in [*self.old.values(), self.standby] if g is not None

@@ -50,7 +50,8 @@ def wired(tmp_path, monkeypatch, request):
     time.sleep(0.2)
     yield SimpleNamespace(coord=coord, tokenizer=tokenizer, detok=detok, worker_in=worker_in,
                           worker_out=worker_out, worker_ctl=worker_ctl,
-                          decode_handoffs=decode_handoffs, trace=tmp_path / "trace.jsonl")
+                          decode_handoffs=decode_handoffs, trace=tmp_path / "trace.jsonl",
+                          thread=thread)
     coord._stop = True
     thread.join(5)
     coord.stop()  # no children here: only removes its run directory

@@ -165,3 +165,58 @@ def test_modes_without_in_place_resize_ignore_requests(wired):
     wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.3)))
     assert not wired.worker_ctl["prefill"].poll(300)
     assert wired.coord.resizes.seq == 0
+
+
+def _exit_when_set(event) -> None:
+    event.wait(30)
+
+
+def _worker_stand_ins(n: int):
+    """Real processes in the workers' places that exit 0 when told (as SGLang's scheduler
+    does on ShutdownReq), and one in the memory manager's that runs until terminated."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    events = [ctx.Event() for _ in range(n)]
+    procs = [ctx.Process(target=_exit_when_set, args=(e,), daemon=True) for e in events]
+    manager = ctx.Process(target=time.sleep, args=(60,), daemon=True)
+    for p in [*procs, manager]:
+        p.start()
+    return events, procs, manager
+
+
+def test_sglang_shutdown_stops_the_loop_once_the_workers_exit(wired):
+    from sglang.srt.managers import io_struct
+
+    events, (prefill, decode), manager = _worker_stand_ins(2)
+    wired.coord.procs = {"memory_manager": manager, "prefill": prefill, "decode": decode}
+    raw = pickle.dumps(io_struct.ShutdownReq())
+    wired.tokenizer.send(raw)
+    assert _recv(wired.worker_in["decode"]) == [raw]
+    assert _recv(wired.worker_in["prefill"]) == [raw]
+    events[0].set()  # the prefill worker is gone first: no failure, the loop waits for decode
+    prefill.join(10)
+    time.sleep(1.5)  # past one children check
+    assert wired.thread.is_alive() and not wired.coord._stop
+    events[1].set()
+    decode.join(10)
+    wired.thread.join(5)
+    assert not wired.thread.is_alive() and wired.coord._stop  # stopped, did not raise
+    wired.coord.stop()
+    assert not manager.is_alive()
+
+
+def test_a_worker_exiting_without_shutdown_is_a_failure(wired, monkeypatch):
+    import threading
+
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+    events, (prefill, decode), manager = _worker_stand_ins(2)
+    wired.coord.procs = {"memory_manager": manager, "prefill": prefill, "decode": decode}
+    events[1].set()
+    decode.join(10)
+    wired.thread.join(5)
+    assert not wired.thread.is_alive() and not wired.coord._stop
+    assert [str(e) for e in raised] == ["semi-PD decode exited (code 0)"]
+    events[0].set()
+    wired.coord.stop()
