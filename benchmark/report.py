@@ -10,7 +10,11 @@ chunked-prefill run), per swept request rate, a ``RunPoint`` (per-request result
                           "max_throughput_req_s": {system: value|null}}},
      "notes": {system: reason}}
 
-with the systems of ``SYSTEMS``. Two systems are sweeps (``SWEEPS``): ``sglang_chunked_best`` is,
+with the systems of ``SYSTEMS``. Goodput counts the finite swept rates only; a run at rate
+``inf`` (every request at once) is the unconstrained one, and max throughput is the highest
+request throughput measured over all runs. ``notes`` says where a value is only a bound: goodput
+when the highest swept rate still met the target, max throughput when no ``inf`` run exists.
+Two systems are sweeps (``SWEEPS``): ``sglang_chunked_best`` is,
 per workload, the ``sglang_chunked_<size>`` run with the best goodput (ties: higher max
 throughput), ``semipd_green_static`` likewise the best ``semipd_green_static_<share>`` run; the
 choices are recorded in ``notes``.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -67,23 +72,47 @@ def run_curve(points: Mapping[float, RunPoint], slo: SLO) -> list[dict[str, Any]
     return rows
 
 
+@dataclass(frozen=True)
+class Scores:
+    """What the report keeps of one run name's curve."""
+
+    goodput: float | None  # over the finite rates
+    max_throughput: float | None  # request throughput, over every run
+    goodput_is_bound: bool  # the highest finite rate swept still met the target
+    saturated: bool  # an unconstrained (rate inf) run exists
+
+
 def system_scores(points: Mapping[float, RunPoint], slo: SLO, interpolate: bool = False
-                  ) -> tuple[float | None, float | None]:
-    """(goodput, max measured request throughput) of one run name."""
+                  ) -> Scores:
+    """Goodput, max measured request throughput and their caveats for one run name."""
     curve = run_curve(points, slo)
-    gp = goodput([(c["rate"], c["attainment"]) for c in curve], ATTAINMENT_TARGET, interpolate)
+    finite = [(c["rate"], c["attainment"]) for c in curve if math.isfinite(c["rate"])]
+    gp = goodput(finite, ATTAINMENT_TARGET, interpolate)
     tps = [c["request_throughput"] for c in curve if c["request_throughput"] is not None]
-    return gp, (max(tps) if tps else None)
+    return Scores(gp, max(tps) if tps else None,
+                  bool(finite) and finite[-1][1] >= ATTAINMENT_TARGET,
+                  any(math.isinf(c["rate"]) for c in curve))
+
+
+def _bound_notes(wname: str, sc: Scores) -> list[str]:
+    notes = []
+    if sc.goodput is not None and sc.goodput_is_bound:
+        notes.append(f"{wname}: goodput >= {sc.goodput:g} req/s (the highest swept rate met "
+                     "the target)")
+    if sc.max_throughput is not None and not sc.saturated:
+        notes.append(f"{wname}: max throughput of the swept rates only (no rate-inf run)")
+    return notes
 
 
 def select_best(runs: Runs, prefix: str, slo: SLO, interpolate: bool = False
-                ) -> tuple[str | None, float | None, float | None]:
-    """The ``<prefix><variant>`` run with the best goodput: (run name, goodput, max tput)."""
-    best: tuple[str | None, float | None, float | None] = (None, None, None)
+                ) -> tuple[str | None, Scores | None]:
+    """The ``<prefix><variant>`` run with the best goodput (ties: higher max throughput)."""
+    best: tuple[str | None, Scores | None] = (None, None)
     for name in sorted(n for n in runs if n.startswith(prefix) and n not in SWEEPS):
-        gp, tp = system_scores(runs[name], slo, interpolate)
-        if best[0] is None or (_key(gp), _key(tp)) > (_key(best[1]), _key(best[2])):
-            best = (name, gp, tp)
+        sc = system_scores(runs[name], slo, interpolate)
+        if best[1] is None or (_key(sc.goodput), _key(sc.max_throughput)) > (
+                _key(best[1].goodput), _key(best[1].max_throughput)):
+            best = (name, sc)
     return best
 
 
@@ -91,25 +120,31 @@ def build_summary(gpu: str, model: str, workloads: Mapping[str, tuple[SLO, Runs]
                   notes: Mapping[str, str] | None = None, interpolate: bool = False,
                   slo_names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``summary.json`` content (see module docstring) from per-workload (SLO, runs)."""
-    notes_out: dict[str, str] = dict(notes or {})
+    given: dict[str, str] = dict(notes or {})
+    added: dict[str, list[str]] = {}
     wl_out: dict[str, Any] = {}
     chosen: dict[str, dict[str, str]] = {system: {} for system in SWEEPS}
     for wname, (slo, runs) in workloads.items():
         gps: dict[str, float | None] = {}
         tps: dict[str, float | None] = {}
         for system in SYSTEMS:
+            sc: Scores | None = None
             if system in SWEEPS and system not in runs:
-                name, gp, tp = select_best(runs, SWEEPS[system], slo, interpolate)
+                name, sc = select_best(runs, SWEEPS[system], slo, interpolate)
                 if name is not None:
                     chosen[system][wname] = name[len(SWEEPS[system]):]
             elif system in runs and runs[system]:
-                gp, tp = system_scores(runs[system], slo, interpolate)
-            else:
-                gp, tp = None, None
-            gps[system], tps[system] = gp, tp
-            if gp is None and system not in notes_out:
-                notes_out[system] = (f"no results for workload {wname}" if tp is None else
-                                     f"{wname}: no swept rate reached {ATTAINMENT_TARGET:.0%} attainment")
+                sc = system_scores(runs[system], slo, interpolate)
+            gps[system] = sc.goodput if sc else None
+            tps[system] = sc.max_throughput if sc else None
+            mine = added.setdefault(system, [])
+            if sc is None:
+                if system not in given:
+                    mine.append(f"no results for workload {wname}")
+                continue
+            if sc.goodput is None:
+                mine.append(f"{wname}: no swept rate reached {ATTAINMENT_TARGET:.0%} attainment")
+            mine.extend(_bound_notes(wname, sc))
         slo_json = {**slo.to_json(), "attainment_target": ATTAINMENT_TARGET,
                     "goodput_interpolated": interpolate}
         if slo_names and wname in slo_names:
@@ -118,9 +153,12 @@ def build_summary(gpu: str, model: str, workloads: Mapping[str, tuple[SLO, Runs]
     what = {"sglang_chunked_best": "chunked_prefill_size",
             "semipd_green_static": "prefill SM share"}
     for system, picks in chosen.items():
-        if picks and system not in notes_out:
-            notes_out[system] = f"best {what[system]} by goodput: " + ", ".join(
-                f"{w}={c}" for w, c in picks.items())
+        if picks:
+            added.setdefault(system, []).insert(0, f"best {what[system]} by goodput: " + ", ".join(
+                f"{w}={c}" for w, c in picks.items()))
+    notes_out = {s: "; ".join([*([given[s]] if s in given else []), *added.get(s, [])])
+                 for s in [*given, *(s for s in SYSTEMS if s not in given)]
+                 if s in given or added.get(s)}
     return {"gpu": gpu, "model": model, "workloads": wl_out, "notes": notes_out}
 
 
@@ -156,7 +194,8 @@ def plot_workload(wname: str, slo: SLO, runs: Runs, out_dir: Path) -> list[Path]
     """attainment-vs-rate and P90 TTFT/TPOT-vs-rate PNGs for one workload; returns paths."""
     plt = _plt()
     out_dir.mkdir(parents=True, exist_ok=True)
-    curves = {name: run_curve(pts, slo) for name, pts in sorted(runs.items()) if pts}
+    curves = {name: [p for p in run_curve(pts, slo) if math.isfinite(p["rate"])]
+              for name, pts in sorted(runs.items()) if pts}  # rate inf: no x position
     paths = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -75,6 +75,7 @@ def test_requests_per_rate_follow_the_duration():
     assert compare.requests_at(meta, 0.5, 15.0) == 20  # at least --min-requests
     assert compare.requests_at(meta, 64.0, 15.0) == 400  # at most all
     assert compare.requests_at(meta, 2.5, 15.0, min_requests=5) == 38
+    assert compare.requests_at(meta, float("inf"), 15.0) == 400  # the unconstrained run
 
 
 def _bench_record(n: int, ttft: float, gap: float, out_len: int = 5) -> dict:
@@ -131,9 +132,9 @@ def test_device_calls_merge_into_the_results_directory(tmp_path):
         calls.append(call)
     out = tmp_path / "results"
     assert [compare.merge_call(c, out) for c in calls] == [1, 1]
-    assert sorted(p.name for p in out.glob("*.jsonl")) == ["semipd_none_sharegpt_4.jsonl",
-                                                          "sglang_pdmux_sharegpt_4.jsonl"]
-    kept = json.loads((out / "semipd_none_sharegpt_4.jsonl").read_text())
+    assert sorted(p.name for p in out.iterdir() if "jsonl" in p.name) == [
+        "semipd_none_sharegpt_4.jsonl.gz", "sglang_pdmux_sharegpt_4.jsonl.gz"]
+    kept = compare.last_record(out / "semipd_none_sharegpt_4.jsonl.gz")
     assert "generated_texts" not in kept and kept["ttfts"] == [0.1] * 12
     assert json.loads((out / "meta.json").read_text())["commands"] == ["call 0", "call 1"]
     assert json.loads((out / "notes.json").read_text()) == {}  # pdmux ran in the second call
@@ -147,3 +148,80 @@ def test_device_calls_merge_into_the_results_directory(tmp_path):
     (other / "meta.json").write_text(json.dumps({"gpu": "H200", "model": "llama8b"}))
     with pytest.raises(ValueError, match="H200"):
         compare.merge_call(other, out)
+
+
+def test_the_unconstrained_run_gives_max_throughput_and_no_goodput(tmp_path):
+    """Rate inf (`--rates ...,inf`): its run file parses, it sets max throughput and never
+    goodput; the notes say which values are only bounds."""
+    wl = tmp_path / "wl"
+    index = compare.prepare(wl, num=12)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b"}))
+    # semipd_none: meets the SLO at 1 and 2 req/s, also all at once (a short run)
+    for rate in (1, 2, float("inf")):
+        compare.run_file(out, "semipd_none", "sharegpt", rate).write_text(
+            json.dumps(_bench_record(12, 0.1, 0.05)) + "\n")
+    # semipd_green_slo: misses at 2 req/s, no unconstrained run
+    for rate, ttft in ((1, 0.1), (2, 0.9)):
+        compare.run_file(out, "semipd_green_slo", "sharegpt", rate).write_text(
+            json.dumps(_bench_record(12, ttft, 0.05)) + "\n")
+    assert compare.run_file(out, "semipd_none", "sharegpt", float("inf")).name == \
+        "semipd_none_sharegpt_inf.jsonl"
+    summary = compare.write_merged_report(out, index)
+    w = summary["workloads"]["sharegpt"]
+    assert w["goodput_req_s"]["semipd_none"] == 2.0  # not inf
+    assert w["max_throughput_req_s"]["semipd_none"] == pytest.approx(10.0)  # 12 in 1.2 s
+    assert "goodput >= 2" in summary["notes"]["semipd_none"]
+    assert "no rate-inf run" not in summary["notes"]["semipd_none"]
+    assert w["goodput_req_s"]["semipd_green_slo"] == 1.0
+    assert summary["notes"]["semipd_green_slo"] == (
+        "sharegpt: max throughput of the swept rates only (no rate-inf run); "
+        "no results for workload azure_conv; no results for workload long")
+    assert not check_summary_shape(summary)
+    assert (out / "plots" / "sharegpt_attainment.png").stat().st_size > 1000
+
+
+def test_merged_runs_are_compact_and_score_like_the_originals(tmp_path):
+    """TTFTs and ITLs kept to 10 us: the merged file gives the same attainment, TTFT, TPOT
+    and ITL statistics within 10 us (E2E within 2 ms), at a fraction of the size."""
+    import random
+
+    from benchmark.metrics import SLO, attainment, latency_summary
+
+    rng = random.Random(0)
+    wl = tmp_path / "wl"
+    index = compare.prepare(wl, num=40)
+    call = tmp_path / "call"
+    call.mkdir()
+    (call / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "m"}))
+    n = 12
+    rec = {"duration": 2.0, "completed": n, "input_lens": [2] * n, "errors": [""] * n,
+           "ttfts": [rng.uniform(0.05, 0.5) for _ in range(n)], "output_lens": [300] * n,
+           "itls": [[rng.uniform(0.005, 0.03) for _ in range(299)] for _ in range(n)],
+           "generated_texts": ["x" * 1000] * n}
+    raw = compare.run_file(call, "semipd_none", "sharegpt", 8)
+    raw.write_text(json.dumps(rec) + "\n")
+    assert compare.merge_call(call, tmp_path / "out") == 1
+    merged = tmp_path / "out" / "semipd_none_sharegpt_8.jsonl.gz"
+    assert merged.stat().st_size < raw.stat().st_size / 4
+    meta = {**index["sharegpt"], "prompt_lens": [2] * n}
+    a, b = compare.load_point(raw, meta), compare.load_point(merged, meta)
+    assert a.rate == b.rate == 8.0
+    for slo in (SLO(0.3, 0.02), SLO(0.4, 0.025, True)):
+        assert attainment(a.results, slo) == attainment(b.results, slo)
+    sa, sb = latency_summary(a.results, 2.0), latency_summary(b.results, 2.0)
+    # each value is off by <= 5 us; an E2E sums 300 of them
+    for key, tol in (("ttft", 1e-5), ("tpot", 1e-5), ("itl", 1e-5), ("e2e", 2e-3)):
+        for stat in ("mean", "p99"):
+            assert sa[key][stat] == pytest.approx(sb[key][stat], abs=tol)
+
+
+def test_the_warm_up_replays_the_first_workload_at_the_lowest_finite_rate():
+    index = {"sharegpt": {"requests": 400}, "azure_conv": {"requests": 400}}
+    assert compare.warmup_plan(index, [16.0, float("inf"), 4.0], 32) == ("sharegpt", 4.0, 32)
+    assert compare.warmup_plan({"long": {"requests": 10}}, [1.0], 32) == ("long", 1.0, 10)
+    assert compare.warmup_plan(index, [float("inf")], 32) is None
+    assert compare.warmup_plan(index, [4.0], 0) is None
+    # its output is no run file: merges and reports never see it
+    assert not "warmup_semipd_none.jsonl".startswith(tuple(r + "_" for r in compare.SYSTEM_RUNS))
