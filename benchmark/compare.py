@@ -7,16 +7,20 @@ Two steps, because the GPU host is offline and takes 64 MiB per call:
   python -m benchmark.compare prepare --out .gpu/bench --num 400
   # on the GPU host (carry .gpu): run every system over every workload and rate
   python -m benchmark.compare run --workloads .gpu/bench --model-dir /tmp/models/llama8b \
-      --load-format dummy --rates 2,4,8,16 [--systems ...] [--only-workloads ...] \
+      --load-format dummy --rates 2,4,8,16,inf [--systems ...] [--only-workloads ...] \
       [--duration-s 15] [--out-dir DIR] [--dry-run]
   # here: merge a device call's output directory into DIR, report from every run file in DIR
   python -m benchmark.compare report --workloads .gpu/bench --out-dir benchmark/results/h100 \
       [--merge-from CALL_DIR ...]
 
-A device call runs for at most 10 minutes, and one 8B server start takes 2-3 of them, so the
+A device call runs for at most 10 minutes; one 8B server start took about 1 of them on the H100
+(stock and semi-PD alike, Triton cache carried) and each rate 30-40 s, so the
 full comparison takes several calls, each with a few ``--systems`` and ``--duration-s`` (each
 rate replays ``ceil(rate x duration)`` requests of the workload, at least ``--min-requests``,
-at most all). Every run leaves ``<run>_<workload>_<rate>.jsonl`` in the output directory, with
+at most all); ``--rates`` may end with ``inf``, the unconstrained run that max throughput comes
+from, and ``--warmup-requests`` (default 32) are replayed and discarded after each server
+start. Every run leaves ``<run>_<workload>_<rate>.jsonl`` in the output directory (``report
+--merge-from`` keeps it compacted as ``.jsonl.gz``: see ``compact_record``), with
 ``meta.json`` (GPU, model, the commands) and ``notes.json`` (systems that did not start);
 ``report`` (and the end of every ``run``) rebuilds ``summary.json`` from all of them. Systems
 with no run yet are null in the summary, with the note "not run".
@@ -29,7 +33,7 @@ is reported as ``semipd_green_static``), ``mps`` and ``none``.
 The static splits share one server (started with the first share, ``--partition-policy
 static``): before each split's runs it is pinned there through ``/set_internal_state``
 (``semipd_slo_policy: 0`` + ``semipd_prefill_sm_share``), which saves a server start
-(2-3 minutes for the 8B shape) per split.
+(about a minute for the 8B shape) per split.
 
 ``run`` starts each system once (``testing.server.ServerProcess``), replays each workload with
 SGLang's own ``bench_serving`` (``--dataset-name openai --output-details``) at each Poisson
@@ -41,6 +45,7 @@ not start is recorded under ``notes`` with the reason (e.g. pdmux).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import math
@@ -153,8 +158,9 @@ def run_bench(port: int, path: Path, num: int, rate: float, out_file: Path, log:
 def requests_at(meta: dict[str, Any], rate: float, duration_s: Optional[float],
                 min_requests: int = 20) -> int:
     """How many of a workload's requests one rate replays: all of them, or about
-    ``duration_s`` seconds' worth (at least ``min_requests``, at most all)."""
-    if duration_s is None:
+    ``duration_s`` seconds' worth (at least ``min_requests``, at most all). The unconstrained
+    run (rate ``inf``, every request at once: max throughput) replays all of them."""
+    if duration_s is None or math.isinf(rate):
         return int(meta["requests"])
     return min(int(meta["requests"]), max(min_requests, math.ceil(rate * duration_s)))
 
@@ -163,13 +169,28 @@ def run_file(out_dir: Path, run: str, wname: str, rate: float) -> Path:
     return out_dir / f"{run}_{wname}_{rate:g}.jsonl"
 
 
+RUN_SUFFIXES = (".jsonl", ".jsonl.gz")  # bench_serving's own file; the merged, compact one
+
+
+def run_files(out_dir: Path, prefix: str) -> list[Path]:
+    """Run files (either suffix) whose names start with ``prefix``."""
+    return sorted(p for sfx in RUN_SUFFIXES for p in out_dir.glob(f"{prefix}*{sfx}"))
+
+
+def last_record(path: Path) -> dict[str, Any]:
+    """The last JSON line of a run file (bench_serving appends one per run)."""
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" \
+        else path.read_text()
+    return json.loads([ln for ln in text.splitlines() if ln.strip()][-1])
+
+
 def load_point(path: Path, meta: dict[str, Any]) -> Any:
     """The RunPoint of one run file (its last bench_serving record)."""
     from benchmark.report import RunPoint
 
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    rec = json.loads(lines[-1])
-    rate = float(path.name[:-len(".jsonl")].rsplit("_", 1)[1])
+    rec = last_record(path)
+    stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
+    rate = float(stem.rsplit("_", 1)[1])
     return RunPoint(rate, results_from_details(rec, input_lens=meta["prompt_lens"]),
                     rec.get("duration"))
 
@@ -180,7 +201,7 @@ def collect(out_dir: Path, index: dict[str, Any]) -> dict[str, dict[str, dict[fl
     found: dict[str, dict[str, dict[float, Any]]] = {w: {} for w in index}
     for wname, meta in index.items():
         for run in SYSTEM_RUNS:
-            for path in sorted(out_dir.glob(f"{run}_{wname}_*.jsonl")):
+            for path in run_files(out_dir, f"{run}_{wname}_"):
                 try:
                     point = load_point(path, meta)
                 except (ValueError, KeyError, IndexError) as exc:
@@ -190,18 +211,40 @@ def collect(out_dir: Path, index: dict[str, Any]) -> dict[str, dict[str, dict[fl
     return found
 
 
+def warmup_plan(index: dict[str, Any], rates: Sequence[float], requests: int
+                ) -> Optional[tuple[str, float, int]]:
+    """(workload, rate, requests) of the discarded warm-up run after a server start: the
+    first workload at the lowest finite swept rate (None without one, or for 0 requests)."""
+    finite = [r for r in rates if math.isfinite(r)]
+    if requests <= 0 or not index or not finite:
+        return None
+    return next(iter(index)), min(finite), min(requests, int(next(iter(index.values()))["requests"]))
+
+
 def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_dir: Path,
                rates: Sequence[float], port: int, out_dir: Path, timeout_s: float,
-               duration_s: Optional[float] = None, min_requests: int = 20) -> Optional[str]:
+               duration_s: Optional[float] = None, min_requests: int = 20,
+               warmup_requests: int = 0) -> Optional[str]:
     """Serve the runs of one server start (pinned static splits: one after the other on the
     same server), leaving one run file per (run, workload, rate) in ``out_dir``; returns the
-    reason it could not run, if it could not."""
+    reason it could not run, if it could not. A fresh server's first requests meet kernels
+    not compiled yet and, under the SLO policy, a split still settling (on the H100 the first
+    run's P90 TTFT was about twice the next one's, on stock SGLang and semi-PD alike), so
+    ``warmup_requests`` are replayed first and discarded (``warmup_<run>.jsonl``)."""
     from benchmark.common import pin_split
     from sglang_semipd.testing.server import ServerProcess, ServerStartError
 
     try:
         log = out_dir / f"server_{runs[0]}_{'-'.join(index)}.log"
         with ServerProcess(cmd, port, log, start_timeout=600):
+            warm = warmup_plan(index, rates, warmup_requests)
+            if warm is not None:
+                wname, rate, n = warm
+                logger.info("%s: warm-up, %d requests of %s at %g req/s (discarded)",
+                            runs[0], n, wname, rate)
+                run_bench(port, wl_dir / index[wname]["file"], n, rate,
+                          out_dir / f"warmup_{runs[0]}.jsonl",
+                          out_dir / f"bench_warmup_{runs[0]}.log", timeout_s)
             for run in runs:
                 if run in PINNED:
                     pin_split(f"http://127.0.0.1:{port}", PINNED[run])
@@ -240,12 +283,27 @@ def write_merged_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
 
 
 DETAIL_KEYS_DROPPED = ("generated_texts", "server_info")  # bulky, not used by the report
+TIME_DECIMALS = 5  # merged TTFTs and ITLs are kept to 10 us
+
+
+def compact_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A run's last bench_serving record as the results directory keeps it: without texts
+    and server info, TTFTs and ITLs rounded to 10 us (a run of 128 ShareGPT requests: 820 KB
+    of JSON -> 48 KB gzipped; each value moves by <= 5 us, a TPOT, the mean of a request's
+    ITLs, too)."""
+    out = {k: v for k, v in rec.items() if k not in DETAIL_KEYS_DROPPED}
+    if "ttfts" in out:
+        out["ttfts"] = [round(float(t or 0.0), TIME_DECIMALS) for t in out["ttfts"]]
+    if "itls" in out:
+        out["itls"] = [[round(float(x), TIME_DECIMALS) for x in (gaps or [])]
+                       for gaps in out["itls"]]
+    return out
 
 
 def merge_call(src: Path, out_dir: Path) -> int:
     """Bring one device call's output directory into ``out_dir``: its run files (their last
-    record, without generated texts), its commands (``meta.json``) and its notes; returns how
-    many run files. Runs of another GPU are refused: one report is one GPU."""
+    record, compacted, gzipped), its commands (``meta.json``) and its notes; returns how many
+    run files. Runs of another GPU are refused: one report is one GPU."""
     src_meta = json.loads((src / "meta.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / "meta.json"
@@ -253,14 +311,17 @@ def merge_call(src: Path, out_dir: Path) -> int:
         raise ValueError(f"{src} ran on {src_meta['gpu']}, {out_dir} holds "
                          f"{json.loads(dst.read_text())['gpu']}")
     n = 0
-    for path in sorted(src.glob("*.jsonl")):
+    for path in run_files(src, ""):
         if not any(path.name.startswith(r + "_") for r in SYSTEM_RUNS):
             continue
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        if not lines:
+        try:
+            rec = compact_record(last_record(path))
+        except (IndexError, ValueError):
             continue
-        rec = {k: v for k, v in json.loads(lines[-1]).items() if k not in DETAIL_KEYS_DROPPED}
-        (out_dir / path.name).write_text(json.dumps(rec) + "\n")
+        name = path.name.removesuffix(".gz").removesuffix(".jsonl")
+        (out_dir / f"{name}.jsonl").unlink(missing_ok=True)  # an uncompacted earlier merge
+        data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        (out_dir / f"{name}.jsonl.gz").write_bytes(gzip.compress(data, 9, mtime=0))
         n += 1
     _update_json(dst, lambda m: m.update(
         gpu=src_meta["gpu"], model=src_meta["model"],
@@ -271,7 +332,7 @@ def merge_call(src: Path, out_dir: Path) -> int:
     def merge_notes(m: dict) -> None:
         m.update(notes)
         for run in list(m):  # a run with results here: its "did not start" is stale
-            if run in SYSTEM_RUNS and any(out_dir.glob(f"{run}_*.jsonl")):
+            if run in SYSTEM_RUNS and run_files(out_dir, f"{run}_"):
                 del m[run]
     _update_json(out_dir / "notes.json", merge_notes)
     logger.info("merged %d run files from %s into %s", n, src, out_dir)
@@ -295,7 +356,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     r.add_argument("--workloads", required=True, help="a directory written by `prepare`")
     r.add_argument("--model-dir", required=True)
     r.add_argument("--load-format", default="auto")
-    r.add_argument("--rates", default="2,4,8,16")
+    r.add_argument("--rates", default="2,4,8,16",
+                   help="Poisson rates (req/s); 'inf' adds the unconstrained run (max throughput)")
     r.add_argument("--systems", default=",".join(SYSTEM_RUNS))
     r.add_argument("--port", type=int, default=31400)
     r.add_argument("--out-dir", default=None)
@@ -306,6 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="replay about this many seconds of requests per rate (default: the "
                    "whole workload)")
     r.add_argument("--min-requests", type=int, default=20)
+    r.add_argument("--warmup-requests", type=int, default=32,
+                   help="replayed and discarded after each server start (0: none)")
     r.add_argument("--dry-run", action="store_true", help="print the plan, start nothing")
     rp = sub.add_parser("report")
     rp.add_argument("--workloads", required=True)
@@ -354,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         commands=[*m.get("commands", []), command]))
     for cmd, runs_of, group in plan:
         why = run_system(runs_of, cmd, group, wl_dir, rates, a.port, out_dir, a.timeout_s,
-                         a.duration_s, a.min_requests)
+                         a.duration_s, a.min_requests, a.warmup_requests)
 
         def note(n: dict, runs_of: Sequence[str] = runs_of, why: Optional[str] = why) -> None:
             for s in runs_of:  # a system that started drops an older "did not start"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # gpu_check_compare.sh - a slice of benchmark/compare.py on the GPU host in one device call
-# (an 8B server start takes 2-3 of a call's 10 minutes: a few systems per call):
+# (an 8B server start took about 1 minute on the H100 with the carried Triton cache, and each
+# rate ~30-40 s: a few systems per call):
 #   SYSTEMS=sglang_chunked_2048,semipd_green_slo bash scripts/gpu_check_compare.sh [RESULT_DIR]
-#   RATES=4,8,12,16 DURATION_S=15 WORKLOADS=sharegpt,azure_conv BENCH_TIMEOUT=540 ...
+#   RATES=4,8,12,16,inf DURATION_S=15 WARMUP=32 WORKLOADS=sharegpt,azure_conv BENCH_TIMEOUT=540 ...
 # Needs the workloads made here first (carry .gpu):
 #   python -m benchmark.compare prepare --out .gpu/bench --num 400
 # The run files land in RESULT_DIR/logs.tgz (compare/); merge them here with
@@ -17,7 +18,7 @@ stamp "activated"
 python3 scripts/make_test_models.py /tmp/models --only llama8b > /dev/null 2>&1
 timeout -s INT -k 30 $(budget ${BENCH_TIMEOUT:-540}) python3 -m benchmark.compare run --workloads .gpu/bench \
     --model-dir /tmp/models/llama8b --load-format dummy --systems "${SYSTEMS:?SYSTEMS=...}" \
-    --rates "${RATES:-4,8,12,16}" --duration-s "${DURATION_S:-15}" \
+    --rates "${RATES:-4,8,12,16}" --duration-s "${DURATION_S:-15}" --warmup-requests "${WARMUP:-32}" \
     ${WORKLOADS:+--only-workloads "$WORKLOADS"} --out-dir "$LOG/compare" \
     > "$LOG/compare.txt" 2>&1
 stamp "compare rc=$?"
