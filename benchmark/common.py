@@ -89,3 +89,44 @@ def release_to_slo(url: str) -> None:
     out = http_json(url + "/set_internal_state", {"server_args": {"semipd_slo_policy": 1}})
     if out != [True]:
         raise RuntimeError(f"server refused the SLO policy: {out}")
+
+
+NVIDIA_SMI_MEMORY = ("nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits")
+
+
+class PeakGpuMemory:
+    """While open, polls the GPU memory in use (``cmd`` prints MiB per GPU, one per line:
+    ``nvidia-smi``'s, summed over the GPUs) every ``interval_s`` in a thread and keeps the
+    peak; ``peak_mib`` stays None if the command never answered (no GPU, no nvidia-smi)."""
+
+    def __init__(self, interval_s: float = 0.5, cmd: Sequence[str] = NVIDIA_SMI_MEMORY) -> None:
+        import threading
+
+        self.interval_s, self.cmd = interval_s, list(cmd)
+        self.peak_mib: int | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-gpu-memory", daemon=True)
+
+    def __enter__(self) -> "PeakGpuMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.poll()  # one last look
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.interval_s)
+
+    def poll(self) -> None:
+        try:
+            out = subprocess.run(self.cmd, capture_output=True, text=True, timeout=10, check=True)
+            used = sum(int(line) for line in out.stdout.split() if line.strip())
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return
+        self.samples += 1
+        self.peak_mib = used if self.peak_mib is None else max(self.peak_mib, used)

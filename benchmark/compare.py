@@ -231,12 +231,13 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
     not compiled yet and, under the SLO policy, a split still settling (on the H100 the first
     run's P90 TTFT was about twice the next one's, on stock SGLang and semi-PD alike), so
     ``warmup_requests`` are replayed first and discarded (``warmup_<run>.jsonl``)."""
-    from benchmark.common import pin_split
+    from benchmark.common import PeakGpuMemory, pin_split
     from sglang_semipd.testing.server import ServerProcess, ServerStartError
 
+    key = f"{runs[0]}_{'-'.join(index)}"
     try:
-        log = out_dir / f"server_{runs[0]}_{'-'.join(index)}.log"
-        with ServerProcess(cmd, port, log, start_timeout=600):
+        log = out_dir / f"server_{key}.log"
+        with PeakGpuMemory() as mem, ServerProcess(cmd, port, log, start_timeout=600):
             warm = warmup_plan(index, rates, warmup_requests)
             if warm is not None:
                 wname, rate, n = warm
@@ -257,12 +258,17 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
                                   out_dir / f"bench_{run}_{wname}_{rate:g}.log", timeout_s)
     except ServerStartError as exc:
         return f"did not start: {str(exc).splitlines()[0][:300]}"
+    finally:  # the server's start included: what a user must have free for it
+        (out_dir / f"memory_{key}.json").write_text(json.dumps({
+            "runs": list(runs), "workloads": list(index), "peak_gpu_mib": mem.peak_mib,
+            "samples": mem.samples}) + "\n")
     return None
 
 
 def write_merged_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
     """``summary.json`` (+ Markdown, plots) from every run file in ``out_dir``, with the GPU,
     model and commands of ``meta.json`` and the reasons of ``notes.json``."""
+    from benchmark.details import write_details
     from benchmark.report import SWEEPS, SYSTEMS, write_report
 
     meta = json.loads((out_dir / "meta.json").read_text())
@@ -277,6 +283,8 @@ def write_merged_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
             notes[system] = "not run"
     work = {w: (PAPER_SLOS[m["slo_set"]]["tight"], found[w]) for w, m in index.items()}
     summary = write_report(out_dir, meta["gpu"], meta["model"], work, notes)
+    write_details(out_dir, meta["gpu"], meta["model"],
+                  {w: (PAPER_SLOS[m["slo_set"]], found[w]) for w, m in index.items()})
     summary["command"] = " && ".join(meta.get("commands", []))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -323,6 +331,8 @@ def merge_call(src: Path, out_dir: Path) -> int:
         data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
         (out_dir / f"{name}.jsonl.gz").write_bytes(gzip.compress(data, 9, mtime=0))
         n += 1
+    for path in src.glob("memory_*.json"):  # peak GPU memory of each server start
+        (out_dir / path.name).write_text(path.read_text())
     _update_json(dst, lambda m: m.update(
         gpu=src_meta["gpu"], model=src_meta["model"],
         commands=[*m.get("commands", []), *(c for c in src_meta.get("commands", [])

@@ -1,0 +1,162 @@
+"""What the comparison measured beyond ``summary.json``: per system and rate, every latency
+statistic and the attainment under each of the paper's SLO sets; goodput per SLO set and over
+an SLO-scale sweep; peak GPU memory per server start.
+
+Written next to the summary by ``benchmark.compare report`` (and at the end of every ``run``):
+
+* ``details.json``::
+
+    {"gpu": str, "model": str,
+     "workloads": {name: {
+        "slo_sets": {set: {"ttft_s", "tpot_s", "itl_p99"}},        # tight, loose, tpot50
+        "runs": {run: {
+            "curve": [{"rate", "attainment": {set: a}, "ttft"|"tpot"|"itl"|"e2e":
+                       {"mean", "p50", "p90", "p99"}, "request_throughput", ...}],
+            "goodput_req_s": {set: value|null},
+            "slo_scale_goodput_req_s": {scale: value|null},        # the tight set scaled
+            "peak_gpu_mib": value|null}}}}}
+
+* ``details.md``: one table per workload, a row per (run, rate).
+* ``plots/<workload>_slo_scale.png``: goodput against the SLO scale, one line per run.
+
+Goodput counts finite rates only (a rate-``inf`` run measures throughput), as in
+``benchmark.report``; ``peak_gpu_mib`` is the highest GPU memory in use seen while the run's
+server was up, its start included (``memory_*.json`` of ``benchmark.compare``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from benchmark.metrics import SLO, SLO_SCALES, attainment, goodput
+from benchmark.report import Runs, run_curve
+
+logger = logging.getLogger(__name__)
+
+
+def peak_memory_by_run(out_dir: Path) -> dict[str, int]:
+    """Run name -> the highest ``peak_gpu_mib`` of the server starts that served it."""
+    peaks: dict[str, int] = {}
+    for path in sorted(Path(out_dir).glob("memory_*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("peak_gpu_mib") is None:
+            continue
+        for run in rec.get("runs", []):
+            peaks[run] = max(peaks.get(run, 0), int(rec["peak_gpu_mib"]))
+    return peaks
+
+
+def run_details(points: Mapping[float, Any], slo_sets: Mapping[str, SLO],
+                peak_mib: int | None) -> dict[str, Any]:
+    """``details.json``'s entry of one run name (``points``: rate -> RunPoint)."""
+    first, *_ = slo_sets
+    curve = run_curve(points, slo_sets[first])
+    for row in curve:
+        row["attainment"] = {name: attainment(points[row["rate"]].results, slo)
+                             for name, slo in slo_sets.items()}
+        if math.isinf(row["rate"]):
+            row["rate"] = "inf"  # strict JSON has no Infinity
+    finite = {r: p for r, p in points.items() if math.isfinite(r)}
+    return {
+        "curve": curve,
+        "goodput_req_s": {name: goodput({r: attainment(p.results, slo) for r, p in finite.items()})
+                          for name, slo in slo_sets.items()},
+        "slo_scale_goodput_req_s": {
+            f"{s:g}": goodput({r: attainment(p.results, slo_sets[first].scaled(s))
+                               for r, p in finite.items()}) for s in SLO_SCALES},
+        "peak_gpu_mib": peak_mib,
+    }
+
+
+def build_details(gpu: str, model: str, workloads: Mapping[str, tuple[Mapping[str, SLO], Runs]],
+                  peaks: Mapping[str, int]) -> dict[str, Any]:
+    """``details.json`` content from per-workload (SLO sets, runs)."""
+    return {"gpu": gpu, "model": model, "workloads": {
+        wname: {"slo_sets": {n: slo.to_json() for n, slo in slo_sets.items()},
+                "runs": {run: run_details(points, slo_sets, peaks.get(run))
+                         for run, points in sorted(runs.items()) if points}}
+        for wname, (slo_sets, runs) in workloads.items()}}
+
+
+def _ms(stats: Mapping[str, Any], key: str) -> str:
+    v = stats.get(key)
+    return "n/a" if v is None else f"{v * 1e3:.1f}"
+
+
+def details_markdown(details: Mapping[str, Any]) -> str:
+    """One table per workload: a row per (run, rate)."""
+    lines = [f"GPU: {details['gpu']}  ", f"Model: {details['model']}", ""]
+    for wname, w in details["workloads"].items():
+        sets = list(w["slo_sets"])
+        if not w["runs"]:
+            lines += [f"## {wname}", "", "No runs yet.", ""]
+            continue
+        lines += [f"## {wname}", "", "SLO sets: " + ", ".join(
+            f"{n} = TTFT {s['ttft_s']:g} s / {'P99 ITL' if s['itl_p99'] else 'TPOT'} "
+            f"{s['tpot_s']:g} s" for n, s in w["slo_sets"].items()), ""]
+        head = ["run", "rate", *(f"att. {n}" for n in sets), "TTFT mean/P90/P99 (ms)",
+                "TPOT mean/P90/P99 (ms)", "ITL P99 (ms)", "E2E P90 (s)", "req/s", "peak GPU MiB"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for run, rd in w["runs"].items():
+            for row in rd["curve"]:
+                e2e = row["e2e"].get("p90")
+                tput = row.get("request_throughput")
+                lines.append("| " + " | ".join([
+                    run, _rate(row["rate"]), *(f"{row['attainment'][n]:.2f}" for n in sets),
+                    "/".join(_ms(row["ttft"], k) for k in ("mean", "p90", "p99")),
+                    "/".join(_ms(row["tpot"], k) for k in ("mean", "p90", "p99")),
+                    _ms(row["itl"], "p99"), "n/a" if e2e is None else f"{e2e:.2f}",
+                    "n/a" if tput is None else f"{tput:.2f}",
+                    "n/a" if rd["peak_gpu_mib"] is None else str(rd["peak_gpu_mib"])]) + " |")
+        lines.append("")
+        lines += ["Goodput (req/s) per SLO set, and over the first set scaled by "
+                  + ", ".join(f"{s:g}" for s in SLO_SCALES) + ":", ""]
+        for run, rd in w["runs"].items():
+            gps = ", ".join(f"{n} {_rate(v)}" for n, v in rd["goodput_req_s"].items())
+            sweep = " ".join(_rate(v) for v in rd["slo_scale_goodput_req_s"].values())
+            lines.append(f"- `{run}`: {gps}; scale sweep: {sweep}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _rate(v: float | str | None) -> str:
+    return "n/a" if v is None else v if isinstance(v, str) else f"{v:g}"
+
+
+def plot_slo_scale(wname: str, w: Mapping[str, Any], out_dir: Path) -> Path:
+    """Goodput against the SLO scale (missing goodput drawn at 0), one line per run."""
+    from benchmark.report import _plt
+
+    plt = _plt()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, rd in w["runs"].items():
+        pts = rd["slo_scale_goodput_req_s"]
+        ax.plot([float(s) for s in pts], [v or 0.0 for v in pts.values()], marker="o", label=run)
+    first = next(iter(w["slo_sets"].values()))
+    ax.set(xlabel=f"SLO scale (x TTFT {first['ttft_s']:g} s, TPOT {first['tpot_s']:g} s)",
+           ylabel="goodput (req/s)", title=f"{wname}: goodput vs SLO scale")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"{wname}_slo_scale.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_details(out_dir: Path, gpu: str, model: str,
+                  workloads: Mapping[str, tuple[Mapping[str, SLO], Runs]]) -> dict[str, Any]:
+    """Write details.json, details.md and the SLO-scale plots under ``out_dir``."""
+    out_dir = Path(out_dir)
+    details = build_details(gpu, model, workloads, peak_memory_by_run(out_dir))
+    (out_dir / "details.json").write_text(json.dumps(details, indent=1) + "\n")
+    (out_dir / "details.md").write_text(details_markdown(details))
+    for wname, w in details["workloads"].items():
+        if w["runs"]:
+            plot_slo_scale(wname, w, out_dir / "plots")
+    logger.info("wrote %s/details.json and details.md", out_dir)
+    return details

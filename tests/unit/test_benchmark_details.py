@@ -1,0 +1,94 @@
+"""benchmark.details (per-rate metrics under every SLO set, goodput per set and over an SLO
+scale sweep, peak GPU memory) and the GPU-memory sampler behind the last."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+from benchmark import compare
+from benchmark.common import PeakGpuMemory
+
+
+def _until(pred, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_the_sampler_keeps_the_peak_summed_over_gpus(tmp_path):
+    """A real subprocess per poll, printing MiB per GPU as nvidia-smi does (from a file the
+    test changes)."""
+    f = tmp_path / "used"
+    f.write_text("100\n")
+    cmd = [sys.executable, "-c", f"print(open({str(f)!r}).read())"]
+    with PeakGpuMemory(interval_s=0.02, cmd=cmd) as mem:
+        _until(lambda: mem.samples >= 2)
+        f.write_text("300\n20\n")  # two GPUs
+        seen = mem.samples
+        _until(lambda: mem.samples >= seen + 2)
+        f.write_text("50\n")
+    assert mem.peak_mib == 320
+
+
+def test_the_sampler_without_a_gpu_reports_none():
+    with PeakGpuMemory(interval_s=0.02, cmd=["/nonexistent/nvidia-smi"]) as mem:
+        time.sleep(0.1)
+    assert mem.peak_mib is None and mem.samples == 0
+
+
+def _record(n: int, ttft: float, gap: float, out_len: int = 5) -> dict:
+    return {"duration": n * 0.1, "completed": n, "ttfts": [ttft] * n,
+            "itls": [[gap] * (out_len - 1)] * n, "output_lens": [out_len] * n,
+            "input_lens": [2] * n, "errors": [""] * n}
+
+
+def test_details_cover_every_slo_set_the_scale_sweep_and_peak_memory(tmp_path):
+    index = compare.prepare(tmp_path / "wl", num=12)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b"}))
+    # TTFT 0.35 s: misses the tight ShareGPT SLO (0.3 s), meets the loose one (0.4 s);
+    # ITL 0.06 s meets TPOT 0.15 s but not the tpot50 set's 50 ms P99 ITL
+    for rate in (1, 2, float("inf")):
+        compare.run_file(out, "semipd_none", "sharegpt", rate).write_text(
+            json.dumps(_record(12, 0.35, 0.06)) + "\n")
+    (out / "memory_semipd_none_sharegpt.json").write_text(json.dumps(
+        {"runs": ["semipd_none"], "peak_gpu_mib": 70123, "samples": 9}))
+    (out / "memory_sglang_pdmux_sharegpt.json").write_text(json.dumps(
+        {"runs": ["sglang_pdmux"], "peak_gpu_mib": None, "samples": 0}))
+    compare.write_merged_report(out, index)
+    details = json.loads((out / "details.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    w = details["workloads"]["sharegpt"]
+    assert list(w["slo_sets"]) == ["tight", "loose", "tpot50"]
+    rd = w["runs"]["semipd_none"]
+    assert rd["goodput_req_s"] == {"tight": None, "loose": 2.0, "tpot50": None}
+    sweep = rd["slo_scale_goodput_req_s"]
+    assert sweep["0.5"] is None and sweep["1"] is None and sweep["1.25"] == 2.0
+    assert rd["peak_gpu_mib"] == 70123
+    assert [row["rate"] for row in rd["curve"]] == [1.0, 2.0, "inf"]
+    row = rd["curve"][0]
+    assert row["attainment"] == {"tight": 0.0, "loose": 1.0, "tpot50": 0.0}
+    assert row["ttft"]["p90"] == pytest.approx(0.35) and row["itl"]["p99"] == pytest.approx(0.06)
+    assert details["workloads"]["azure_conv"]["runs"] == {}
+    md = (out / "details.md").read_text()
+    assert "| semipd_none | inf | 0.00 | 1.00 | 0.00 | 350.0/350.0/350.0 |" in md
+    assert "- `semipd_none`: tight n/a, loose 2, tpot50 n/a; scale sweep:" in md
+    assert (out / "plots" / "sharegpt_slo_scale.png").stat().st_size > 1000
+    assert not (out / "plots" / "azure_conv_slo_scale.png").exists()
+    assert "## azure_conv\n\nNo runs yet." in md and "| semipd_none | 1 | 0.00 |" in md
+
+
+def test_memory_files_travel_with_a_merge(tmp_path):
+    call = tmp_path / "call"
+    call.mkdir()
+    (call / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "m"}))
+    (call / "memory_semipd_none_sharegpt.json").write_text('{"runs": ["semipd_none"]}\n')
+    compare.merge_call(call, tmp_path / "out")
+    assert (tmp_path / "out" / "memory_semipd_none_sharegpt.json").read_text() == \
+        '{"runs": ["semipd_none"]}\n'
