@@ -35,6 +35,12 @@ static``): before each split's runs it is pinned there through ``/set_internal_s
 (``semipd_slo_policy: 0`` + ``semipd_prefill_sm_share``), which saves a server start
 (about a minute for the 8B shape) per split.
 
+Besides the run files, each server start leaves ``memory_<server>.json`` (peak GPU memory,
+``benchmark.common.PeakGpuMemory``) and, for semi-PD, ``profile_<server>.json`` (per-phase
+iteration times and split shares per run, ``benchmark.phase_profile``, from the scheduler's
+trace); ``report`` merges both and writes ``details.json`` / ``details.md``
+(``benchmark.details``) next to the summary.
+
 ``run`` starts each system once (``testing.server.ServerProcess``), replays each workload with
 SGLang's own ``bench_serving`` (``--dataset-name openai --output-details``) at each Poisson
 rate, stops it, and writes ``benchmark/results/<gpu>/`` (``summary.json`` with the keys of
@@ -49,6 +55,7 @@ import gzip
 import json
 import logging
 import math
+import os
 import shlex
 import sys
 import time
@@ -58,6 +65,7 @@ from typing import Any, Optional, Sequence
 from benchmark import workloads as W
 from benchmark.metrics import PAPER_SLOS, results_from_details
 from benchmark.report import STATIC_SHARES
+from sglang_semipd.trace import TRACE_ENV, read_trace
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +243,17 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
     from sglang_semipd.testing.server import ServerProcess, ServerStartError
 
     key = f"{runs[0]}_{'-'.join(index)}"
+    # semi-PD servers are traced (per-iteration records) for the per-phase profile
+    trace = out_dir / f"trace_{key}.jsonl" if "sglang_semipd.launch_server" in cmd else None
+    env = {**os.environ, TRACE_ENV: str(trace)} if trace else None
+    windows: dict[str, tuple[float, float]] = {}  # run file stem -> monotonic window
+    splits = None
     try:
         log = out_dir / f"server_{key}.log"
-        with PeakGpuMemory() as mem, ServerProcess(cmd, port, log, start_timeout=600):
+        with PeakGpuMemory() as mem, ServerProcess(cmd, port, log, start_timeout=600,
+                                                   env=env) as server:
+            if trace:
+                splits = server_splits(server.url)
             warm = warmup_plan(index, rates, warmup_requests)
             if warm is not None:
                 wname, rate, n = warm
@@ -253,16 +269,42 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
                     for rate in rates:
                         n = requests_at(meta, rate, duration_s, min_requests)
                         logger.info("%s on %s at %g req/s: %d requests", run, wname, rate, n)
+                        t0 = time.monotonic()
                         run_bench(port, wl_dir / meta["file"], n, rate,
                                   run_file(out_dir, run, wname, rate),
                                   out_dir / f"bench_{run}_{wname}_{rate:g}.log", timeout_s)
+                        windows[run_file(out_dir, run, wname, rate).stem] = (t0, time.monotonic())
     except ServerStartError as exc:
         return f"did not start: {str(exc).splitlines()[0][:300]}"
     finally:  # the server's start included: what a user must have free for it
         (out_dir / f"memory_{key}.json").write_text(json.dumps({
             "runs": list(runs), "workloads": list(index), "peak_gpu_mib": mem.peak_mib,
             "samples": mem.samples}) + "\n")
+        if trace is not None and windows:
+            write_profiles(out_dir / f"profile_{key}.json", read_trace(trace), windows, splits)
     return None
+
+
+def server_splits(url: str) -> Optional[list[list[int]]]:
+    """The planned splits ([prefill, decode] SMs) of a semi-PD server (None if it does not
+    say)."""
+    from sglang_semipd.testing.server import http_json
+
+    try:
+        return http_json(url + "/server_info")["internal_states"][0]["semipd"]["splits"]
+    except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
+        logger.warning("no split list from %s: %r", url, exc)
+        return None
+
+
+def write_profiles(path: Path, rows: Sequence[dict[str, Any]],
+                   windows: dict[str, tuple[float, float]],
+                   splits: Optional[Sequence[Sequence[int]]]) -> None:
+    """``profile_<server>.json``: {run file stem: per-phase profile of its window}."""
+    from benchmark.phase_profile import profile_window
+
+    path.write_text(json.dumps({stem: profile_window(rows, t0, t1, splits)
+                                for stem, (t0, t1) in windows.items()}, indent=1) + "\n")
 
 
 def write_merged_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
@@ -331,7 +373,7 @@ def merge_call(src: Path, out_dir: Path) -> int:
         data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
         (out_dir / f"{name}.jsonl.gz").write_bytes(gzip.compress(data, 9, mtime=0))
         n += 1
-    for path in src.glob("memory_*.json"):  # peak GPU memory of each server start
+    for path in [*src.glob("memory_*.json"), *src.glob("profile_*.json")]:  # per server
         (out_dir / path.name).write_text(path.read_text())
     _update_json(dst, lambda m: m.update(
         gpu=src_meta["gpu"], model=src_meta["model"],

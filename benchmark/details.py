@@ -16,6 +16,9 @@ Written next to the summary by ``benchmark.compare report`` (and at the end of e
             "slo_scale_goodput_req_s": {scale: value|null},        # the tight set scaled
             "peak_gpu_mib": value|null}}}}}
 
+  A semi-PD run's curve rows also carry ``profile`` (``benchmark.phase_profile``: per-phase
+  iteration times, busy share, time per SM split).
+
 * ``details.md``: one table per workload, a row per (run, rate).
 * ``plots/<workload>_slo_scale.png``: goodput against the SLO scale, one line per run.
 
@@ -50,14 +53,26 @@ def peak_memory_by_run(out_dir: Path) -> dict[str, int]:
     return peaks
 
 
+def profiles_by_run(out_dir: Path) -> dict[str, Any]:
+    """Run file stem -> phase profile, from every ``profile_*.json`` in ``out_dir``."""
+    found: dict[str, Any] = {}
+    for path in sorted(Path(out_dir).glob("profile_*.json")):
+        found.update(json.loads(path.read_text()))
+    return found
+
+
 def run_details(points: Mapping[float, Any], slo_sets: Mapping[str, SLO],
-                peak_mib: int | None) -> dict[str, Any]:
-    """``details.json``'s entry of one run name (``points``: rate -> RunPoint)."""
+                peak_mib: int | None, profiles: Mapping[float, Any] | None = None
+                ) -> dict[str, Any]:
+    """``details.json``'s entry of one run name (``points``: rate -> RunPoint; ``profiles``:
+    rate -> phase profile, where traced)."""
     first, *_ = slo_sets
     curve = run_curve(points, slo_sets[first])
     for row in curve:
         row["attainment"] = {name: attainment(points[row["rate"]].results, slo)
                              for name, slo in slo_sets.items()}
+        if profiles and row["rate"] in profiles:
+            row["profile"] = profiles[row["rate"]]
         if math.isinf(row["rate"]):
             row["rate"] = "inf"  # strict JSON has no Infinity
     finite = {r: p for r, p in points.items() if math.isfinite(r)}
@@ -73,11 +88,20 @@ def run_details(points: Mapping[float, Any], slo_sets: Mapping[str, SLO],
 
 
 def build_details(gpu: str, model: str, workloads: Mapping[str, tuple[Mapping[str, SLO], Runs]],
-                  peaks: Mapping[str, int]) -> dict[str, Any]:
-    """``details.json`` content from per-workload (SLO sets, runs)."""
+                  peaks: Mapping[str, int], profiles: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """``details.json`` content from per-workload (SLO sets, runs); ``profiles`` by run file
+    stem (``<run>_<workload>_<rate>``)."""
+    profiles = profiles or {}
+
+    def of(run: str, wname: str, points: Mapping[float, Any]) -> dict[float, Any]:
+        return {r: profiles[f"{run}_{wname}_{r:g}"] for r in points
+                if f"{run}_{wname}_{r:g}" in profiles}
+
     return {"gpu": gpu, "model": model, "workloads": {
         wname: {"slo_sets": {n: slo.to_json() for n, slo in slo_sets.items()},
-                "runs": {run: run_details(points, slo_sets, peaks.get(run))
+                "runs": {run: run_details(points, slo_sets, peaks.get(run),
+                                          of(run, wname, points))
                          for run, points in sorted(runs.items()) if points}}
         for wname, (slo_sets, runs) in workloads.items()}}
 
@@ -113,6 +137,7 @@ def details_markdown(details: Mapping[str, Any]) -> str:
                     "n/a" if tput is None else f"{tput:.2f}",
                     "n/a" if rd["peak_gpu_mib"] is None else str(rd["peak_gpu_mib"])]) + " |")
         lines.append("")
+        lines += _profile_table(w)
         lines += ["Goodput (req/s) per SLO set, and over the first set scaled by "
                   + ", ".join(f"{s:g}" for s in SLO_SCALES) + ":", ""]
         for run, rd in w["runs"].items():
@@ -121,6 +146,32 @@ def details_markdown(details: Mapping[str, Any]) -> str:
             lines.append(f"- `{run}`: {gps}; scale sweep: {sweep}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _profile_table(w: Mapping[str, Any]) -> list[str]:
+    """Semi-PD runs' phase profiles: busy share and iteration P50 per phase, decode's main
+    split."""
+    from benchmark.phase_profile import main_split
+
+    rows = []
+    for run, rd in w["runs"].items():
+        for row in rd["curve"]:
+            prof = row.get("profile")
+            if not prof:
+                continue
+            cells = [run, _rate(row["rate"])]
+            for role in ("prefill", "decode"):
+                ph = prof[role]
+                it = ph["iteration_ms"]
+                cells += [f"{ph['busy_share']:.2f}", "n/a" if it is None else f"{it['p50']:.1f}"]
+            cells += [main_split(prof) or "n/a", str(prof["resizes"])]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = ["run", "rate", "prefill busy", "prefill iter P50 (ms)", "decode busy",
+            "decode iter P50 (ms)", "decode's main split (SMs)", "resizes"]
+    return ["Semi-PD phase profile (busy: share of the run's wall time with an iteration "
+            "running):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""]
 
 
 def _rate(v: float | str | None) -> str:
@@ -152,7 +203,8 @@ def write_details(out_dir: Path, gpu: str, model: str,
                   workloads: Mapping[str, tuple[Mapping[str, SLO], Runs]]) -> dict[str, Any]:
     """Write details.json, details.md and the SLO-scale plots under ``out_dir``."""
     out_dir = Path(out_dir)
-    details = build_details(gpu, model, workloads, peak_memory_by_run(out_dir))
+    details = build_details(gpu, model, workloads, peak_memory_by_run(out_dir),
+                            profiles_by_run(out_dir))
     (out_dir / "details.json").write_text(json.dumps(details, indent=1) + "\n")
     (out_dir / "details.md").write_text(details_markdown(details))
     for wname, w in details["workloads"].items():

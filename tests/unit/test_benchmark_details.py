@@ -92,3 +92,66 @@ def test_memory_files_travel_with_a_merge(tmp_path):
     compare.merge_call(call, tmp_path / "out")
     assert (tmp_path / "out" / "memory_semipd_none_sharegpt.json").read_text() == \
         '{"runs": ["semipd_none"]}\n'
+
+
+def _trace(path, events) -> list[dict]:
+    """A real scheduler trace (sglang_semipd.trace, the protocol's records)."""
+    from sglang_semipd import protocol as P
+    from sglang_semipd.trace import Trace, read_trace
+
+    t = Trace(str(path))
+    for e in events:
+        if e[0] == "it":
+            _, role, split, start, dur, tokens = e
+            t.write("iteration", P.IterationStat(role=role, iteration=0, split=split,
+                                                 mode="extend" if role == "prefill" else "decode",
+                                                 batch_size=1, tokens=tokens, start=start,
+                                                 end=start + dur))
+        else:
+            t.write("resize", P.Resize(seq=1, split=e[1], sent_at=e[2]), reason="test")
+    t.close()
+    return read_trace(path)
+
+
+def test_a_phase_profile_splits_busy_time_by_role_and_split(tmp_path):
+    from benchmark.phase_profile import main_split, profile_window
+
+    rows = _trace(tmp_path / "t.jsonl", [
+        ("it", "prefill", 2, 10.0, 0.5, 4000), ("it", "decode", 2, 10.0, 0.02, 64),
+        ("resize", 0, 10.6),
+        ("it", "decode", 0, 10.7, 0.01, 64), ("it", "decode", 0, 10.8, 0.01, 64),
+        ("it", "decode", 0, 10.9, 0.01, 64),
+        ("it", "prefill", 0, 12.5, 1.0, 9000)])  # after the window
+    prof = profile_window(rows, 10.0, 12.0, splits=[[40, 92], [72, 60], [104, 28]])
+    assert prof["window_s"] == pytest.approx(2.0)
+    assert prof["prefill"]["iterations"] == 1 and prof["prefill"]["tokens"] == 4000
+    assert prof["prefill"]["busy_share"] == pytest.approx(0.25)
+    assert prof["prefill"]["busy_share_by_split"] == {"104/28": pytest.approx(1.0)}
+    dec = prof["decode"]
+    assert dec["iterations"] == 4 and dec["busy_s"] == pytest.approx(0.05)
+    assert dec["busy_share_by_split"] == {"104/28": pytest.approx(0.4), "40/92": pytest.approx(0.6)}
+    assert dec["iteration_ms"]["p50"] == pytest.approx(10.0)
+    assert prof["resizes"] == 1 and main_split(prof) == "40/92"
+    empty = profile_window(rows, 0.0, 1.0)
+    assert empty["decode"]["iteration_ms"] is None and main_split(empty) is None
+
+
+def test_profiles_of_traced_runs_reach_the_details(tmp_path):
+    index = compare.prepare(tmp_path / "wl", num=12)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b"}))
+    for rate in (1, 2):
+        compare.run_file(out, "semipd_green_slo", "sharegpt", rate).write_text(
+            json.dumps(_record(12, 0.1, 0.02)) + "\n")
+    rows = _trace(tmp_path / "t.jsonl", [("it", "decode", 1, 5.5, 0.02, 8),
+                                         ("it", "prefill", 1, 5.6, 0.1, 900)])
+    compare.write_profiles(out / "profile_semipd_green_slo_sharegpt.json", rows,
+                           {"semipd_green_slo_sharegpt_1": (5.0, 6.0)}, [[40, 92], [72, 60]])
+    compare.write_merged_report(out, index)
+    curve = json.loads((out / "details.json").read_text())[
+        "workloads"]["sharegpt"]["runs"]["semipd_green_slo"]["curve"]
+    assert curve[0]["profile"]["decode"]["busy_share_by_split"] == {"72/60": 1.0}
+    assert "profile" not in curve[1]  # rate 2 was not traced
+    md = (out / "details.md").read_text()
+    assert "| semipd_green_slo | 1 | 0.10 | 100.0 | 0.02 | 20.0 | 72/60 | 0 |" in md

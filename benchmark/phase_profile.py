@@ -1,0 +1,62 @@
+"""Where a semi-PD run spent its GPU time: per phase (the prefill and the decode worker), the
+iteration count and times, and how the busy time divides among the SM splits, from the
+scheduler's trace (``SGLANG_SEMIPD_TRACE``: one record per worker iteration and resize).
+
+``benchmark.compare`` traces every semi-PD server it starts, notes each run's time window
+and writes ``profile_<server>.json`` ({run file stem: profile}); ``benchmark.details`` puts
+each profile next to its run's latencies. Times in the trace and the windows are
+``time.monotonic()`` of one host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+ROLES = ("prefill", "decode")
+
+
+def _split_name(split: int, splits: Optional[Sequence[Sequence[int]]]) -> str:
+    if splits is not None and 0 <= split < len(splits):
+        prefill, decode = splits[split]
+        return f"{prefill}/{decode}"
+    return f"split {split}"
+
+
+def profile_window(rows: Sequence[Mapping[str, Any]], t0: float, t1: float,
+                   splits: Optional[Sequence[Sequence[int]]] = None) -> dict[str, Any]:
+    """Profile of the trace ``rows`` whose iterations started in ``[t0, t1)``.
+
+    Per role: ``iterations``, ``busy_s`` (sum of iteration times), ``busy_share`` (of the
+    window), ``iteration_ms`` (mean/p50/p99), ``tokens`` and ``busy_share_by_split`` (split
+    "prefill/decode SMs" -> share of the role's busy time); ``resizes``: commands sent in the
+    window."""
+    span = max(t1 - t0, 1e-9)
+    its = [r for r in rows if r.get("kind") == "iteration" and t0 <= r["start"] < t1]
+    out: dict[str, Any] = {"window_s": t1 - t0}
+    for role in ROLES:
+        mine = [r for r in its if r["role"] == role]
+        times = np.asarray([r["end"] - r["start"] for r in mine], dtype=float)
+        busy = float(times.sum())
+        by_split: dict[str, float] = {}
+        for r in mine:
+            name = _split_name(r["split"], splits)
+            by_split[name] = by_split.get(name, 0.0) + (r["end"] - r["start"])
+        out[role] = {
+            "iterations": len(mine), "busy_s": busy, "busy_share": busy / span,
+            "iteration_ms": ({"mean": float(times.mean() * 1e3),
+                              "p50": float(np.percentile(times, 50) * 1e3),
+                              "p99": float(np.percentile(times, 99) * 1e3)} if len(mine) else None),
+            "tokens": int(sum(r.get("tokens", 0) for r in mine)),
+            "busy_share_by_split": {k: v / busy for k, v in sorted(by_split.items())} if busy else {},
+        }
+    out["resizes"] = sum(1 for r in rows if r.get("kind") == "resize"
+                         and t0 <= r.get("sent_at", -1.0) < t1)
+    return out
+
+
+def main_split(profile: Mapping[str, Any]) -> Optional[str]:
+    """The split the decode worker spent most of its busy time on (None without any)."""
+    shares = profile.get("decode", {}).get("busy_share_by_split") or {}
+    return max(shares, key=shares.get) if shares else None
