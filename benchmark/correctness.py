@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
-from sglang_semipd.testing.server import flush_cache
+from sglang_semipd.testing.server import flush_cache, sse_events
 
 CHUNK = 512
 SERVE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch",
@@ -133,10 +133,8 @@ def _stream_matches(url: str, ids: list[int], max_new: int, first_ids: Any) -> b
                                  headers={"Content-Type": "application/json"})
     last = None
     with urllib.request.urlopen(req, timeout=300) as resp:
-        for line in resp:
-            line = line.decode().strip()
-            if line.startswith("data:") and line != "data: [DONE]":
-                last = json.loads(line[5:])
+        for last in sse_events(resp):
+            pass
     flush_cache(url, timeout=60)  # from scratch again: a radix hit changes bf16 numerics
     plain = query(url, ids, max_new)["output_ids"]
     return last is not None and last["output_ids"] == plain

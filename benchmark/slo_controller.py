@@ -39,7 +39,8 @@ from typing import Any, Optional
 
 from benchmark.common import (RESULTS_DIR, gpu_name, gpu_slug, pin_split, print_table,
                               release_to_slo, write_result)
-from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
+from sglang_semipd.testing.server import (ServerProcess, http_json, python_module_cmd,
+                                          sse_events)
 from sglang_semipd.trace import read_trace
 
 logger = logging.getLogger(__name__)
@@ -87,11 +88,8 @@ def stream_one(url: str, ids: list[int], output_len: int) -> dict[str, Any]:
     tokens = 0
     try:
         with urllib.request.urlopen(req, timeout=600) as resp:
-            for line in resp:
-                line = line.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                n = len(json.loads(line[5:]).get("output_ids", []))
+            for event in sse_events(resp):
+                n = len(event.get("output_ids", []))
                 if n > 0 and first is None:
                     first = time.monotonic()
                 tokens = max(tokens, n)

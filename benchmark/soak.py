@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
 from sglang_semipd.testing.server import (ServerProcess, http_json, pool_leaks, python_module_cmd,
-                                          semipd_pool_report)
+                                          semipd_pool_report, sse_events)
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +95,7 @@ def run_one(url: str, r: dict[str, Any], timeout_s: float) -> dict[str, Any]:
                 tokens = out["meta_info"]["completion_tokens"]
                 finish = (out["meta_info"].get("finish_reason") or {}).get("type")
             else:
-                for line in resp:
-                    line = line.decode().strip()
-                    if not line.startswith("data:") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[5:])
+                for chunk in sse_events(resp):
                     tokens = chunk["meta_info"]["completion_tokens"]
                     finish = (chunk["meta_info"].get("finish_reason") or {}).get("type")
                     if abort_after is not None and time.monotonic() - t0 > abort_after:

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,25 @@ def http_json(url: str, payload: Optional[dict[str, Any]] = None,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read() or b"null")
+
+
+def sse_events(lines: Iterable[bytes]) -> Iterator[Any]:
+    """The JSON of each ``data:`` line of a server-sent-event stream (an open streaming HTTP
+    response iterates its lines), up to and without ``data: [DONE]``."""
+    for raw in lines:
+        line = raw.decode().strip()
+        if line == "data: [DONE]":
+            return
+        if line.startswith("data:"):
+            yield json.loads(line[5:])
+
+
+def wait_until(pred: Any, timeout_s: float = 5.0, poll_s: float = 0.02) -> None:
+    """Poll ``pred()`` until it is true; AssertionError after ``timeout_s`` (for tests)."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(poll_s)
 
 
 class ServerProcess:

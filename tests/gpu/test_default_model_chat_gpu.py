@@ -23,7 +23,8 @@ import pytest
 
 from sglang_semipd.default_model import (GGUF_FILENAME, default_cache_dir, default_model_dir,
                                          is_complete)
-from sglang_semipd.testing.server import ServerProcess, http_json, python_module_cmd
+from sglang_semipd.testing.server import (ServerProcess, http_json, python_module_cmd,
+                                          sse_events)
 
 pytestmark = pytest.mark.gpu
 
@@ -59,14 +60,8 @@ def _chat(server, question: str, stream: bool) -> str:
     req = urllib.request.Request(server.url + "/v1/chat/completions",
                                  data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    parts = []
     with urllib.request.urlopen(req, timeout=120) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if line.startswith("data:") and line != "data: [DONE]":
-                delta = json.loads(line[5:])["choices"][0]["delta"]
-                parts.append(delta.get("content") or "")
-    return "".join(parts)
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(resp))
 
 
 def test_default_model_answers_coherently(server, gpu_log_dir):

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from sglang_semipd.testing.server import (ServerProcess, flush_cache, http_json,
-                                          python_module_cmd)
+                                          python_module_cmd, sse_events)
 
 pytestmark = pytest.mark.gpu
 
@@ -45,13 +45,8 @@ def _stream(server, ids, **params) -> list[dict]:
                        "sampling_params": {"temperature": 0, **params}}).encode()
     req = urllib.request.Request(server.url + "/generate", data=body,
                                  headers={"Content-Type": "application/json"})
-    chunks = []
     with urllib.request.urlopen(req, timeout=120) as resp:
-        for line in resp:
-            line = line.decode().strip()
-            if line.startswith("data:") and line != "data: [DONE]":
-                chunks.append(json.loads(line[5:]))
-    return chunks
+        return list(sse_events(resp))
 
 
 def test_stream_grows_token_by_token_and_ends_like_the_plain_request(server):

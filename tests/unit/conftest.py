@@ -1,9 +1,11 @@
 """Fixtures of the CPU tests: ``wired``, the semi-PD scheduler's routing loop over real
 ZeroMQ sockets, its worker processes played by sockets of the test (parametrize it
-indirectly with an ``--sm-partition`` mode; default ``green``)."""
+indirectly with an ``--sm-partition`` mode; default ``green``); ``bench_out`` and
+``bench_record`` for the benchmark report tests (bench_serving output as it is written)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -58,3 +60,36 @@ def wired(tmp_path, monkeypatch, request):
     for s in [tokenizer, detok, decode_handoffs, *worker_in.values(), *worker_out.values(),
               *worker_ctl.values()]:
         s.close(0)
+
+
+def _bench_record(n: int, ttft: float, gap: float, out_len: int = 5) -> dict:
+    """A bench_serving ``--output-details`` record (the fields the report reads): ``n``
+    requests, each with this TTFT and ``out_len - 1`` ITLs of ``gap`` seconds."""
+    return {"duration": n * 0.1, "completed": n, "ttfts": [ttft] * n,
+            "itls": [[gap] * (out_len - 1)] * n, "output_lens": [out_len] * n,
+            "input_lens": [2] * n, "errors": [""] * n}
+
+
+@pytest.fixture
+def bench_out(tmp_path):
+    """Workloads made by ``benchmark.compare.prepare`` (12 requests each) and an output
+    directory with a ``meta.json``; ``write(run, rate, ttft, gap, wname="sharegpt")`` leaves
+    a run file there as ``benchmark.compare run`` would."""
+    from benchmark import compare
+
+    index = compare.prepare(tmp_path / "wl", num=12)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text('{"gpu": "H100", "model": "llama8b"}')
+
+    def write(run: str, rate: float, ttft: float, gap: float, wname: str = "sharegpt") -> None:
+        compare.run_file(out, run, wname, rate).write_text(
+            json.dumps(_bench_record(12, ttft, gap)) + "\n")
+    return SimpleNamespace(index=index, out=out, write=write)
+
+
+@pytest.fixture
+def bench_record():
+    """``bench_record(n, ttft, gap, out_len=5)``: a bench_serving ``--output-details`` record
+    (see ``_bench_record``)."""
+    return _bench_record

@@ -78,14 +78,7 @@ def test_requests_per_rate_follow_the_duration():
     assert compare.requests_at(meta, float("inf"), 15.0) == 400  # the unconstrained run
 
 
-def _bench_record(n: int, ttft: float, gap: float, out_len: int = 5) -> dict:
-    """A bench_serving --output-details record (the fields the report reads)."""
-    return {"duration": n * 0.1, "completed": n, "ttfts": [ttft] * n,
-            "itls": [[gap] * (out_len - 1)] * n, "output_lens": [out_len] * n,
-            "input_lens": [2] * n, "errors": [""] * n}
-
-
-def test_runs_of_several_calls_merge_into_one_report(tmp_path):
+def test_runs_of_several_calls_merge_into_one_report(tmp_path, bench_record):
     """Two device calls wrote run files into one directory; the report covers both, notes the
     system that did not start and the ones not run, and keeps each call's command."""
     wl = tmp_path / "wl"
@@ -97,7 +90,7 @@ def test_runs_of_several_calls_merge_into_one_report(tmp_path):
     (out / "notes.json").write_text(json.dumps({"sglang_pdmux": "did not start: boom"}))
     for run, ttft in (("sglang_chunked_2048", 0.2), ("semipd_green_slo", 0.1)):
         for rate in (1, 2):  # rate 2 of the chunked run misses the TTFT SLO (0.3 s)
-            rec = _bench_record(12, ttft * (2 if rate == 2 and "chunked" in run else 1), 0.05)
+            rec = bench_record(12, ttft * (2 if rate == 2 and "chunked" in run else 1), 0.05)
             compare.run_file(out, run, "sharegpt", rate).write_text(
                 json.dumps({"other": "line"}) + "\n" + json.dumps(rec) + "\n")
     (out / "semipd_none_sharegpt_x.jsonl").write_text("{}")  # not a run file: skipped
@@ -115,7 +108,7 @@ def test_runs_of_several_calls_merge_into_one_report(tmp_path):
     assert not check_summary_shape(json.loads((out / "summary.json").read_text()))
 
 
-def test_device_calls_merge_into_the_results_directory(tmp_path):
+def test_device_calls_merge_into_the_results_directory(tmp_path, bench_record):
     wl = tmp_path / "wl"
     index = compare.prepare(wl, num=12)
     calls = []
@@ -126,7 +119,7 @@ def test_device_calls_merge_into_the_results_directory(tmp_path):
         (call / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b",
                                                     "commands": [f"call {k}"]}))
         (call / "notes.json").write_text(json.dumps(note))
-        rec = dict(_bench_record(12, 0.1, 0.05), generated_texts=["long text"] * 12)
+        rec = dict(bench_record(12, 0.1, 0.05), generated_texts=["long text"] * 12)
         compare.run_file(call, run, "sharegpt", 4).write_text(json.dumps(rec) + "\n")
         (call / "bench_x.log").write_text("not a run file")
         calls.append(call)
@@ -150,22 +143,14 @@ def test_device_calls_merge_into_the_results_directory(tmp_path):
         compare.merge_call(other, out)
 
 
-def test_the_unconstrained_run_gives_max_throughput_and_no_goodput(tmp_path):
+def test_the_unconstrained_run_gives_max_throughput_and_no_goodput(bench_out):
     """Rate inf (`--rates ...,inf`): its run file parses, it sets max throughput and never
     goodput; the notes say which values are only bounds."""
-    wl = tmp_path / "wl"
-    index = compare.prepare(wl, num=12)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b"}))
-    # semipd_none: meets the SLO at 1 and 2 req/s, also all at once (a short run)
-    for rate in (1, 2, float("inf")):
-        compare.run_file(out, "semipd_none", "sharegpt", rate).write_text(
-            json.dumps(_bench_record(12, 0.1, 0.05)) + "\n")
-    # semipd_green_slo: misses at 2 req/s, no unconstrained run
-    for rate, ttft in ((1, 0.1), (2, 0.9)):
-        compare.run_file(out, "semipd_green_slo", "sharegpt", rate).write_text(
-            json.dumps(_bench_record(12, ttft, 0.05)) + "\n")
+    index, out = bench_out.index, bench_out.out
+    for rate in (1, 2, float("inf")):  # meets the SLO at 1 and 2 req/s and all at once
+        bench_out.write("semipd_none", rate, 0.1, 0.05)
+    for rate, ttft in ((1, 0.1), (2, 0.9)):  # misses at 2 req/s, no unconstrained run
+        bench_out.write("semipd_green_slo", rate, ttft, 0.05)
     assert compare.run_file(out, "semipd_none", "sharegpt", float("inf")).name == \
         "semipd_none_sharegpt_inf.jsonl"
     summary = compare.write_merged_report(out, index)

@@ -11,13 +11,7 @@ import pytest
 
 from benchmark import compare
 from benchmark.common import PeakGpuMemory
-
-
-def _until(pred, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+from sglang_semipd.testing.server import wait_until
 
 
 def test_the_sampler_keeps_the_peak_summed_over_gpus(tmp_path):
@@ -27,10 +21,10 @@ def test_the_sampler_keeps_the_peak_summed_over_gpus(tmp_path):
     f.write_text("100\n")
     cmd = [sys.executable, "-c", f"print(open({str(f)!r}).read())"]
     with PeakGpuMemory(interval_s=0.02, cmd=cmd) as mem:
-        _until(lambda: mem.samples >= 2)
+        wait_until(lambda: mem.samples >= 2)
         f.write_text("300\n20\n")  # two GPUs
         seen = mem.samples
-        _until(lambda: mem.samples >= seen + 2)
+        wait_until(lambda: mem.samples >= seen + 2)
         f.write_text("50\n")
     assert mem.peak_mib == 320
 
@@ -41,22 +35,12 @@ def test_the_sampler_without_a_gpu_reports_none():
     assert mem.peak_mib is None and mem.samples == 0
 
 
-def _record(n: int, ttft: float, gap: float, out_len: int = 5) -> dict:
-    return {"duration": n * 0.1, "completed": n, "ttfts": [ttft] * n,
-            "itls": [[gap] * (out_len - 1)] * n, "output_lens": [out_len] * n,
-            "input_lens": [2] * n, "errors": [""] * n}
-
-
-def test_details_cover_every_slo_set_the_scale_sweep_and_peak_memory(tmp_path):
-    index = compare.prepare(tmp_path / "wl", num=12)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b"}))
+def test_details_cover_every_slo_set_the_scale_sweep_and_peak_memory(bench_out):
+    index, out = bench_out.index, bench_out.out
     # TTFT 0.35 s: misses the tight ShareGPT SLO (0.3 s), meets the loose one (0.4 s);
     # ITL 0.06 s meets TPOT 0.15 s but not the tpot50 set's 50 ms P99 ITL
     for rate in (1, 2, float("inf")):
-        compare.run_file(out, "semipd_none", "sharegpt", rate).write_text(
-            json.dumps(_record(12, 0.35, 0.06)) + "\n")
+        bench_out.write("semipd_none", rate, 0.35, 0.06)
     (out / "memory_semipd_none_sharegpt.json").write_text(json.dumps(
         {"runs": ["semipd_none"], "peak_gpu_mib": 70123, "samples": 9}))
     (out / "memory_sglang_pdmux_sharegpt.json").write_text(json.dumps(
@@ -136,14 +120,10 @@ def test_a_phase_profile_splits_busy_time_by_role_and_split(tmp_path):
     assert empty["decode"]["iteration_ms"] is None and main_split(empty) is None
 
 
-def test_profiles_of_traced_runs_reach_the_details(tmp_path):
-    index = compare.prepare(tmp_path / "wl", num=12)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b"}))
+def test_profiles_of_traced_runs_reach_the_details(bench_out, tmp_path):
+    index, out = bench_out.index, bench_out.out
     for rate in (1, 2):
-        compare.run_file(out, "semipd_green_slo", "sharegpt", rate).write_text(
-            json.dumps(_record(12, 0.1, 0.02)) + "\n")
+        bench_out.write("semipd_green_slo", rate, 0.1, 0.02)
     rows = _trace(tmp_path / "t.jsonl", [("it", "decode", 1, 5.5, 0.02, 8),
                                          ("it", "prefill", 1, 5.6, 0.1, 900)])
     compare.write_profiles(out / "profile_semipd_green_slo_sharegpt.json", rows,

@@ -19,6 +19,7 @@ import zmq
 
 from sglang_semipd import protocol as P
 from sglang_semipd.partition.controller import PartitionController
+from sglang_semipd.testing.server import wait_until
 from sglang_semipd.trace import read_trace
 
 
@@ -66,13 +67,6 @@ def test_handoff_follows_the_first_token_and_skips_the_detokenizer(wired):
     assert wired.coord.handoffs == 1
 
 
-def _until(pred, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 def test_a_requested_share_resizes_both_workers_and_acks_complete_it(wired):
     prefill_out = wired.worker_out["prefill"]
     prefill_out.send_multipart(P.encode_control(P.ResizeRequest(share=0.3)))  # -> 40/92
@@ -89,7 +83,7 @@ def test_a_requested_share_resizes_both_workers_and_acks_complete_it(wired):
     wired.worker_out["decode"].send_multipart(P.encode_control(stat))
     wired.worker_out["decode"].send_multipart(
         P.encode_control(P.ResizeAck("decode", 1, 0, 41, applied)))
-    _until(lambda: wired.coord.resizes.in_flight is None)
+    wait_until(lambda: wired.coord.resizes.in_flight is None)
     assert wired.coord.resizes.split == 0
     assert wired.coord.resizes.took_effect_at() == {"prefill": 17, "decode": 41}
     rows = read_trace(wired.trace)
@@ -120,10 +114,10 @@ def test_an_operator_pins_the_split_with_the_static_policy_and_hands_it_back(wir
     prefill_out.send_multipart(P.encode_control(P.ResizeRequest(share=0.8, policy="static")))
     cmd = P.decode_control(_recv(wired.worker_ctl["decode"]))
     assert (cmd.seq, cmd.split) == (1, 2)
-    _until(lambda: wired.coord.controller.kind == "static")
+    wait_until(lambda: wired.coord.controller.kind == "static")
     assert wired.coord.controller.policy.share == pytest.approx(fractions[2])
     prefill_out.send_multipart(P.encode_control(P.ResizeRequest(policy="slo")))
-    _until(lambda: wired.coord.controller.kind == "slo")
+    wait_until(lambda: wired.coord.controller.kind == "slo")
     assert not wired.worker_ctl["decode"].poll(300)  # a policy alone resizes nothing
     prefill_out.send_multipart(P.encode_control(P.ResizeRequest(policy="lottery")))
     prefill_out.send_multipart(P.encode_control(P.ResizeRequest(share=1.5)))
@@ -152,11 +146,11 @@ def test_the_controller_sees_requests_finish_under_every_policy(wired, policy):
     wired.coord.controller = PartitionController(fractions, 1, policy=policy)
     wired.tokenizer.send(pickle.dumps(_sglang(io_struct.TokenizedGenerateReqInput, rid="q1",
                                               input_ids=[1, 2, 3])))
-    _until(lambda: wired.coord.controller.latency.in_flight == 1)
+    wait_until(lambda: wired.coord.controller.latency.in_flight == 1)
     out = _sglang(io_struct.BatchTokenIDOutput, rids=["q1"], completion_tokens=[4],
                   finished_reasons=[{"type": "length", "length": 4}])
     wired.worker_out["decode"].send(pickle.dumps(out))
-    _until(lambda: wired.coord.controller.latency.in_flight == 0)
+    wait_until(lambda: wired.coord.controller.latency.in_flight == 0)
     assert wired.coord.controller.latency.finished == 1
 
 

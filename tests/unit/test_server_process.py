@@ -97,3 +97,12 @@ def test_a_port_that_already_serves_is_refused(tmp_path):
         with pytest.raises(ServerStartError, match=f"port {port} already serves"):
             second.start()
         assert second.proc is None and not (tmp_path / "second.txt").exists()
+
+
+def test_sse_events_decode_data_lines_up_to_done():
+    from sglang_semipd.testing.server import sse_events
+
+    stream = [b'data: {"text": "a"}\n', b"\n", b": keep-alive comment\n",
+              b'data:{"text": "ab"}\r\n', b"data: [DONE]\n", b'data: {"text": "late"}\n']
+    assert list(sse_events(stream)) == [{"text": "a"}, {"text": "ab"}]
+    assert list(sse_events([])) == []
