@@ -353,13 +353,15 @@ def compact_record(rec: dict[str, Any]) -> dict[str, Any]:
 def merge_call(src: Path, out_dir: Path) -> int:
     """Bring one device call's output directory into ``out_dir``: its run files (their last
     record, compacted, gzipped), its commands (``meta.json``) and its notes; returns how many
-    run files. Runs of another GPU are refused: one report is one GPU."""
+    run files. Runs of another GPU or model are refused: one report is one GPU and model."""
     src_meta = json.loads((src / "meta.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / "meta.json"
-    if dst.exists() and json.loads(dst.read_text())["gpu"] != src_meta["gpu"]:
-        raise ValueError(f"{src} ran on {src_meta['gpu']}, {out_dir} holds "
-                         f"{json.loads(dst.read_text())['gpu']}")
+    held = json.loads(dst.read_text()) if dst.exists() else {}
+    for key in ("gpu", "model"):
+        if key in held and held[key] != src_meta[key]:
+            raise ValueError(f"{src} ran {key} {src_meta[key]}, {out_dir} holds {held[key]}: "
+                             "one results directory per GPU and model")
     n = 0
     for path in run_files(src, ""):
         if not any(path.name.startswith(r + "_") for r in SYSTEM_RUNS):

@@ -141,6 +141,9 @@ def test_device_calls_merge_into_the_results_directory(tmp_path, bench_record):
     (other / "meta.json").write_text(json.dumps({"gpu": "H200", "model": "llama8b"}))
     with pytest.raises(ValueError, match="H200"):
         compare.merge_call(other, out)
+    (other / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "dsv2-lite"}))
+    with pytest.raises(ValueError, match="dsv2-lite"):
+        compare.merge_call(other, out)
 
 
 def test_the_unconstrained_run_gives_max_throughput_and_no_goodput(bench_out):
