@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from sglang_semipd import protocol as P
 from sglang_semipd.partition.standby import GenerationTracker
+from sglang_semipd.testing.server import wait_until
 from sglang_semipd.trace import read_trace
-
-from tests.unit.test_coordinator_routing import _recv, _sglang, _until
+from tests.unit.test_coordinator_routing import _recv, _sglang
 
 MPS = pytest.mark.parametrize("wired", ["mps"], indirect=True)
 
@@ -96,7 +96,7 @@ def test_a_resize_swaps_in_a_standby_pair_and_retires_the_old_one(wired, monkeyp
     for role in ("decode", "prefill"):
         assert _recv(wired.worker_in[role]) == [_request("r1")]
     wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.75)))
-    _until(lambda: len(spawned) == 2)
+    wait_until(lambda: len(spawned) == 2)
     assert {s[3] for s in spawned.values()} == {1} and {s[4] for s in spawned.values()} == {2}
     assert coord.gens.current == 0  # not before both are ready
     socks = _connect(zmq.Context.instance(), spawned)
@@ -104,7 +104,7 @@ def test_a_resize_swaps_in_a_standby_pair_and_retires_the_old_one(wired, monkeyp
     time.sleep(0.3)
     assert coord.gens.current == 0
     spawned["decode"][1].send({"status": "ready"})
-    _until(lambda: coord.gens.current == 1)
+    wait_until(lambda: coord.gens.current == 1)
     assert coord.resizes.split == 2
     # new requests: the new pair only
     wired.tokenizer.send(_request("r2"))
@@ -134,7 +134,7 @@ def test_a_resize_swaps_in_a_standby_pair_and_retires_the_old_one(wired, monkeyp
     old = coord.old[0]
     for proc in old.procs.values():
         proc.exitcode = 0
-    _until(lambda: not coord.old)
+    wait_until(lambda: not coord.old)
     kinds = [r["kind"] for r in read_trace(wired.trace)]
     assert kinds.index("standby_start") < kinds.index("standby_swap") < kinds.index("retired")
     assert coord.procs["prefill"] is spawned["prefill"][2]
@@ -157,17 +157,17 @@ def test_requests_answered_outside_output_batches_still_let_the_old_pair_retire(
         for role in ("decode", "prefill"):
             assert _recv(wired.worker_in[role]) == [_request(rid)]
     wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.75)))
-    _until(lambda: len(spawned) == 2)
+    wait_until(lambda: len(spawned) == 2)
     socks = _connect(zmq.Context.instance(), spawned)
     for role in ("prefill", "decode"):
         spawned[role][1].send({"status": "ready"})
-    _until(lambda: coord.gens.current == 1)
+    wait_until(lambda: coord.gens.current == 1)
     assert coord.gens.in_flight(0) == 2
     # q1 was aborted in the prefill worker's queue: its decode worker still learns of it
     ended = P.HandOff(rid="q1", finished=True)
     wired.worker_out["prefill"].send_multipart(P.encode_handoff(ended))
     assert P.decode_handoff(_recv(old_decode_handoffs)) == ended
-    _until(lambda: coord.gens.in_flight(0) == 1)
+    wait_until(lambda: coord.gens.in_flight(0) == 1)
     assert not wired.worker_ctl["decode"].poll(200)  # q2 is still on the old pair
     # q2 was handed off, then dropped by the decode worker (its abort came first)
     wired.worker_out["decode"].send_multipart(P.encode_handoff(P.HandOff(rid="q2",
@@ -183,9 +183,9 @@ def test_requests_answered_outside_output_batches_still_let_the_old_pair_retire(
 def test_a_standby_that_fails_to_start_is_abandoned(wired, monkeypatch):
     coord, spawned = _standby_setup(wired, monkeypatch)
     wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.25)))
-    _until(lambda: len(spawned) == 2)
+    wait_until(lambda: len(spawned) == 2)
     spawned["decode"][1].send({"status": "error", "error": "CUDA out of memory"})
-    _until(lambda: coord.standby is None)
+    wait_until(lambda: coord.standby is None)
     assert coord.gens.current == 0 and coord.resizes.split == 1
     assert [r for r in read_trace(wired.trace) if r["kind"] == "standby_failed"]
     wired.tokenizer.send(_request("r3"))  # still served by the old pair
