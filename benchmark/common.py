@@ -6,8 +6,9 @@ import json
 import logging
 import shlex
 import subprocess
-import time
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,8 +101,6 @@ class PeakGpuMemory:
     peak; ``peak_mib`` stays None if the command never answered (no GPU, no nvidia-smi)."""
 
     def __init__(self, interval_s: float = 0.5, cmd: Sequence[str] = NVIDIA_SMI_MEMORY) -> None:
-        import threading
-
         self.interval_s, self.cmd = interval_s, list(cmd)
         self.peak_mib: int | None = None
         self.samples = 0

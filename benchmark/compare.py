@@ -185,6 +185,11 @@ def run_files(out_dir: Path, prefix: str) -> list[Path]:
     return sorted(p for sfx in RUN_SUFFIXES for p in out_dir.glob(f"{prefix}*{sfx}"))
 
 
+def run_stem(path: Path) -> str:
+    """``<run>_<workload>_<rate>`` of a run file of either suffix."""
+    return path.name.removesuffix(".gz").removesuffix(".jsonl")
+
+
 def last_record(path: Path) -> dict[str, Any]:
     """The last JSON line of a run file (bench_serving appends one per run)."""
     text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" \
@@ -197,8 +202,7 @@ def load_point(path: Path, meta: dict[str, Any]) -> Any:
     from benchmark.report import RunPoint
 
     rec = last_record(path)
-    stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
-    rate = float(stem.rsplit("_", 1)[1])
+    rate = float(run_stem(path).rsplit("_", 1)[1])
     return RunPoint(rate, results_from_details(rec, input_lens=meta["prompt_lens"]),
                     rec.get("duration"))
 
@@ -269,11 +273,10 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
                     for rate in rates:
                         n = requests_at(meta, rate, duration_s, min_requests)
                         logger.info("%s on %s at %g req/s: %d requests", run, wname, rate, n)
-                        t0 = time.monotonic()
-                        run_bench(port, wl_dir / meta["file"], n, rate,
-                                  run_file(out_dir, run, wname, rate),
-                                  out_dir / f"bench_{run}_{wname}_{rate:g}.log", timeout_s)
-                        windows[run_file(out_dir, run, wname, rate).stem] = (t0, time.monotonic())
+                        path, t0 = run_file(out_dir, run, wname, rate), time.monotonic()
+                        run_bench(port, wl_dir / meta["file"], n, rate, path,
+                                  out_dir / f"bench_{run_stem(path)}.log", timeout_s)
+                        windows[run_stem(path)] = (t0, time.monotonic())
     except ServerStartError as exc:
         return f"did not start: {str(exc).splitlines()[0][:300]}"
     finally:  # the server's start included: what a user must have free for it
@@ -370,7 +373,7 @@ def merge_call(src: Path, out_dir: Path) -> int:
             rec = compact_record(last_record(path))
         except (IndexError, ValueError):
             continue
-        name = path.name.removesuffix(".gz").removesuffix(".jsonl")
+        name = run_stem(path)
         (out_dir / f"{name}.jsonl").unlink(missing_ok=True)  # an uncompacted earlier merge
         data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
         (out_dir / f"{name}.jsonl.gz").write_bytes(gzip.compress(data, 9, mtime=0))
