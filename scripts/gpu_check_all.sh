@@ -64,8 +64,9 @@ if [[ " ${PROBES:-} " == *" unified_storage "* ]]; then
   tail -n 30 "$LOG/unified_storage.txt"
 fi
 if [[ " ${PROBES:-} " == *" default_model_stock "* ]]; then
-  # Stock SGLang on the converted default model (the chat test converts it): the first
-  # answers of a fresh server, plain then streamed, to compare with semi-PD's.
+  # Stock SGLang on the converted default model (the chat test converts it): a fresh
+  # server's first answer to each question and the same question again (over the radix
+  # cache), to compare with semi-PD's.
   timeout 200 python3 - > "$LOG/probe_default_model_stock.txt" 2>&1 <<'PY'
 import json, sys
 from sglang_semipd.default_model import default_model_dir
