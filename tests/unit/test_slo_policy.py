@@ -63,6 +63,9 @@ def _assert_no_flapping(changes: list[tuple[float, float, float]]) -> None:
             assert t2 - t1 >= DWELL_S - 1e-9, f"reversal within dwell: {changes}"
 
 
+NO_SETTLING = {"settle_s": 0.0, "min_samples": 0}  # scripted predictions, no measurements
+
+
 class _ScriptedModel(LatencyModel):
     """Predicts joint attainment peaked at ``best`` (1.0 there, -``slope`` per unit share)."""
 
@@ -84,7 +87,8 @@ def _window(policy: PartitionPolicy, t: float, **kw: object) -> PartitionDecisio
 # ----------------------------------------------------------------------------- unit level
 def test_bounded_steps_dwell_and_hysteresis_with_scripted_model() -> None:
     model = _ScriptedModel(best=0.8)
-    policy = SLOPolicy(TARGETS, initial_share=0.3, model=model, max_step=0.1, min_dwell_s=5.0)
+    policy = SLOPolicy(TARGETS, initial_share=0.3, model=model, max_step=0.1, min_dwell_s=5.0,
+                       **NO_SETTLING)
     shares = [_window(policy, float(t)).share for t in range(1, 7)]
     assert shares == pytest.approx([0.4, 0.5, 0.6, 0.7, 0.8, 0.8])  # one grid step per window
     model.best = 0.3  # reversal wanted right away: held until 5 s after the last change (t=5)
@@ -93,11 +97,11 @@ def test_bounded_steps_dwell_and_hysteresis_with_scripted_model() -> None:
     assert _window(policy, 10.0).share == pytest.approx(0.7)
     # Hysteresis: a predicted gain below the margin does not move the split.
     flat = SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(0.6, slope=0.1),
-                     hysteresis=0.02)
+                     hysteresis=0.02, **NO_SETTLING)
     d = _window(flat, 1.0)
     assert d.share == pytest.approx(0.5) and d.target_share == pytest.approx(0.6)
     steep = SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(0.6, slope=1.0),
-                      hysteresis=0.02)
+                      hysteresis=0.02, **NO_SETTLING)
     assert _window(steep, 1.0).share == pytest.approx(0.6)
 
 
@@ -132,8 +136,28 @@ def test_static_policy_never_moves() -> None:
         SLOPolicy(TARGETS, allowed_shares=[0.0, 0.5])
 
 
+def test_no_base_move_before_traffic_has_settled() -> None:
+    """A fresh server: the model's prior alone, then warm-up samples, must not move the
+    split; after ``settle_s`` of traffic with enough TTFTs in the window it may."""
+    policy = SLOPolicy(TARGETS, initial_share=0.3, model=_ScriptedModel(0.8), min_dwell_s=0.0,
+                       measure_window_s=10.0)
+    d = _window(policy, 1.0)  # no traffic: only the prior speaks
+    assert d.share == pytest.approx(0.3) and "no traffic yet" in d.reason
+    d = _window(policy, 2.0, ttfts=(0.9,), arrivals=1)  # one slow warm-up request
+    assert d.share == pytest.approx(0.3) and "0.0s of traffic < 10s" in d.reason
+    d = _window(policy, 11.0, ttfts=(0.1, 0.1), arrivals=2)  # 9 s: still settling
+    assert d.share == pytest.approx(0.3) and "settling" in d.reason
+    d = _window(policy, 13.0, arrivals=1)  # settled, but the window holds 2 TTFTs (< 3)
+    assert d.share == pytest.approx(0.3) and "2 TTFTs in the window < 3" in d.reason
+    d = _window(policy, 14.0, ttfts=(0.1,), arrivals=1)
+    assert d.share == pytest.approx(0.4) and d.mode == "joint"
+    # idle loans are no base moves: they need no settling
+    fresh = SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(0.5))
+    assert _window(fresh, 1.0, prefill_idle=True, decode_batch_size=8).loan == "prefill"
+
+
 def test_decisions_are_logged(caplog: pytest.LogCaptureFixture) -> None:
-    policy = SLOPolicy(TARGETS, initial_share=0.3, model=_ScriptedModel(0.8))
+    policy = SLOPolicy(TARGETS, initial_share=0.3, model=_ScriptedModel(0.8), **NO_SETTLING)
     with caplog.at_level("DEBUG", logger="sglang_semipd.slo.policy"):
         _window(policy, 1.0)  # moves: INFO
         policy.model.best = 0.4  # type: ignore[attr-defined]
