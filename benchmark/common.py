@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import json
 import logging
 import shlex
@@ -35,14 +37,42 @@ def gpu_slug(name: str) -> str:
 
 def run_bench_serving(port: int, args: Sequence[str], output_file: Path,
                       log_path: Path, timeout_s: float) -> tuple[dict[str, Any], str]:
-    """Run ``python -m sglang.bench_serving`` against ``port``; return (last result, command)."""
-    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
-           "--port", str(port), "--output-file", str(output_file), *args]
+    """Run SGLang's ``bench_serving`` CLI against ``port``; return (last result, command).
+
+    It runs in this process (``sglang.benchmark.serving.cli_main`` with these arguments,
+    its output into ``log_path``): a process per run paid ~10 s of imports each time, about
+    a third of a short run on the H100. Past ``timeout_s`` the run is interrupted in the
+    main thread (a KeyboardInterrupt, which asyncio lets through) and ``TimeoutError`` is
+    raised, as ``subprocess.run(timeout=...)`` raised for a process. Call it from the main
+    thread."""
+    from sglang.benchmark import serving
+
+    argv = ["--backend", "sglang", "--port", str(port), "--output-file", str(output_file), *args]
     output_file.unlink(missing_ok=True)
-    with open(log_path, "wb") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=True)
+    fired = threading.Event()
+
+    def interrupt() -> None:
+        fired.set()
+        _thread.interrupt_main()
+
+    timer = threading.Timer(timeout_s, interrupt)
+    saved_argv = sys.argv
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        sys.argv = ["sglang.bench_serving", *argv]
+        timer.start()
+        try:
+            serving.cli_main()
+        except KeyboardInterrupt:
+            if not fired.is_set():
+                raise  # a real Ctrl-C
+            raise TimeoutError(f"bench_serving ran past {timeout_s:g} s (see {log_path})") \
+                from None
+        finally:
+            timer.cancel()
+            sys.argv = saved_argv
     lines = [ln for ln in output_file.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1]), shlex.join(["python", "-m", "sglang.bench_serving", *cmd[3:]])
+    return json.loads(lines[-1]), shlex.join(["python", "-m", "sglang.bench_serving", *argv])
 
 
 def write_result(path: Path, record: dict[str, Any]) -> Path:

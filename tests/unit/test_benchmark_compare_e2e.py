@@ -126,3 +126,19 @@ def test_run_system_then_report_with_bench_serving(tmp_path):
     assert [row["rate"] for row in curve] == [4.0, "inf"]
     assert all(row["ttft"]["p50"] > 0.015 and row["profile"] for row in curve)
     assert curve[0]["completed"] == 4 and curve[1]["completed"] == 12
+
+
+def test_a_bench_run_past_its_timeout_raises_timeout_error(tmp_path):
+    """bench_serving runs in this process; a server that never answers makes it wait for
+    readiness, and the run is cut at its timeout with TimeoutError (not a hang, and not a
+    KeyboardInterrupt that would look like a Ctrl-C)."""
+    from benchmark.common import run_bench_serving
+
+    with socket.socket() as silent:  # listens, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        with pytest.raises(TimeoutError, match="past 2 s"):
+            run_bench_serving(port, ["--dataset-name", "random", "--num-prompts", "1"],
+                              tmp_path / "out.jsonl", tmp_path / "bench.log", timeout_s=2)
+    assert sys.argv[0] != "sglang.bench_serving"  # restored
