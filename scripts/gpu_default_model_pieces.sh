@@ -7,6 +7,7 @@
 #
 #   here: bash scripts/gpu_default_model_pieces.sh split 22 60   # MB of pieces 1..n-1; the
 #         # last piece takes the rest -> .gpu_part1/ .gpu_part2/ .gpu_part3/
+#         # (SRC=FILE splits FILE instead of the default model's GGUF)
 #   host: bash scripts/gpu_default_model_pieces.sh join          # (gpu_common.sh does this)
 #         # -> $SGLANG_SEMIPD_CACHE/gguf/<GGUF>, once every piece is there; the server checks
 #         # the file's sha256 before it converts it (sglang_semipd.default_model.find_gguf)
@@ -15,7 +16,7 @@ NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 case "${1:-}" in
   split)
     shift
-    src=$(python3 -c "from sglang_semipd.default_model import find_gguf; print(find_gguf())")
+    src=${SRC:-$(python3 -c "from sglang_semipd.default_model import find_gguf; print(find_gguf())")}
     rm -rf .gpu_part*/
     total=$(stat -c %s "$src"); offset=0; k=0
     for mb in "$@" rest; do

@@ -84,3 +84,30 @@ def test_step_timeouts_are_cut_to_what_is_left_of_the_call(tmp_path):
     assert out.stdout.split() == ["30", "50", "1"]
     assert "step timeout 80 s cut to 50 s" in out.stderr
     assert (tmp_path / "res" / "timings.txt").exists()  # the exit trap still packs results
+
+
+def test_a_file_split_into_pieces_joins_back_once_every_piece_is_there(tmp_path):
+    """scripts/gpu_default_model_pieces.sh: split here, join on the host (from the
+    repository root there; here a temporary directory)."""
+    script = str(REPO / "scripts" / "gpu_default_model_pieces.sh")
+    src = tmp_path / "model.gguf"
+    src.write_bytes(os.urandom(2_500_000))
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "SRC": str(src), "SGLANG_SEMIPD_CACHE": str(tmp_path / "cache")}
+    subprocess.run(["bash", script, "split", "1", "1"], cwd=work, env=env, check=True,
+                   capture_output=True)
+    sizes = [p.stat().st_size for p in sorted(work.glob(".gpu_part*/*.part*"))]
+    assert sizes == [1_000_000, 1_000_000, 500_000]
+    piece3 = next(work.glob(".gpu_part3/*.part3"))
+    hidden = piece3.rename(tmp_path / piece3.name)  # not on the host yet
+    out = subprocess.run(["bash", script, "join"], cwd=work, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and "piece 3 of 3 not on this host yet" in out.stdout
+    hidden.rename(piece3)
+    subprocess.run(["bash", script, "join"], cwd=work, env=env, check=True, capture_output=True)
+    joined = tmp_path / "cache" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert joined.read_bytes() == src.read_bytes()
+    again = subprocess.run(["bash", script, "join"], cwd=work, env=env, check=True,
+                           capture_output=True, text=True)
+    assert "already joined" in again.stdout
