@@ -75,7 +75,10 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sglang_chunked_512": ("sglang.launch_server", ("--chunked-prefill-size", "512")),
     "sglang_chunked_2048": ("sglang.launch_server", ("--chunked-prefill-size", "2048")),
     "sglang_chunked_8192": ("sglang.launch_server", ("--chunked-prefill-size", "8192")),
-    "sglang_pdmux": ("sglang.launch_server", ("--enable-pdmux",)),
+    # SGLang 0.5.17's ServerArgs asserts that PD multiplexing runs without chunked prefill
+    # and without the overlap scheduler
+    "sglang_pdmux": ("sglang.launch_server", ("--enable-pdmux", "--chunked-prefill-size", "-1",
+                                              "--disable-overlap-schedule")),
     "semipd_green_slo": ("sglang_semipd.launch_server",
                          ("--sm-partition", "green", "--partition-policy", "slo")),
     **{f"semipd_green_static_{share:g}": (

@@ -27,7 +27,9 @@ def test_server_commands_share_flags_and_differ_by_system():
     for s, cmd in cmds.items():
         assert cmd[1:3] == ["-m", compare.SYSTEM_RUNS[s][0]]
         assert " ".join(compare.COMMON_FLAGS) in " ".join(cmd)
-    assert "--enable-pdmux" in cmds["sglang_pdmux"]
+    # what SGLang 0.5.17's ServerArgs requires of PD multiplexing (it asserts both)
+    assert cmds["sglang_pdmux"][-4:] == ["--enable-pdmux", "--chunked-prefill-size", "-1",
+                                         "--disable-overlap-schedule"]
     assert cmds["sglang_chunked_2048"][-2:] == ["--chunked-prefill-size", "2048"]
     assert cmds["semipd_mps"][-2:] == ["--sm-partition", "mps"]
     assert cmds["semipd_green_static_0.375"][-4:] == ["--partition-policy", "static",
