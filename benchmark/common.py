@@ -40,8 +40,9 @@ def run_bench_serving(port: int, args: Sequence[str], output_file: Path,
     """Run SGLang's ``bench_serving`` CLI against ``port``; return (last result, command).
 
     It runs in this process (``sglang.benchmark.serving.cli_main`` with these arguments,
-    its output into ``log_path``): a process per run paid ~10 s of imports each time, about
-    a third of a short run on the H100. Past ``timeout_s`` the run is interrupted in the
+    its output into ``log_path``): a process per run paid its imports each time (~10 s on
+    the 2-core CPU machine; on the H100 host each run took ~20 s beyond its own duration,
+    imports included). Past ``timeout_s`` the run is interrupted in the
     main thread (a KeyboardInterrupt, which asyncio lets through) and ``TimeoutError`` is
     raised, as ``subprocess.run(timeout=...)`` raised for a process. Call it from the main
     thread."""

@@ -241,7 +241,6 @@ class SLOPolicy:
         self.hopeless_below = hopeless_below
         self.settle_s = measure_window_s if settle_s is None else settle_s
         self._traffic_since: float | None = None  # t of the first window with traffic
-        self._window_ttfts = 0  # TTFT samples in the measure window
         self._base = self._snap(0.5 if initial_share is None else initial_share)
         self._share = self._base
         self._last_change_t = -math.inf
@@ -290,7 +289,6 @@ class SLOPolicy:
         self._record(st)
         if self._traffic_since is None and (st.ttfts or st.rate > 0):
             self._traffic_since = st.t
-        self._window_ttfts = sum(len(r.ttfts) for r in rec)
         span = sum(r.span for r in rec)
         if span > 0:  # windowed rate, prefill time at full share and decode token demand
             m.observe_rate(sum(r.arrivals for r in rec) / span, smooth=False)
@@ -455,8 +453,9 @@ class SLOPolicy:
                 else None
         if now - self._traffic_since < self.settle_s - _EPS:
             return f"settling: {now - self._traffic_since:.1f}s of traffic < {self.settle_s:g}s"
-        if self._window_ttfts < self.min_samples:
-            return f"settling: {self._window_ttfts} TTFTs in the window < {self.min_samples}"
+        in_window = sum(len(r.ttfts) for r in self._recent)
+        if in_window < self.min_samples:
+            return f"settling: {in_window} TTFTs in the window < {self.min_samples}"
         return None
 
     def _log(self, d: PartitionDecision) -> None:
