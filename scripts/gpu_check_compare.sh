@@ -16,6 +16,8 @@ source "$(dirname "$0")/gpu_common.sh" "${1:-}"
 source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
 [ -f .gpu/bench/workloads.json ] || { stamp "no .gpu/bench/workloads.json (run prepare)"; exit 1; }
+# STACK_SAMPLES=1: every semi-PD process samples its main thread (sglang_semipd.stack_sampler)
+[ -n "${STACK_SAMPLES:-}" ] && export SGLANG_SEMIPD_STACK_SAMPLES="$LOG/samples"
 MODEL=${MODEL:-llama8b}  # or dsv2-lite (DeepSeek-V2-Lite shape: MLA + MoE)
 python3 scripts/make_test_models.py /tmp/models --only "$MODEL" > /dev/null 2>&1
 timeout -s INT -k 30 $(budget ${BENCH_TIMEOUT:-540}) python3 -m benchmark.compare run --workloads .gpu/bench \

@@ -179,6 +179,9 @@ def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
     stop = threading.Event()
 
     def serve_kv() -> None:
+        from sglang_semipd.stack_sampler import maybe_start
+
+        maybe_start("memory_manager-kv")  # diagnostics, off unless its variable is set
         try:
             kv_server.serve_forever(stop)
         finally:

@@ -751,6 +751,9 @@ def run_semipd_scheduler_process(server_args: Any, port_args: Any, gpu_id: int, 
         configure_scheduler_process(server_args, gpu_id, tp_rank, attn_cp_rank, moe_dp_rank,
                                     moe_ep_rank, pp_rank, dp_rank)
         pipe_writer.send(coordinator.start(pipes))
+        from sglang_semipd.stack_sampler import maybe_start
+
+        maybe_start("scheduler")  # diagnostics, off unless its environment variable is set
         coordinator.serve()
     except BaseException as exc:
         logger.exception("semi-PD scheduler failed")

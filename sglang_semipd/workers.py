@@ -741,6 +741,9 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
         logger.exception("semi-PD %s worker failed to start", role)
         pipe_writer.send({"status": "error", "error": repr(exc)})
         raise
+    from sglang_semipd.stack_sampler import maybe_start
+
+    maybe_start(plan.kv_role())  # diagnostics, off unless its environment variable is set
     try:
         scheduler.run_event_loop()
     except WorkerRetired:  # an --sm-partition mps resize swapped this generation out

@@ -1,0 +1,145 @@
+"""A sampling profiler for one process's main thread (diagnostics; off unless
+``SGLANG_SEMIPD_STACK_SAMPLES`` names a directory).
+
+Where does a worker's time between two forward passes go? A thread looks at the main thread's
+Python stack every ``interval_s`` (``sys._current_frames``) and adds up, per function
+(``file:line function`` of its definition), the time where it is on top of the stack
+(``self``) and where it is anywhere on it (``inclusive``), plus the most frequent innermost
+call paths. Each sample stands for the time since the previous one: while the main thread
+holds the GIL the sampler only gets it at the interpreter's switch interval (5 ms), so counting
+samples would under-weight exactly the busy Python code one looks for. Every ``dump_every_s`` it rewrites ``<dir>/<name>.json`` (atomically),
+so a process that is killed still leaves its last dump.
+
+Overhead: each sample takes the GIL for a few tens of microseconds; at the default 2 ms
+interval that is a few percent of the main thread. A sample can only be taken when the main
+thread lets go of the GIL, so time inside a C call that holds it is credited to the Python
+frame that made the call, which is what one wants to know here. Pure Python (no torch).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_ENV = "SGLANG_SEMIPD_STACK_SAMPLES"
+PATH_DEPTH = 6  # innermost frames kept per call path
+MAX_WEIGHT_S = 0.05  # the most time one sample stands for
+
+
+def _where(frame: FrameType) -> str:
+    code = frame.f_code
+    parts = code.co_filename.replace("\\", "/").split("/")
+    short = "/".join(parts[-2:])
+    return f"{short}:{code.co_firstlineno} {code.co_name}"
+
+
+class StackSampler(threading.Thread):
+    """Samples ``thread_id``'s stack (default: the thread that creates the sampler) until
+    :meth:`stop`; ``snapshot`` gives the counts so far, ``dump`` writes them to ``path``."""
+
+    def __init__(self, path: Optional[Path], interval_s: float = 0.002,
+                 dump_every_s: float = 5.0, thread_id: Optional[int] = None,
+                 top: int = 80) -> None:
+        super().__init__(name="semipd-stack-sampler", daemon=True)
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, not {interval_s}")
+        self.path = path
+        self.interval_s = interval_s
+        self.dump_every_s = dump_every_s
+        self.thread_id = threading.get_ident() if thread_id is None else thread_id
+        self.top = top
+        self.samples = 0
+        self.total_s = 0.0  # time the samples stand for
+        self.self_counts: collections.Counter[str] = collections.Counter()
+        self.inclusive: collections.Counter[str] = collections.Counter()
+        self.paths: collections.Counter[str] = collections.Counter()
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self.started_at = time.monotonic()
+
+    def sample_once(self, weight_s: float = 1.0) -> bool:
+        """Take one sample standing for ``weight_s`` seconds; False when the thread is gone."""
+        frame = sys._current_frames().get(self.thread_id)
+        if frame is None:
+            return False
+        stack: list[str] = []
+        while frame is not None:
+            stack.append(_where(frame))
+            frame = frame.f_back
+        with self._lock:
+            self.samples += 1
+            self.total_s += weight_s
+            self.self_counts[stack[0]] += weight_s
+            for name in set(stack):
+                self.inclusive[name] += weight_s
+            self.paths[" <- ".join(stack[:PATH_DEPTH])] += weight_s
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counts so far, the most frequent first (shares of all samples)."""
+        with self._lock:
+            n = self.total_s or 1.0
+
+            def share(counter: collections.Counter[str], k: int) -> list[list[Any]]:
+                return [[name, round(c / n, 4)] for name, c in counter.most_common(k)]
+
+            return {"samples": self.samples, "interval_s": self.interval_s,
+                    "sampled_s": round(self.total_s, 3),
+                    "wall_s": round(time.monotonic() - self.started_at, 3), "pid": os.getpid(),
+                    "self": share(self.self_counts, self.top),
+                    "inclusive": share(self.inclusive, 2 * self.top),
+                    "paths": share(self.paths, self.top)}
+
+    def dump(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.snapshot(), indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    def run(self) -> None:
+        last = time.monotonic()
+        next_dump = last + self.dump_every_s
+        while not self._stop_event.wait(self.interval_s):
+            now = time.monotonic()
+            # capped: a stopped process (SIGSTOP, a debugger) must not swamp the counts
+            if not self.sample_once(min(now - last, MAX_WEIGHT_S)):
+                break
+            last = now
+            if time.monotonic() >= next_dump:
+                next_dump += self.dump_every_s
+                try:
+                    self.dump()
+                except OSError as exc:
+                    logger.warning("stack samples not written to %s: %r", self.path, exc)
+        try:
+            self.dump()
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def maybe_start(name: str) -> Optional[StackSampler]:
+    """Start a sampler of the calling thread when ``SGLANG_SEMIPD_STACK_SAMPLES`` names a
+    directory (``<dir>/<name>-<pid>.json``); otherwise do nothing."""
+    where = os.environ.get(SAMPLES_ENV)
+    if not where:
+        return None
+    out = Path(where)
+    out.mkdir(parents=True, exist_ok=True)
+    sampler = StackSampler(out / f"{name}-{os.getpid()}.json")
+    sampler.start()
+    logger.info("sampling this process's main thread into %s", sampler.path)
+    return sampler
