@@ -87,6 +87,10 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
        for share in STATIC_SHARES},
     "semipd_mps": ("sglang_semipd.launch_server", ("--sm-partition", "mps")),
     "semipd_none": ("sglang_semipd.launch_server", ("--sm-partition", "none")),
+    # diagnostic, in no summary system: stock SGLang on the loop both semi-PD workers run
+    # (non-overlapped), i.e. how much of a gap to stock is SGLang's overlap scheduler
+    "diag_sglang_no_overlap_2048": ("sglang.launch_server", (
+        "--chunked-prefill-size", "2048", "--disable-overlap-schedule")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none", "--mem-fraction-static", "0.85")

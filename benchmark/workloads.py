@@ -365,11 +365,16 @@ def export_mooncake_jsonl(wl: Workload, path: Path, block_tokens: int = 129) -> 
     return _write_lines(path, recs)
 
 
-def openai_bench_args(path: Path, num_prompts: int, rate: float, seed: int = 1) -> list[str]:
-    """bench_serving arguments (after ``--port``) replaying an ``export_openai_jsonl`` file."""
+def openai_bench_args(path: Path, num_prompts: int, rate: float, seed: int = 1,
+                      flush_cache: bool = True) -> list[str]:
+    """bench_serving arguments (after ``--port``) replaying an ``export_openai_jsonl`` file.
+    ``flush_cache``: bench_serving empties the server's prefix cache (``/flush_cache``) after
+    its warm-up request, so a run whose prompts an earlier run of the same server already
+    served (every rate of a sweep replays the same requests) does not find them cached: on
+    the H100 a second replay of the ShareGPT prompts prefilled ~2% of their tokens."""
     return ["--backend", "sglang-oai-chat", "--dataset-name", "openai", "--dataset-path", str(path),
             "--num-prompts", str(num_prompts), "--request-rate", str(rate), "--seed", str(seed),
-            "--output-details"]
+            "--output-details", *(["--flush-cache"] if flush_cache else [])]
 
 
 def mooncake_bench_args(path: Path, num_prompts: int, slowdown: float = 1.0) -> list[str]:

@@ -51,6 +51,9 @@ STAND_IN = textwrap.dedent('''
             return self._json({"ok": True})  # /health and the rest
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+            if self.path.startswith("/flush_cache") and trace:
+                with open(trace + ".flushes", "a") as f:
+                    f.write("flush\\n")
             if not self.path.startswith("/v1/chat/completions"):
                 return self._json({"ok": True})
             n = int(req.get("max_completion_tokens") or 8)
@@ -105,6 +108,9 @@ def test_run_system_then_report_with_bench_serving(tmp_path):
     assert compare.run_files(out, "semipd_green_slo_sharegpt_") == [
         out / "semipd_green_slo_sharegpt_4.jsonl", out / "semipd_green_slo_sharegpt_inf.jsonl"]
     assert (out / "warmup_semipd_green_slo.jsonl").exists()
+    # every replay (the warm-up and both rates) starts from an empty prefix cache
+    flushes = (out / "trace_semipd_green_slo_sharegpt.jsonl.flushes").read_text().split()
+    assert flushes == ["flush"] * 3
     mem = json.loads((out / "memory_semipd_green_slo_sharegpt.json").read_text())
     assert mem["runs"] == ["semipd_green_slo"] and "peak_gpu_mib" in mem
     profiles = json.loads((out / "profile_semipd_green_slo_sharegpt.json").read_text())

@@ -123,4 +123,6 @@ def test_exporters(tmp_path: Path) -> None:
     assert not set(mrows[0]["hash_ids"]) & set(mrows[1]["hash_ids"])
     args = W.openai_bench_args(p, 2, 1.5)
     assert args[args.index("--dataset-name") + 1] == "openai" and "--output-details" in args
+    assert "--flush-cache" in args and "--flush-cache" not in W.openai_bench_args(
+        p, 2, 1.5, flush_cache=False)
     assert "mooncake" in W.mooncake_bench_args(m, 2)
