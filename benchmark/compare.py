@@ -91,11 +91,14 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # (non-overlapped), i.e. how much of a gap to stock is SGLang's overlap scheduler
     "diag_sglang_no_overlap_2048": ("sglang.launch_server", (
         "--chunked-prefill-size", "2048", "--disable-overlap-schedule")),
+    # diagnostic: semi-PD green + SLO policy with the decode worker on SGLang's overlap loop
+    "diag_semipd_green_slo_decode_overlap": ("sglang_semipd.launch_server", (
+        "--sm-partition", "green", "--partition-policy", "slo", "--decode-overlap")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none", "--mem-fraction-static", "0.85")
 SLO_SET = {"sharegpt": "sharegpt", "azure_conv": "sharegpt", "long": "longbench"}
-SLO_DRIVEN = frozenset({"semipd_green_slo"})  # started once per SLO set, with its targets
+SLO_DRIVEN = frozenset({"semipd_green_slo", "diag_semipd_green_slo_decode_overlap"})  # started once per SLO set, with its targets
 
 
 def slo_flags(slo_set: str) -> tuple[str, ...]:

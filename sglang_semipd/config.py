@@ -97,6 +97,11 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Time-per-output-token target in milliseconds.")
     g.add_argument("--slo-attainment", type=_attainment, default=0.9,
                    help="Fraction of requests that must meet both SLOs, in (0, 1].")
+    g.add_argument("--decode-overlap", action=argparse.BooleanOptionalAction, default=False,
+                   help="Run the decode worker on SGLang's overlap scheduler (CPU work of the "
+                        "next step overlaps the GPU's current one; its KV frees wait for the "
+                        "forward in flight). Off by default until measured on the GPU; both "
+                        "workers otherwise run SGLang's non-overlapped loop.")
     g.add_argument("--mps-pipe-dir", default=None,
                    help="Use the running MPS control daemon of this CUDA_MPS_PIPE_DIRECTORY "
                         "instead of starting a private one.")
@@ -116,6 +121,7 @@ class SemiPDConfig:
     slo_tpot_ms: float = 100.0
     slo_attainment: float = 0.9
     mps_pipe_dir: Optional[str] = None
+    decode_overlap: bool = False
 
     @property
     def decode_sm_share(self) -> float:
@@ -134,7 +140,8 @@ class SemiPDConfig:
                   prefill_sm_share=ns.prefill_sm_share, sm_splits=tuple(ns.sm_splits),
                   partition_policy=ns.partition_policy, slo_ttft_ms=ns.slo_ttft_ms,
                   slo_tpot_ms=ns.slo_tpot_ms, slo_attainment=ns.slo_attainment,
-                  mps_pipe_dir=ns.mps_pipe_dir)
+                  mps_pipe_dir=ns.mps_pipe_dir,
+                  decode_overlap=getattr(ns, "decode_overlap", False))
         cfg.validate(ns, which)
         return cfg
 
@@ -156,6 +163,10 @@ class SemiPDConfig:
                 if bad(ns):
                     raise SemiPDConfigError(f"{flag} cannot be used with --semi-pd: {why} "
                                             "(or pass --no-semi-pd for stock SGLang)")
+        if self.decode_overlap and ns is not None and getattr(ns, "disable_overlap_schedule",
+                                                              False):
+            raise SemiPDConfigError("--decode-overlap asks for SGLang's overlap scheduler, which "
+                                    "--disable-overlap-schedule turns off: pass one of them")
         if self.mps_pipe_dir is not None and \
                 not os.path.exists(os.path.join(self.mps_pipe_dir, "control")):
             raise SemiPDConfigError(f"--mps-pipe-dir {self.mps_pipe_dir}: no MPS control daemon "

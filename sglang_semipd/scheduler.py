@@ -232,7 +232,8 @@ class Coordinator:
         plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint, handoff_endpoint=ep.handoff,
                           control_endpoint=ep.control, sm_partition=self.cfg.sm_partition,
                           shares=self.cfg.sm_splits, start_share=share, gpu_id=self.gpu_id,
-                          tp_rank=self.tp_rank, generation=gen_id)
+                          tp_rank=self.tp_rank, generation=gen_id,
+                          decode_overlap=self.cfg.decode_overlap)
         args = (plan, self.server_args, worker_port_args(self.port_args, ep),
                 self._manager_ready)
         return self._spawn(role if gen_id == 0 else f"{role}@{gen_id}", run_worker_process,

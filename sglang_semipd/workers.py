@@ -19,10 +19,21 @@ and KV pool (:mod:`sglang_semipd.worker_attach`). What differs:
   adopts a prebuilt request (``prepare_for_prebuilt`` / ``process_prebuilt``), with the
   prefill worker's stream cursors, so the stream continues where the first token left it.
   Decoding, CUDA graphs, finishing and retraction are SGLang's.
+
+Both workers run SGLang's non-overlapped event loop by default. With ``--decode-overlap``
+the decode worker runs SGLang's overlap loop instead (its CPU work for step N+1 overlaps the
+GPU's step N): SGLang's ``forward_stream`` is the active split's stream (switched between
+launches, the new stream waiting for the old), each launch records an event, and the KV
+slots and rows it frees are held back until the event of the forward launched last has
+completed (:mod:`sglang_semipd.memory.gated`: the other worker could otherwise be handed
+them while that forward still writes them). Its iteration reports are sent when a step's
+result is processed: ``start`` is the later of its launch and the previous step's result,
+``end`` when its result was in.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -182,7 +193,7 @@ class _SemiPDMixin:
                 logger.error("dropping a malformed control message: %s", exc)
                 continue
             if isinstance(msg, P.ReleaseIdle):
-                self.token_to_kv_pool_allocator.clear()  # frees + lease back to the manager
+                self._release_idle()  # frees, rows + lease back to the manager
                 self._send_control(P.Released(seq=msg.seq))
                 continue
             if isinstance(msg, P.Retire):
@@ -196,6 +207,14 @@ class _SemiPDMixin:
             ack = self.semipd_resize.receive(msg)
             if ack is not None:
                 self._switch(ack)
+
+    def _release_idle(self) -> None:
+        """Everything this worker holds but does not use goes back to the memory manager
+        (gated frees and rows after their forwards)."""
+        self.token_to_kv_pool_allocator.clear()
+        flush_rows = getattr(getattr(self, "req_to_token_pool", None), "flush_rows", None)
+        if flush_rows is not None:
+            flush_rows(wait=True)
 
     def _switch(self, ack: Any) -> None:
         self.semipd_activate(ack.split)
@@ -247,11 +266,12 @@ class _SemiPDMixin:
         """Nothing queued, running or half-prefilled here (the decode worker also checks its
         hand-off inbox)."""
         return not self.waiting_queue and (running_batch is None or running_batch.is_empty()) \
-            and getattr(self, "chunked_req", None) is None
+            and getattr(self, "chunked_req", None) is None \
+            and not getattr(self, "result_queue", None)  # overlap: a result still to process
 
     def _retire(self) -> None:
         """Give everything back to the memory manager and leave SGLang's event loop."""
-        self.token_to_kv_pool_allocator.clear()
+        self._release_idle()
         bye = self.semipd_client.goodbye()
         logger.info("retired: gave back %d slots, %d locks, %d rows", bye.freed_tokens,
                     bye.dropped_locks, bye.freed_rows)
@@ -260,6 +280,8 @@ class _SemiPDMixin:
     def run_batch(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
         import torch
 
+        if getattr(self, "enable_overlap", False):
+            return self._launch_overlapped(batch, *args, **kwargs)
         state = self.semipd_resize
         split = state.split
         stream = self.semipd_streams.streams[split]
@@ -285,6 +307,67 @@ class _SemiPDMixin:
         if ack is not None:
             self._switch(ack)
         return result
+
+    # -------------------------------------------------------------- overlap (decode only)
+    def semipd_overlap_init(self, split: int) -> None:
+        """Under SGLang's overlap loop: forward on ``split``'s stream, frees gated on the
+        forward launched last (see the module docstring)."""
+        self.semipd_inflight: Any = None  # event after the latest launch
+        self.semipd_launched: collections.deque = collections.deque()  # stats of launches
+        self.semipd_last_ready = 0.0
+        self._semipd_use_stream(self.semipd_streams.streams[split])
+
+        def gate() -> Any:
+            return self.semipd_inflight
+
+        self.token_to_kv_pool_allocator.free_gate = gate
+        self.req_to_token_pool.free_gate = gate
+        logger.info("decode worker: SGLang's overlap loop, frees gated on the forward in flight")
+
+    def _semipd_use_stream(self, stream: Any) -> None:
+        import torch
+
+        old = getattr(self, "forward_stream", None)
+        if old is stream:
+            return
+        if old is not None:
+            stream.wait_stream(old)  # the next forward reads what the last one wrote
+        self.forward_stream = stream
+        self.forward_stream_ctx = torch.cuda.stream(stream)
+
+    def _launch_overlapped(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        state = self.semipd_resize
+        split = state.split
+        queued = len(self.waiting_queue)
+        iteration = state.begin_iteration()
+        start = time.monotonic()
+        try:
+            result = super().run_batch(batch, *args, **kwargs)  # on self.forward_stream
+            done = torch.cuda.Event()
+            done.record(self.forward_stream)
+            self.semipd_inflight = done
+        finally:
+            ack = state.end_iteration()
+        mode = batch.forward_mode
+        tokens = batch.extend_num_tokens if mode.is_extend() else batch.batch_size()
+        self.semipd_launched.append(P.IterationStat(
+            role=self.semipd_role, iteration=iteration, split=split,
+            mode=mode.name.lower(), batch_size=batch.batch_size(), tokens=int(tokens or 0),
+            start=start, end=start, queued=queued))
+        if ack is not None:
+            self._switch(ack)
+        return result
+
+    def process_batch_result(self, batch: Any, result: Any) -> None:
+        super().process_batch_result(batch, result)
+        launched = getattr(self, "semipd_launched", None)
+        if launched:  # overlap: this step's report, now that its result is in
+            stat = launched.popleft()
+            now = time.monotonic()
+            begin, self.semipd_last_ready = max(stat.start, self.semipd_last_ready), now
+            self._send_control(msgspec.structs.replace(stat, start=begin, end=now))
 
 
 def tell_decode_about_aborts(sender: Any, notify: Any) -> None:
@@ -446,6 +529,8 @@ def make_decode_scheduler_cls() -> type:
             self.inbox: DecodeInbox[Any, P.HandOff] = DecodeInbox()
             self.handoff_sock = zmq.Context.instance().socket(zmq.PULL)
             self.handoff_sock.connect(plan.handoff_endpoint)
+            if self.enable_overlap:
+                self.semipd_overlap_init(start_split)
 
         def _capture_split_graphs(self, start: int) -> dict[int, Any]:
             """Decode CUDA graphs for every split, each captured on its split's stream (the
@@ -478,6 +563,8 @@ def make_decode_scheduler_cls() -> type:
             runner = self.semipd_graph_runners.get(split)
             if runner is not None:
                 self.tp_worker.model_runner.decode_cuda_graph_runner = runner
+            if self.enable_overlap:
+                self._semipd_use_stream(self.semipd_streams.streams[split])
 
         def update_running_batch(self, batch: Any) -> Any:
             """SGLang's, after securing the next decode step's KV slots in this worker's
@@ -527,6 +614,9 @@ def make_decode_scheduler_cls() -> type:
             return held
 
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
+            if self.enable_overlap:  # frees and rows whose forward has completed
+                self.token_to_kv_pool_allocator.release_ready()
+                self.req_to_token_pool.flush_rows()
             while True:
                 try:
                     frames = self.handoff_sock.recv_multipart(zmq.NOBLOCK)
@@ -634,9 +724,11 @@ def make_decode_scheduler_cls() -> type:
     return DecodeScheduler
 
 
-def role_server_args(role: str, sa: Any) -> Any:
+def role_server_args(role: str, sa: Any, decode_overlap: bool = False) -> Any:
     """What a worker's ServerArgs change for its role (``sa`` is already a private copy):
-    the ``semipd`` radix backend and SGLang's non-overlapped loop for both. No worker captures
+    the ``semipd`` radix backend and SGLang's non-overlapped loop for both, except the decode
+    worker's with ``decode_overlap`` (unless SGLang itself turned overlap off for these
+    arguments: then it stays off, with a warning). No worker captures
     prefill CUDA graphs (the decode worker never prefills; in the prefill worker a graph
     captured off its split's stream would escape the partition), and the prefill worker, which
     never runs a decode batch, captures no decode graphs either."""
@@ -648,8 +740,13 @@ def role_server_args(role: str, sa: Any) -> Any:
     graphs.prefill = dataclasses.replace(graphs.prefill, backend=Backend.DISABLED)
     if role == "prefill":
         graphs.decode = dataclasses.replace(graphs.decode, backend=Backend.DISABLED)
+    overlap = role == "decode" and decode_overlap
+    if overlap and sa.disable_overlap_schedule:
+        logger.warning("--decode-overlap: SGLang turned the overlap scheduler off for these "
+                       "server arguments; the decode worker runs without it")
+        overlap = False
     sa.override(f"sglang-semipd {role} worker", radix_cache_backend="semipd",
-                disable_overlap_schedule=True, cuda_graph_config=graphs)
+                disable_overlap_schedule=not overlap, cuda_graph_config=graphs)
     return sa
 
 
@@ -678,6 +775,7 @@ class WorkerPlan:
     gpu_id: int
     tp_rank: int
     generation: int = 0  # > 0: a standby pair of an --sm-partition mps resize
+    decode_overlap: bool = False  # --decode-overlap
 
     def kv_role(self, role: str = "") -> str:
         """The memory-manager client role of ``role`` (default: this worker's) in this
@@ -722,7 +820,8 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
                                plan.kv_role(),
                                timeout_s=60.0)
         manifest = client.pool_manifest()
-        sa = role_server_args(role, worker_server_args(server_args, manifest))
+        sa = role_server_args(role, worker_server_args(server_args, manifest),
+                              plan.decode_overlap)
         register_semipd_radix_backend(lambda ctx: client)
         publish_server_args(sa)
         import torch

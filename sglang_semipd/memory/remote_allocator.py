@@ -19,6 +19,11 @@ The scheduler sees an ordinary ``BaseTokenToKVPoolAllocator``; underneath:
   buffered outside a free group, or right before a server allocation that the
   last known free count could not cover.  Until then they count in this process's
   :meth:`available_size` but not in the server's free count.
+* **Gated frees.**  With ``free_gate`` set (the decode worker under SGLang's overlap
+  scheduler), each free waits, before it is buffered as above, for the gate that source
+  returned when the free was made (an event after the latest forward launched, which may
+  still write those slots: :mod:`sglang_semipd.memory.gated`). :meth:`release_ready`
+  passes on the ones whose gate is done; :meth:`flush` and :meth:`clear` wait for all.
 * **Sizes are estimates.**  :meth:`available_size` = server free count of the last
   ``Stats`` (refreshed when older than ``stats_max_age_s``, or by
   :meth:`refresh_stats`) corrected by this process's own allocs/frees since, plus
@@ -56,6 +61,7 @@ from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 
 from sglang_semipd import protocol as P
 from sglang_semipd.memory.client import KVStateClient, SlotLease, as_index_array, as_tensor
+from sglang_semipd.memory.gated import GatedReleases, GateSource
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +109,9 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         self._exhausted: list[SlotLease] = []
         self._pending: list[torch.Tensor] = []  # one token index per freed page
         self._pending_tokens = 0
+        self.free_gate: Optional[GateSource] = None  # see "Gated frees" in the module doc
+        self._gated: GatedReleases[torch.Tensor] = GatedReleases(
+            lambda reps: reps.numel() * self.page_size)
         self._stats: Optional[P.InvariantReport] = None
         self._stats_t = 0.0
         self.stats_generation = 0  # bumped at every refresh (caches reset their deltas)
@@ -140,7 +149,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
     def available_size(self) -> int:
         """Estimated tokens this process could allocate now (see module doc)."""
         lease = self._lease.available if self._lease is not None else 0
-        return self.server_free_estimate() + lease + self._pending_tokens
+        return self.server_free_estimate() + lease + self.pending_free_tokens
 
     @property
     def leased_available(self) -> int:
@@ -148,7 +157,8 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
 
     @property
     def pending_free_tokens(self) -> int:
-        return self._pending_tokens
+        """Freed here, not yet sent to the memory manager (gated ones included)."""
+        return self._pending_tokens + self._gated.size
 
     # ------------------------------------------------------------ alloc
     def _round(self, n: int) -> int:
@@ -218,7 +228,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
     def _try_server(self, n: int, call: Any, what: str, wait: bool = True) -> Any:
         """Flush buffered frees if the server may be short, then ``call(n)``; on OOM, retry
         for up to ``oom_wait_s`` when ``wait`` (see module doc); None on OOM."""
-        if self._pending_tokens and self.server_free_estimate() < n:
+        if self.pending_free_tokens and self.server_free_estimate() < n:
             self._flush_frees()
         deadline = pause = None
         while True:
@@ -378,10 +388,27 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         if reps.numel() == 0:
             return
         # a copy: callers pass views of req_to_token rows they overwrite next
-        self._pending.append(reps.to("cpu", torch.int64, copy=True))
+        reps = reps.to("cpu", torch.int64, copy=True)
+        gate = self.free_gate() if self.free_gate is not None else None
+        if gate is not None:
+            self._gated.add(reps, gate)
+            return
+        self._pending.append(reps)
         self._pending_tokens += reps.numel() * self.page_size
         if self.is_not_in_free_group and self._pending_tokens >= self.free_flush_tokens:
             self._flush_frees()
+
+    def _ungate(self, wait: bool) -> None:
+        for reps in (self._gated.drain() if wait else self._gated.ready()):
+            self._pending.append(reps)
+            self._pending_tokens += reps.numel() * self.page_size
+
+    def release_ready(self) -> int:
+        """Send the frees whose gate is done (and any other buffered ones) now; returns
+        tokens freed. The decode worker calls it once per iteration under overlap."""
+        if not len(self._gated) and not self._pending:
+            return 0
+        return self._flush_frees()
 
     def free(self, free_index: torch.Tensor) -> None:
         """Free the pages covering ``free_index`` (buffered; see module doc)."""
@@ -416,7 +443,8 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         if len(self._exhausted) >= self.lease_close_batch:
             self._close_exhausted()
 
-    def _flush_frees(self) -> int:
+    def _flush_frees(self, wait: bool = False) -> int:
+        self._ungate(wait)
         if not self._pending:
             return 0
         idx = torch.cat(self._pending)
@@ -439,8 +467,8 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         """Send every buffered free now (one call) and close exhausted leases;
         returns tokens freed.  A refused batch (``KVStateError``: a bug such as
         freeing slots this client does not own) is dropped whole and re-raised;
-        its slots stay with this client until ``goodbye``."""
-        freed = self._flush_frees()
+        its slots stay with this client until ``goodbye``. Gated frees are waited for."""
+        freed = self._flush_frees(wait=True)
         self._close_exhausted()
         return freed
 

@@ -5,6 +5,9 @@ The ``req_to_token`` table itself is shared (a CUDA-IPC view of the manager's te
 one owner, the memory manager: ``alloc`` asks it for rows (one ``AllocReqRows`` round trip per
 batch of new requests), ``free`` gives a row back (``FreeReqRows``). ``available_size`` is the
 manager's free-row count at the last ``Stats`` (refreshed when older than ``stats_max_age_s``).
+With ``free_gate`` set (the decode worker under SGLang's overlap scheduler) a freed row waits
+for its gate (:mod:`sglang_semipd.memory.gated`: the forward in flight may still write it) and
+goes back in one ``FreeReqRows`` with the others at :meth:`flush_rows`.
 
 A worker's pool object is built by SGLang's own constructor (so the table is replayed from the
 manager's record) and then adopted with :func:`adopt_req_pool`.
@@ -20,6 +23,7 @@ from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
 from sglang_semipd import protocol as P
 from sglang_semipd.memory.client import KVStateClient
+from sglang_semipd.memory.gated import GatedReleases, GateSource
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,8 @@ class RemoteReqToTokenPool(ReqToTokenPool):
     stats_max_age_s: float
     _free_rows_seen: int
     _stats_at: float
+    free_gate: Optional[GateSource]
+    _gated_rows: GatedReleases[int]
 
     def available_size(self) -> int:
         if time.monotonic() - self._stats_at > self.stats_max_age_s:
@@ -63,12 +69,26 @@ class RemoteReqToTokenPool(ReqToTokenPool):
 
     def free(self, req: Any) -> None:
         assert req.req_pool_idx is not None, "request must have req_pool_idx"
-        self.client.free_req_rows([int(req.req_pool_idx)])
+        row = int(req.req_pool_idx)
+        gate = self.free_gate() if self.free_gate is not None else None
+        if gate is None:
+            self.client.free_req_rows([row])
+        else:
+            self._gated_rows.add(row, gate)
         self._free_rows_seen += 1
         req.req_pool_idx = None
 
+    def flush_rows(self, wait: bool = False) -> int:
+        """Give back the freed rows whose gate is done (``wait``: all of them, after their
+        gates), in one call; returns how many."""
+        rows = self._gated_rows.drain() if wait else self._gated_rows.ready()
+        if rows:
+            self.client.free_req_rows(rows)
+        return len(rows)
+
     def clear(self) -> None:
         """Give back every row this worker holds (SGLang calls it on flush_cache)."""
+        self.flush_rows(wait=True)
         held = self.refresh_stats().req_rows_held.get(self.client.client_id, 0)
         if held:
             logger.warning("clear(): worker %d still holds %d req rows; they stay allocated "
@@ -88,5 +108,7 @@ def adopt_req_pool(pool: ReqToTokenPool, client: KVStateClient,
     pool.free_slots = []  # never used: rows come from the memory manager
     pool._stats_at = 0.0
     pool._free_rows_seen = 0
+    pool.free_gate = None
+    pool._gated_rows = GatedReleases()
     pool.refresh_stats()
     return pool  # type: ignore[return-value]

@@ -38,11 +38,11 @@ def test_every_flag_is_read():
     cfg = parse("--no-semi-pd", "--sm-partition", "mps", "--prefill-sm-share", "0.3",
                 "--sm-splits", "0.7,0.3,0.5,0.3", "--partition-policy", "static",
                 "--slo-ttft-ms", "300", "--slo-tpot-ms", "150", "--slo-attainment", "0.95",
-                "--mps-pipe-dir", "/tmp/mps")
+                "--mps-pipe-dir", "/tmp/mps", "--decode-overlap")
     assert cfg == SemiPDConfig(enabled=False, sm_partition="mps", prefill_sm_share=0.3,
                                sm_splits=(0.3, 0.5, 0.7), partition_policy="static",
                                slo_ttft_ms=300.0, slo_tpot_ms=150.0, slo_attainment=0.95,
-                               mps_pipe_dir="/tmp/mps")
+                               mps_pipe_dir="/tmp/mps", decode_overlap=True)
     assert not cfg.starts_private_mps
 
 
@@ -97,6 +97,14 @@ def test_compatible_sglang_values_pass():
     cfg = parse(disaggregation_mode="null", enable_pdmux=False, dp_size=1, pp_size=1,
                 speculative_algorithm=None, weight_cache_mode="off")
     assert cfg.enabled
+
+
+def test_decode_overlap_is_off_by_default_and_contradicts_disable_overlap_schedule():
+    assert not parse().decode_overlap and not parse("--no-decode-overlap").decode_overlap
+    assert parse("--decode-overlap", disable_overlap_schedule=False).decode_overlap
+    with pytest.raises(SemiPDConfigError, match="--disable-overlap-schedule"):
+        parse("--decode-overlap", disable_overlap_schedule=True)
+    assert not parse("--no-decode-overlap", disable_overlap_schedule=True).decode_overlap
 
 
 def test_validate_direct_construction():

@@ -671,3 +671,65 @@ def test_refusals_are_counted_and_summarised_not_logged_one_by_one(servers, capl
     side.alloc.free(held)
     close_remote(side)
     assert_clean(sup)
+
+
+class Gate:
+    """Stands for the CUDA event after the decode worker's latest launch."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waits = 0
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waits += 1
+        self.done = True
+
+
+def test_gated_frees_and_rows_reach_the_manager_only_after_their_forward(servers) -> None:
+    """Under the overlap loop the decode worker frees slots and rows that the forward in
+    flight still writes: the memory manager (and so the prefill worker) must not get them
+    back before that forward's event, and everything goes back at ``close`` / ``clear``."""
+    from sglang_semipd.memory.remote_req_pool import adopt_req_pool
+
+    endpoint, sup = fresh(servers, 1)
+    side = remote_side(endpoint, "d", lease_block=64)
+    alloc, client = side.alloc, side.alloc.client
+    rows = adopt_req_pool(_pool(), client, stats_max_age_s=0.0)
+    in_flight: dict[str, Any] = {"gate": None}
+    alloc.free_gate = rows.free_gate = lambda: in_flight["gate"]
+
+    def held() -> tuple[int, int]:
+        r = sup.check_invariant()
+        return r.client_held.get(client.client_id, 0), r.req_rows_held.get(client.client_id, 0)
+
+    slots = alloc.alloc(100)  # more than small_alloc_max: straight from the server
+    reqs = [SimpleNamespace(req_pool_idx=None) for _ in range(3)]
+    assert rows.alloc(reqs) is not None
+    start = held()
+    assert start == (100, 3)
+
+    first = Gate()
+    in_flight["gate"] = first
+    alloc.free_group_begin()
+    alloc.free(slots[:40])
+    alloc.free_group_end()  # a free group's end passes on only what is ready
+    rows.free(reqs[0])
+    assert rows.flush_rows() == 0 and alloc.release_ready() == 0
+    assert held() == start
+    assert alloc.pending_free_tokens == 40  # counted as this worker's to allocate
+    first.done = True  # the forward that could still write them has completed
+    assert alloc.release_ready() == 40 and rows.flush_rows() == 1
+    assert held() == (60, 2)
+
+    second = Gate()
+    in_flight["gate"] = second
+    alloc.free(slots[40:])
+    rows.free(reqs[1])
+    rows.free(reqs[2])
+    rows.clear()  # flush_cache / retire: waits for the gate, then gives the rows back
+    close_remote(side)  # ... and the slots
+    assert second.waits >= 1 and held() == (0, 0)
+    assert_clean(sup)

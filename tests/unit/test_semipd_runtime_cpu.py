@@ -167,6 +167,28 @@ def test_role_server_args_graphs_decode_worker_decode_only(tmp_path):
     assert sa.radix_cache_backend != "semipd"
 
 
+def test_role_server_args_overlap_only_for_the_decode_worker_and_only_if_sglang_allows(
+        tmp_path, caplog):
+    import copy
+
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_semipd.testing.model_maker import make_model
+    from sglang_semipd.workers import role_server_args
+
+    model = make_model(tmp_path / "tiny", "tiny", "bfloat16", seed=0)
+    sa = ServerArgs(model_path=str(model), device="cpu", attention_backend="triton",
+                    sampling_backend="pytorch", grammar_backend="none")
+    assert not sa.disable_overlap_schedule  # SGLang's default
+    assert role_server_args("prefill", copy.deepcopy(sa), True).disable_overlap_schedule
+    assert not role_server_args("decode", copy.deepcopy(sa), True).disable_overlap_schedule
+    assert role_server_args("decode", copy.deepcopy(sa)).disable_overlap_schedule
+    off = copy.deepcopy(sa)  # as SGLang's own checks resolve it for some features
+    off.override("a feature without overlap", disable_overlap_schedule=True)
+    assert role_server_args("decode", off, True).disable_overlap_schedule
+    assert "runs without it" in caplog.text
+
+
 def test_prefill_abort_echoes_are_passed_on_to_the_decode_worker():
     from sglang.srt.managers.io_struct import AbortReq
     from sglang.srt.managers.scheduler_components.output_sender import SenderWrapper

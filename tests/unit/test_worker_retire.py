@@ -121,3 +121,44 @@ def test_a_worker_holding_requests_without_running_a_batch_says_so_once(monkeypa
     time.sleep(0.1)
     w.get_next_batch_to_run(_Batch(0), None)
     assert len([r for r in caplog.records if "no batch" in r.getMessage()]) == 2
+
+
+class _ResultsStandIn:
+    """SGLang's ``process_batch_result`` (the results of one launched step)."""
+
+    def __init__(self) -> None:
+        self.processed: list = []
+
+    def process_batch_result(self, batch, result):
+        self.processed.append(result)
+
+
+class OverlapWorker(_SemiPDMixin, _ResultsStandIn):
+    semipd_role = "decode"
+
+
+def test_overlap_reports_each_step_when_its_result_is_in(monkeypatch):
+    """Under the overlap loop a step's report goes out when its result is processed, in
+    launch order: from the later of its launch and the previous step's result, to now."""
+    w = OverlapWorker()
+    sent: list = []
+    w._send_control = sent.append
+    w.semipd_launched = __import__("collections").deque()
+    w.semipd_last_ready = 0.0
+
+    def stat(i: int, launched: float) -> P.IterationStat:
+        return P.IterationStat(role="decode", iteration=i, split=1, mode="decode", batch_size=4,
+                               tokens=4, start=launched, end=launched, queued=0)
+
+    clock = iter([10.0, 10.5, 12.0])
+    monkeypatch.setattr("sglang_semipd.workers.time.monotonic", lambda: next(clock))
+    w.semipd_launched.extend([stat(0, 9.0), stat(1, 9.2)])  # step 1 queued behind step 0
+    w.process_batch_result(None, "r0")
+    w.process_batch_result(None, "r1")
+    w.semipd_launched.append(stat(2, 11.0))  # launched after an idle gap
+    w.process_batch_result(None, "r2")
+    assert w.processed == ["r0", "r1", "r2"]
+    assert [(s.iteration, s.start, s.end) for s in sent] == [
+        (0, 9.0, 10.0), (1, 10.0, 10.5), (2, 11.0, 12.0)]
+    w.process_batch_result(None, "r3")  # not overlapped (nothing launched here): no report
+    assert len(sent) == 3
