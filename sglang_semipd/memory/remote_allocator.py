@@ -82,7 +82,8 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
                  free_flush_tokens: int = 4096, lease_close_batch: int = 8,
                  stats_max_age_s: Optional[float] = 0.5,
                  tight_stats_max_age_s: float = 0.005,
-                 tight_free_tokens: Optional[int] = None, oom_wait_s: float = 0.0) -> None:
+                 tight_free_tokens: Optional[int] = None, oom_wait_s: float = 0.0,
+                 secure_ahead: int = 4) -> None:
         if not client.client_id:
             raise ValueError("client must be registered (hello) before use")
         ps = max(client.page_size, 1)
@@ -101,6 +102,7 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         self.tight_free_tokens = max(4 * self.lease_block, client.capacity // 8) \
             if tight_free_tokens is None else tight_free_tokens
         self.oom_wait_s = oom_wait_s
+        self.secure_ahead = max(1, secure_ahead)
         self.oom_waits = 0  # refused allocations that were waited for (and how long, below)
         self.oom_wait_total_s = 0.0
         self.refusals = 0  # allocations the memory manager refused (pool full)
@@ -176,20 +178,26 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         """Small allocations, and any the local lease already covers (see :meth:`secure`)."""
         return n <= self.small_alloc_max or n <= self.leased_available
 
-    def secure(self, n: int) -> bool:
+    def secure(self, n: int, ahead: Optional[int] = None) -> bool:
         """Make sure the local lease holds ``n`` tokens (rounded up to pages), so the next
         allocations of up to ``n`` tokens need no server call and cannot be refused.
 
         The decode worker calls this before SGLang checks whether the next decode step fits:
         the shared pool's free count is an estimate (the prefill worker allocates too), and a
         decode allocation refused *after* that check would raise instead of retracting.
+        A new lease is asked for ``ahead`` (default ``secure_ahead``) steps of ``n`` (at least
+        ``lease_block``),
+        then for ``n`` alone if the pool cannot: on the H100 a decode batch of a few hundred
+        requests outgrew the 256-token block, and leasing one step at a time cost a round
+        trip (and one more to return the old lease) every step.
         Returns False when the memory manager cannot lease that many now; the free-count
         estimate is then fresh, so SGLang's check sees the shortage and retracts."""
         n = self._round(int(n))
         if n <= self.leased_available:
             return True
         fresh = None
-        for size in dict.fromkeys((max(self.lease_block, n), n)):
+        steps = self.secure_ahead if ahead is None else max(1, ahead)
+        for size in dict.fromkeys((self._round(max(self.lease_block, steps * n)), n)):
             fresh = self._try_server(size, self.client.lease, "lease", wait=False)
             if fresh is not None:
                 break
@@ -217,12 +225,12 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         cannot be taken; when the pool cannot give all of ``n``, the free-count estimate is
         fresh afterwards, so SGLang admits no more than the lease and the pool hold."""
         n = self._round(int(n))
-        if self.secure(n):
+        if self.secure(n, ahead=1):
             return self.leased_available
         have = self.server_free_estimate() + self.leased_available  # fresh after the refusal
         m = min(n, have // self.page_size * self.page_size)
         if m > self.leased_available:
-            self.secure(m)  # refused only if the other worker took slots since: no harm
+            self.secure(m, ahead=1)  # refused only if the other worker took slots: no harm
         return self.leased_available
 
     def _try_server(self, n: int, call: Any, what: str, wait: bool = True) -> Any:

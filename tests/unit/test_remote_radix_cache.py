@@ -643,7 +643,7 @@ def test_a_large_allocation_takes_the_lease_and_the_rest_from_the_server(servers
     an allocation larger than the lease that the server alone cannot give is served from
     both (SGLang admitted it against that estimate and raises on None)."""
     decode, prefill, sup = _decode_and_prefill(servers)
-    assert decode.alloc.secure(100) and decode.alloc.leased_available == 100
+    assert decode.alloc.secure(100, ahead=1) and decode.alloc.leased_available == 100
     held = prefill.alloc.alloc(CAPACITY - 100 - 60)  # 60 free on the server
     decode.alloc.refresh_stats()
     assert decode.alloc.available_size() == 160
@@ -733,3 +733,26 @@ def test_gated_frees_and_rows_reach_the_manager_only_after_their_forward(servers
     close_remote(side)  # ... and the slots
     assert second.waits >= 1 and held() == (0, 0)
     assert_clean(sup)
+
+
+def test_secure_leases_several_steps_ahead(servers) -> None:
+    """A decode batch larger than the lease block: ``secure`` leases ``secure_ahead`` steps at
+    once, so the next steps need no round trip; a pool that cannot give that much still gives
+    the one step."""
+    endpoint, sup = fresh(servers, 1)
+    side = remote_side(endpoint, "d", lease_block=64, secure_ahead=4)
+    counting = CountingClient(side.alloc.client)
+    assert side.alloc.secure(200) and side.alloc.leased_available == 800
+    before = dict(counting.counts)
+    steps = []
+    for _ in range(4):  # each decode step secures, then allocates one slot per request
+        assert side.alloc.secure(200)
+        steps.append(side.alloc.alloc(200))
+    assert counting.counts == before and side.alloc.leased_available == 0
+    other = remote_side(endpoint, "p")
+    hog = other.alloc.alloc(CAPACITY - 800 - 300)  # 300 left: not 4 steps, but one
+    assert side.alloc.secure(200) and 200 <= side.alloc.leased_available < 800
+    for t in steps:
+        side.alloc.free(t)
+    other.alloc.free(hog)
+    _close_all(sup, side, other)
