@@ -278,34 +278,42 @@ class _SemiPDMixin:
         raise WorkerRetired()
 
     def run_batch(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        if getattr(self, "enable_overlap", False):
-            return self._launch_overlapped(batch, *args, **kwargs)
+        overlap = getattr(self, "enable_overlap", False)
         state = self.semipd_resize
         split = state.split
-        stream = self.semipd_streams.streams[split]
         queued = len(self.waiting_queue)
         iteration = state.begin_iteration()
         start = time.monotonic()
         try:
-            current = torch.cuda.current_stream()
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                result = super().run_batch(batch, *args, **kwargs)
-            current.wait_stream(stream)
-            stream.synchronize()  # SGLang's non-overlapped loop waits for it next anyway
+            result = self._launch(batch, *args, **kwargs) if overlap else \
+                self._forward_on(split, batch, *args, **kwargs)
         finally:
             ack = state.end_iteration()
-        end = time.monotonic()
         mode = batch.forward_mode
         tokens = batch.extend_num_tokens if mode.is_extend() else batch.batch_size()
-        self._send_control(P.IterationStat(
+        stat = P.IterationStat(
             role=self.semipd_role, iteration=iteration, split=split,
             mode=mode.name.lower(), batch_size=batch.batch_size(), tokens=int(tokens or 0),
-            start=start, end=end, queued=queued))
+            start=start, end=start if overlap else time.monotonic(), queued=queued)
+        if overlap:
+            self.semipd_launched.append(stat)  # reported once its result is in
+        else:
+            self._send_control(stat)
         if ack is not None:
             self._switch(ack)
+        return result
+
+    def _forward_on(self, split: int, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        """SGLang's non-overlapped forward, on ``split``'s stream, waited for."""
+        import torch
+
+        stream = self.semipd_streams.streams[split]
+        current = torch.cuda.current_stream()
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            result = super().run_batch(batch, *args, **kwargs)
+        current.wait_stream(stream)
+        stream.synchronize()  # SGLang's non-overlapped loop waits for it next anyway
         return result
 
     # -------------------------------------------------------------- overlap (decode only)
@@ -335,29 +343,15 @@ class _SemiPDMixin:
         self.forward_stream = stream
         self.forward_stream_ctx = torch.cuda.stream(stream)
 
-    def _launch_overlapped(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    def _launch(self, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        """SGLang's overlapped launch (on ``self.forward_stream``), then the event that gates
+        the frees made until the next launch."""
         import torch
 
-        state = self.semipd_resize
-        split = state.split
-        queued = len(self.waiting_queue)
-        iteration = state.begin_iteration()
-        start = time.monotonic()
-        try:
-            result = super().run_batch(batch, *args, **kwargs)  # on self.forward_stream
-            done = torch.cuda.Event()
-            done.record(self.forward_stream)
-            self.semipd_inflight = done
-        finally:
-            ack = state.end_iteration()
-        mode = batch.forward_mode
-        tokens = batch.extend_num_tokens if mode.is_extend() else batch.batch_size()
-        self.semipd_launched.append(P.IterationStat(
-            role=self.semipd_role, iteration=iteration, split=split,
-            mode=mode.name.lower(), batch_size=batch.batch_size(), tokens=int(tokens or 0),
-            start=start, end=start, queued=queued))
-        if ack is not None:
-            self._switch(ack)
+        result = super().run_batch(batch, *args, **kwargs)
+        done = torch.cuda.Event()
+        done.record(self.forward_stream)
+        self.semipd_inflight = done
         return result
 
     def process_batch_result(self, batch: Any, result: Any) -> None:

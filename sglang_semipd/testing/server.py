@@ -143,6 +143,17 @@ class ServerProcess:
         self.stop()
 
 
+# Server flags of the GPU tests' retraction load (tiny model): a 4,096-slot pool far smaller
+# than 48 concurrent requests of ~200 + 200 tokens need, and SGLang's deterministic inference,
+# so that outputs do not depend on batch composition; RETRACT_LOG is SGLang 0.5.17's warning
+# when the decode step does not fit (update_running_batch).
+SMALL_POOL_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
+                    "--grammar-backend", "none", "--mem-fraction-static", "0.8",
+                    "--max-total-tokens", "4096", "--cuda-graph-max-bs-decode", "64",
+                    "--enable-deterministic-inference")
+RETRACT_LOG = "KV cache pool is full. Retract requests."
+
+
 def python_module_cmd(module: str, *args: str) -> list[str]:
     """``[sys.executable, -m, module, *args]``."""
     return [sys.executable, "-m", module, *args]

@@ -16,18 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sglang_semipd.testing.server import (ServerProcess, http_json, pool_leaks,
-                                          python_module_cmd, semipd_pool_report)
+from sglang_semipd.testing.server import (RETRACT_LOG, SMALL_POOL_FLAGS, ServerProcess,
+                                          http_json, pool_leaks, python_module_cmd,
+                                          semipd_pool_report)
 
 pytestmark = pytest.mark.gpu
 
 PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 25
-FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
-         "--grammar-backend", "none", "--mem-fraction-static", "0.8",
-         "--max-total-tokens", "4096", "--cuda-graph-max-bs-decode", "64",
-         "--enable-deterministic-inference")
+FLAGS = SMALL_POOL_FLAGS
 N, PROMPT, OUT = 48, 200, 200
-RETRACT_LOG = "KV cache pool is full. Retract requests."  # SGLang 0.5.17 update_running_batch
 
 
 @pytest.fixture(scope="module")

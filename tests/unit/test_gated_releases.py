@@ -3,21 +3,7 @@
 from __future__ import annotations
 
 from sglang_semipd.memory.gated import GatedReleases
-
-
-class Gate:
-    """Stands for a CUDA event: done once the GPU got past it (here: when told)."""
-
-    def __init__(self) -> None:
-        self.done = False
-        self.waits = 0
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        self.waits += 1
-        self.done = True
+from sglang_semipd.testing.gate import ManualGate as Gate
 
 
 def test_releases_wait_for_their_gate_and_keep_their_order():

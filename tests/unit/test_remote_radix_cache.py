@@ -673,26 +673,12 @@ def test_refusals_are_counted_and_summarised_not_logged_one_by_one(servers, capl
     assert_clean(sup)
 
 
-class Gate:
-    """Stands for the CUDA event after the decode worker's latest launch."""
-
-    def __init__(self) -> None:
-        self.done = False
-        self.waits = 0
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        self.waits += 1
-        self.done = True
-
-
 def test_gated_frees_and_rows_reach_the_manager_only_after_their_forward(servers) -> None:
     """Under the overlap loop the decode worker frees slots and rows that the forward in
     flight still writes: the memory manager (and so the prefill worker) must not get them
     back before that forward's event, and everything goes back at ``close`` / ``clear``."""
     from sglang_semipd.memory.remote_req_pool import adopt_req_pool
+    from sglang_semipd.testing.gate import ManualGate as Gate
 
     endpoint, sup = fresh(servers, 1)
     side = remote_side(endpoint, "d", lease_block=64)
