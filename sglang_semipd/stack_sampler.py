@@ -7,8 +7,9 @@ Python stack every ``interval_s`` (``sys._current_frames``) and adds up, per fun
 (``self``) and where it is anywhere on it (``inclusive``), plus the most frequent innermost
 call paths. Each sample stands for the time since the previous one: while the main thread
 holds the GIL the sampler only gets it at the interpreter's switch interval (5 ms), so counting
-samples would under-weight exactly the busy Python code one looks for. Every ``dump_every_s`` it rewrites ``<dir>/<name>.json`` (atomically),
-so a process that is killed still leaves its last dump.
+samples would under-weight exactly the busy Python code one looks for. Every ``dump_every_s``
+it rewrites ``<dir>/<name>.json`` (atomically), so a process that is killed still leaves its
+last dump.
 
 Overhead: each sample takes the GIL for a few tens of microseconds; at the default 2 ms
 interval that is a few percent of the main thread. A sample can only be taken when the main
@@ -86,7 +87,7 @@ class StackSampler(threading.Thread):
         return True
 
     def snapshot(self) -> dict[str, Any]:
-        """Counts so far, the most frequent first (shares of all samples)."""
+        """Time so far, the largest first (shares of the sampled time)."""
         with self._lock:
             n = self.total_s or 1.0
 
@@ -116,7 +117,7 @@ class StackSampler(threading.Thread):
             if not self.sample_once(min(now - last, MAX_WEIGHT_S)):
                 break
             last = now
-            if time.monotonic() >= next_dump:
+            if now >= next_dump:
                 next_dump += self.dump_every_s
                 try:
                     self.dump()

@@ -186,10 +186,9 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         the shared pool's free count is an estimate (the prefill worker allocates too), and a
         decode allocation refused *after* that check would raise instead of retracting.
         A new lease is asked for ``ahead`` (default ``secure_ahead``) steps of ``n`` (at least
-        ``lease_block``),
-        then for ``n`` alone if the pool cannot: on the H100 a decode batch of a few hundred
-        requests outgrew the 256-token block, and leasing one step at a time cost a round
-        trip (and one more to return the old lease) every step.
+        ``lease_block``), then for ``n`` alone if the pool cannot: on the H100 a decode batch
+        of a few hundred requests outgrew the 256-token block, and leasing one step at a time
+        cost a round trip (and one more to return the old lease) every step.
         Returns False when the memory manager cannot lease that many now; the free-count
         estimate is then fresh, so SGLang's check sees the shortage and retracts."""
         n = self._round(int(n))
