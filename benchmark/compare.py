@@ -94,11 +94,18 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # diagnostic: semi-PD green + SLO policy with the decode worker on SGLang's overlap loop
     "diag_semipd_green_slo_decode_overlap": ("sglang_semipd.launch_server", (
         "--sm-partition", "green", "--partition-policy", "slo", "--decode-overlap")),
+    # diagnostic: semi-PD green + SLO prefilling in 2,048-token chunks, like the stock run
+    # (without the flag SGLang picks 8,192 on the H100; semi-PD's TTFT at light load suffered
+    # from eager prefill batches of several long prompts)
+    "diag_semipd_green_slo_chunked_2048": ("sglang_semipd.launch_server", (
+        "--sm-partition", "green", "--partition-policy", "slo", "--chunked-prefill-size",
+        "2048")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none", "--mem-fraction-static", "0.85")
 SLO_SET = {"sharegpt": "sharegpt", "azure_conv": "sharegpt", "long": "longbench"}
-SLO_DRIVEN = frozenset({"semipd_green_slo", "diag_semipd_green_slo_decode_overlap"})  # started once per SLO set, with its targets
+SLO_DRIVEN = frozenset({"semipd_green_slo", "diag_semipd_green_slo_decode_overlap",
+                        "diag_semipd_green_slo_chunked_2048"})  # started once per SLO set, with its targets
 
 
 def slo_flags(slo_set: str) -> tuple[str, ...]:
