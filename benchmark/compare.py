@@ -100,12 +100,20 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "diag_semipd_green_slo_chunked_2048": ("sglang_semipd.launch_server", (
         "--sm-partition", "green", "--partition-policy", "slo", "--chunked-prefill-size",
         "2048")),
+    # diagnostic: an idle side keeps one 8-SM group and lends the rest (at saturation the
+    # decode-only tail of a run ran on 92 of 132 SMs under the default loans)
+    "diag_semipd_green_slo_idle_loan_most": ("sglang_semipd.launch_server", (
+        "--sm-partition", "green", "--partition-policy", "slo", "--idle-loan", "most")),
+    # diagnostic: the three above together
+    "diag_semipd_green_slo_tuned": ("sglang_semipd.launch_server", (
+        "--sm-partition", "green", "--partition-policy", "slo", "--decode-overlap",
+        "--idle-loan", "most", "--chunked-prefill-size", "2048")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none", "--mem-fraction-static", "0.85")
 SLO_SET = {"sharegpt": "sharegpt", "azure_conv": "sharegpt", "long": "longbench"}
-SLO_DRIVEN = frozenset({"semipd_green_slo", "diag_semipd_green_slo_decode_overlap",
-                        "diag_semipd_green_slo_chunked_2048"})  # started once per SLO set, with its targets
+SLO_DRIVEN = frozenset({"semipd_green_slo", *(r for r in SYSTEM_RUNS
+                                             if r.startswith("diag_semipd_green_slo_"))})  # started once per SLO set, with its targets
 
 
 def slo_flags(slo_set: str) -> tuple[str, ...]:

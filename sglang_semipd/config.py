@@ -21,6 +21,10 @@ SM_PARTITION_MODES = ("green", "mps", "none")
 PARTITION_POLICIES = ("slo", "static")
 MPS_CONTROL_BINARY = "nvidia-cuda-mps-control"
 DEFAULT_SPLITS = (0.25, 0.375, 0.5, 0.625, 0.75)
+IDLE_LOANS = ("splits", "most")
+# --idle-loan most: two more planned splits, each leaving the idle side the smallest green-
+# context group (8 SMs on the H100; partition.splits.plan_splits rounds these up to it)
+LOAN_SHARES = (1e-3, 1.0 - 1e-3)
 
 # SGLang features that semi-PD cannot combine with (flag -> why), checked on the namespace.
 _INCOMPATIBLE: tuple[tuple[str, Callable[[argparse.Namespace], bool], str], ...] = (
@@ -97,6 +101,12 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Time-per-output-token target in milliseconds.")
     g.add_argument("--slo-attainment", type=_attainment, default=0.9,
                    help="Fraction of requests that must meet both SLOs, in (0, 1].")
+    g.add_argument("--idle-loan", choices=IDLE_LOANS, default="splits",
+                   help="What an idle side lends the busy one under the SLO policy (green): "
+                        "'splits' (default) moves to the most lopsided of --sm-splits; 'most' "
+                        "keeps the idle side one green-context group (8 SMs on an H100) and "
+                        "lends the rest (two more splits, with their decode CUDA graphs, used "
+                        "for loans only).")
     g.add_argument("--decode-overlap", action=argparse.BooleanOptionalAction, default=False,
                    help="Run the decode worker on SGLang's overlap scheduler (CPU work of the "
                         "next step overlaps the GPU's current one; its KV frees wait for the "
@@ -122,10 +132,19 @@ class SemiPDConfig:
     slo_attainment: float = 0.9
     mps_pipe_dir: Optional[str] = None
     decode_overlap: bool = False
+    idle_loan: str = "splits"
 
     @property
     def decode_sm_share(self) -> float:
         return 1.0 - self.prefill_sm_share
+
+    @property
+    def planned_shares(self) -> tuple[float, ...]:
+        """The prefill shares the workers build streams and decode graphs for:
+        ``--sm-splits``, plus :data:`LOAN_SHARES` with ``--idle-loan most`` under green."""
+        if self.idle_loan == "most" and self.sm_partition == "green":
+            return tuple(sorted(set(self.sm_splits) | set(LOAN_SHARES)))
+        return self.sm_splits
 
     @property
     def starts_private_mps(self) -> bool:
@@ -141,7 +160,8 @@ class SemiPDConfig:
                   partition_policy=ns.partition_policy, slo_ttft_ms=ns.slo_ttft_ms,
                   slo_tpot_ms=ns.slo_tpot_ms, slo_attainment=ns.slo_attainment,
                   mps_pipe_dir=ns.mps_pipe_dir,
-                  decode_overlap=getattr(ns, "decode_overlap", False))
+                  decode_overlap=getattr(ns, "decode_overlap", False),
+                  idle_loan=getattr(ns, "idle_loan", "splits"))
         cfg.validate(ns, which)
         return cfg
 
@@ -155,6 +175,8 @@ class SemiPDConfig:
                 f"--prefill-sm-share {self.prefill_sm_share} is outside (0, 1)")
         if self.partition_policy not in PARTITION_POLICIES:
             raise SemiPDConfigError(f"--partition-policy must be one of {PARTITION_POLICIES}")
+        if self.idle_loan not in IDLE_LOANS:
+            raise SemiPDConfigError(f"--idle-loan must be one of {IDLE_LOANS}")
         if not self.enabled:
             return
         self._check_mps(which)

@@ -178,11 +178,15 @@ class Coordinator:
         start = ready["prefill"]["semipd_start_split"]
         self.resizes = ResizeTracker(start)
         cfg = self.cfg
+        fractions = [x.prefill_fraction for x in self.splits]
+        # --idle-loan most planned the two extreme splits for loans only
+        loans = (fractions[0], fractions[-1]) if cfg.planned_shares != cfg.sm_splits \
+            and len(fractions) > 2 else ()
         self.controller = PartitionController(
-            [x.prefill_fraction for x in self.splits], start,
+            fractions, start,
             policy=cfg.partition_policy if cfg.sm_partition == "green" else "static",
             ttft_s=cfg.slo_ttft_ms / 1e3, tpot_s=cfg.slo_tpot_ms / 1e3,
-            attainment=cfg.slo_attainment, now=time.monotonic())
+            attainment=cfg.slo_attainment, now=time.monotonic(), loan_fractions=loans)
         if getattr(self.server_args, "enable_metrics", False):
             from sglang_semipd.partition.metrics import PartitionMetrics
 
@@ -231,7 +235,7 @@ class Coordinator:
             self.splits[split].prefill_fraction
         plan = WorkerPlan(role=role, kv_endpoint=self.kv_endpoint, handoff_endpoint=ep.handoff,
                           control_endpoint=ep.control, sm_partition=self.cfg.sm_partition,
-                          shares=self.cfg.sm_splits, start_share=share, gpu_id=self.gpu_id,
+                          shares=self.cfg.planned_shares, start_share=share, gpu_id=self.gpu_id,
                           tp_rank=self.tp_rank, generation=gen_id,
                           decode_overlap=self.cfg.decode_overlap)
         args = (plan, self.server_args, worker_port_args(self.port_args, ep),
@@ -394,6 +398,9 @@ class Coordinator:
                                       [r is not None for r in obj.finished_reasons],
                                       time.monotonic())
 
+    def _observe_handoff(self, _: Any) -> None:
+        self._apply_decision(self.controller.on_handoff(time.monotonic()))
+
     def _tick(self, now: float) -> None:
         self._apply_decision(self.controller.tick(now))
         if self.metrics is not None and self.controller.attainment is not None:
@@ -428,6 +435,8 @@ class Coordinator:
                     self._on_handoff(frames)
                 if role == "prefill":
                     self.handoffs += 1
+                    if self.controller is not None:  # a decode loan ends before it arrives
+                        self._guarded(self._observe_handoff, None)
                     to_decode.send_multipart(frames, copy=False)
                 # from the decode worker: only a note that a request ended there (above)
             elif tag == P.CONTROL_TAG:

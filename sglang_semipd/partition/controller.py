@@ -12,7 +12,9 @@ The semi-PD scheduler process calls, from its one loop:
   iteration times at the split in force) and returns the policy's decision.
 
 It also ends an idle loan (``policy.reclaim``) the moment the lent side gets work: a new
-request for a lent prefill side, a decode iteration for a lent decode side. With
+request for a lent prefill side; for a lent decode side a hand-off on its way to it
+(:meth:`on_handoff`, so that its first step runs on the base split), or else a decode
+iteration. ``loan_fractions`` are planned splits kept for loans only (never a base split). With
 ``--partition-policy static`` it only measures (the static policy never moves).
 No torch, no sockets: the caller applies decisions (``Coordinator.resize_to_share``).
 """
@@ -36,10 +38,14 @@ class PartitionController:
     def __init__(self, fractions: Sequence[float], start: int, policy: str = "slo",
                  ttft_s: float = 1.0, tpot_s: float = 0.1, attainment: float = 0.9,
                  window_s: float = 1.0, now: float = 0.0, warmup_iters: int = 3,
-                 **policy_kwargs: Any) -> None:
+                 loan_fractions: Sequence[float] = (), **policy_kwargs: Any) -> None:
         if not fractions or not 0 <= start < len(fractions):
             raise ValueError("need the planned splits and a start split among them")
         self.fractions = tuple(fractions)
+        self.loan_fractions = tuple(sorted(loan_fractions))
+        if self.loan_fractions and (len(self.loan_fractions) != 2 or not set(
+                self.loan_fractions) <= set(self.fractions)):
+            raise ValueError(f"loan fractions {loan_fractions}: two of the planned splits")
         self.split = start
         self.ttft_s, self.tpot_s = ttft_s, tpot_s
         self._targets = SLOTargets(ttft_s, tpot_s, attainment)
@@ -63,9 +69,10 @@ class PartitionController:
         if not 0 <= split < len(self.fractions):
             raise ValueError(f"no planned split {split}")
         if policy == "slo":
-            self.policy: Any = SLOPolicy(self._targets, self.fractions,
-                                         initial_share=self.fractions[split],
-                                         **self._policy_kwargs)
+            base = [f for f in self.fractions if f not in self.loan_fractions]
+            self.policy: Any = SLOPolicy(
+                self._targets, base, initial_share=self.fractions[split],
+                loan_shares=self.loan_fractions or None, **self._policy_kwargs)
         elif policy == "static":
             self.policy = StaticPolicy(self.fractions[split])
         else:
@@ -76,6 +83,10 @@ class PartitionController:
     def on_request(self, rid: str, t: float) -> Optional[PartitionDecision]:
         self.latency.on_request(rid, t)
         return self._reclaim_if_lent("prefill", t)
+
+    def on_handoff(self, t: float) -> Optional[PartitionDecision]:
+        """A request is on its way to the decode worker: a decode loan ends now."""
+        return self._reclaim_if_lent("decode", t)
 
     def on_abort(self, rid: str) -> None:
         self.latency.on_abort(rid)

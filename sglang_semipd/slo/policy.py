@@ -23,7 +23,9 @@ and applies the returned :attr:`PartitionDecision.share` (the prefill share; dec
    ``min_dwell_s`` of its previous change (so no A->B->A flapping inside the dwell time).
 4. **Idle side** - if one side has nothing queued or running at ``idle_windows`` consecutive
    window ends and the other has work, the busy side borrows (most of) the SMs: the extreme
-   allowed share, flagged as a *loan* in the decision.  The caller must call
+   allowed share, or ``loan_shares`` (lent to decode, lent to prefill) when given (splits kept
+   for loans only, e.g. leaving the idle side one 8-SM group), flagged as a *loan* in the
+   decision.  The caller must call
    :meth:`SLOPolicy.reclaim` as soon as the idle side gets work, which restores the base split
    at once.  Loans bypass dwell/steps and do not move the base split.
 """
@@ -206,7 +208,9 @@ class SLOPolicy:
     whose best predicted attainment over all splits is below ``hopeless_below`` counts as
     infeasible (keep mode); ``idle_windows`` consecutive idle window ends trigger a loan.
     ``settle_s`` (default ``measure_window_s``) and ``min_samples`` gate every base move
-    (module docstring, step 2); 0 for both turns the gate off.
+    (module docstring, step 2); 0 for both turns the gate off. ``loan_shares``: the shares
+    of a loan to decode and of a loan to prefill (default: the extreme allowed shares); they
+    are never a base split.
     """
 
     def __init__(
@@ -225,11 +229,17 @@ class SLOPolicy:
         min_samples: int = 3,
         hopeless_below: float = 0.5,
         settle_s: float | None = None,
+        loan_shares: tuple[float, float] | None = None,
     ) -> None:
         self.targets = targets
         self.shares = tuple(sorted(set(float(x) for x in allowed_shares)))
         if not self.shares or self.shares[0] <= 0.0 or self.shares[-1] >= 1.0:
             raise ValueError("allowed shares must be a non-empty list inside (0, 1)")
+        lo, hi = (self.shares[0], self.shares[-1]) if loan_shares is None else loan_shares
+        if not 0.0 < lo <= self.shares[0] or not self.shares[-1] <= hi < 1.0:
+            raise ValueError(f"loan shares {loan_shares} must lie in (0, 1), outside the "
+                             f"allowed shares {self.shares}")
+        self.loan_shares = (float(lo), float(hi))
         self.model = model or LatencyModel()
         self.measure_window_s = measure_window_s
         self.min_dwell_s = min_dwell_s
@@ -374,9 +384,9 @@ class SLOPolicy:
         p_idle = self._idle_streak["prefill"] >= self.idle_windows
         d_idle = self._idle_streak["decode"] >= self.idle_windows
         if p_idle and not st.decode_idle:
-            return "idle-prefill", self.shares[0]
+            return "idle-prefill", self.loan_shares[0]
         if d_idle and not st.prefill_idle:
-            return "idle-decode", self.shares[-1]
+            return "idle-decode", self.loan_shares[1]
         return None
 
     def observe(self, stats: WindowStats) -> PartitionDecision:

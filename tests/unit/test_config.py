@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from sglang_semipd.config import (DEFAULT_SPLITS, MPS_CONTROL_BINARY, SemiPDConfig,
-                                  SemiPDConfigError, add_semipd_args)
+from sglang_semipd.config import (DEFAULT_SPLITS, LOAN_SHARES, MPS_CONTROL_BINARY,
+                                  SemiPDConfig, SemiPDConfigError, add_semipd_args)
 
 
 def has_mps(name: str):
@@ -38,11 +38,11 @@ def test_every_flag_is_read():
     cfg = parse("--no-semi-pd", "--sm-partition", "mps", "--prefill-sm-share", "0.3",
                 "--sm-splits", "0.7,0.3,0.5,0.3", "--partition-policy", "static",
                 "--slo-ttft-ms", "300", "--slo-tpot-ms", "150", "--slo-attainment", "0.95",
-                "--mps-pipe-dir", "/tmp/mps", "--decode-overlap")
+                "--mps-pipe-dir", "/tmp/mps", "--decode-overlap", "--idle-loan", "most")
     assert cfg == SemiPDConfig(enabled=False, sm_partition="mps", prefill_sm_share=0.3,
                                sm_splits=(0.3, 0.5, 0.7), partition_policy="static",
                                slo_ttft_ms=300.0, slo_tpot_ms=150.0, slo_attainment=0.95,
-                               mps_pipe_dir="/tmp/mps", decode_overlap=True)
+                               mps_pipe_dir="/tmp/mps", decode_overlap=True, idle_loan="most")
     assert not cfg.starts_private_mps
 
 
@@ -51,7 +51,7 @@ def test_every_flag_is_read():
     ("--prefill-sm-share", "-0.2"), ("--prefill-sm-share", "half"),
     ("--sm-partition", "cu-mask"), ("--partition-policy", "magic"),
     ("--slo-ttft-ms", "0"), ("--slo-tpot-ms", "-5"), ("--slo-attainment", "1.2"),
-    ("--sm-splits", "0.5,1.0"), ("--sm-splits", ","),
+    ("--sm-splits", "0.5,1.0"), ("--sm-splits", ","), ("--idle-loan", "all"),
 ])
 def test_bad_values_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -105,6 +105,15 @@ def test_decode_overlap_is_off_by_default_and_contradicts_disable_overlap_schedu
     with pytest.raises(SemiPDConfigError, match="--disable-overlap-schedule"):
         parse("--decode-overlap", disable_overlap_schedule=True)
     assert not parse("--no-decode-overlap", disable_overlap_schedule=True).decode_overlap
+
+
+def test_idle_loan_most_plans_two_loan_splits_under_green_only():
+    assert parse().idle_loan == "splits" and parse().planned_shares == DEFAULT_SPLITS
+    most = parse("--idle-loan", "most")
+    assert most.planned_shares == (LOAN_SHARES[0], *DEFAULT_SPLITS, LOAN_SHARES[1])
+    assert parse("--idle-loan", "most", "--sm-partition", "mps").planned_shares == DEFAULT_SPLITS
+    with pytest.raises(SemiPDConfigError, match="--idle-loan"):
+        SemiPDConfig(idle_loan="all").validate(which=has_mps)
 
 
 def test_validate_direct_construction():

@@ -154,6 +154,27 @@ def test_the_controller_sees_requests_finish_under_every_policy(wired, policy):
     assert wired.coord.controller.latency.finished == 1
 
 
+def test_a_handoff_ends_a_decode_loan_before_it_reaches_the_decode_worker(wired):
+    """Decode idle, prefill busy: decode's SMs are lent. The first hand-off ends the loan (a
+    ``Resize`` back to the base split for both workers) as it passes, so the adopted request's
+    first decode step does not run on the lent split."""
+    fractions = [s.prefill_fraction for s in wired.coord.splits]
+    c = PartitionController(fractions, 1, policy="slo", now=0.0, warmup_iters=0)
+    c.on_request("a", 0.1)  # only prefill has work
+    assert c.tick(1.0).loan == "decode" and c.policy.share == pytest.approx(fractions[2])
+    c.on_resized(2)
+    wired.coord.resizes.split = 2
+    wired.coord.controller = c
+    handoff = P.HandOff(rid="a", req_pool_idx=2, kv_len=10, first_token=5)
+    wired.worker_out["prefill"].send_multipart(P.encode_handoff(handoff))
+    cmds = {r: P.decode_control(_recv(wired.worker_ctl[r])) for r in ("prefill", "decode")}
+    assert cmds["prefill"] == cmds["decode"] and cmds["decode"].split == 1
+    assert P.decode_handoff(_recv(wired.decode_handoffs)) == handoff
+    assert c.policy.loan is None
+    decisions = [r for r in read_trace(wired.trace) if r["kind"] == "decision"]
+    assert decisions[-1]["mode"] == "reclaim"
+
+
 @pytest.mark.parametrize("wired", ["none", "mps"], indirect=True)
 def test_modes_without_in_place_resize_ignore_requests(wired):
     wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.3)))

@@ -85,6 +85,27 @@ def test_idle_side_lends_its_sms_and_gets_them_back_at_once():
     assert c.decisions == 3
 
 
+def test_loan_only_splits_serve_loans_and_never_the_base():
+    """``--idle-loan most``: the extreme planned splits (8 SMs left to the idle side) are the
+    loans; the SLO policy's base split is chosen among the others only."""
+    fractions = (8 / 132, *FRACTIONS, 124 / 132)
+    c = PartitionController(fractions, 2, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0,
+                            warmup_iters=0, loan_fractions=(fractions[0], fractions[-1]))
+    assert c.policy.shares == tuple(sorted(FRACTIONS))
+    c.on_request("a", 0.1)  # only prefill has work: decode's SMs are lent, all but 8
+    d = c.tick(1.0)
+    assert d.loan == "decode" and d.share == pytest.approx(124 / 132)
+    back = c.on_handoff(1.2)  # a's hand-off passes: the loan ends before decode runs
+    assert back is not None and back.mode == "reclaim"
+    assert back.share == pytest.approx(fractions[2])
+    c.on_output(["a"], [3], [False], 1.5)
+    d = c.tick(2.0)  # a whole window without arrivals or prefill work: lent to decode
+    assert d.loan == "prefill" and d.share == pytest.approx(8 / 132)
+    assert c.on_handoff(2.1) is None  # nothing lent by decode: a hand-off changes nothing
+    with pytest.raises(ValueError, match="loan fractions"):
+        PartitionController(fractions, 2, loan_fractions=(0.01,))
+
+
 def test_steady_arrivals_never_lend_the_prefill_side():
     c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0)
     t, k, loans = 0.0, 0, 0

@@ -125,6 +125,19 @@ def test_idle_decode_lends_sms_to_prefill() -> None:
     assert _window(off, 1.0, decode_idle=True, prefill_queue_len=3).loan is None
 
 
+def test_loan_shares_replace_the_extreme_splits_for_loans() -> None:
+    policy = SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(0.5),
+                       loan_shares=(0.06, 0.94))
+    assert _window(policy, 1.0, decode_idle=True, prefill_queue_len=3).share == \
+        pytest.approx(0.94)
+    policy.reclaim(1.2)
+    d = _window(policy, 2.0, prefill_idle=True, decode_batch_size=8)
+    assert d.share == pytest.approx(0.06) and d.base == pytest.approx(0.5)
+    for bad in ((0.5, 0.94), (0.06, 0.6), (0.0, 0.94), (0.06, 1.0)):
+        with pytest.raises(ValueError, match="loan shares"):
+            SLOPolicy(TARGETS, loan_shares=bad)
+
+
 def test_static_policy_never_moves() -> None:
     policy = StaticPolicy(0.4)
     for t in range(1, 5):
