@@ -139,10 +139,15 @@ class SemiPDConfig:
         return 1.0 - self.prefill_sm_share
 
     @property
+    def plans_loan_splits(self) -> bool:
+        """``--idle-loan most`` under green: the two extreme planned splits serve loans only."""
+        return self.idle_loan == "most" and self.sm_partition == "green"
+
+    @property
     def planned_shares(self) -> tuple[float, ...]:
         """The prefill shares the workers build streams and decode graphs for:
-        ``--sm-splits``, plus :data:`LOAN_SHARES` with ``--idle-loan most`` under green."""
-        if self.idle_loan == "most" and self.sm_partition == "green":
+        ``--sm-splits``, plus :data:`LOAN_SHARES` when :attr:`plans_loan_splits`."""
+        if self.plans_loan_splits:
             return tuple(sorted(set(self.sm_splits) | set(LOAN_SHARES)))
         return self.sm_splits
 

@@ -179,9 +179,9 @@ class Coordinator:
         self.resizes = ResizeTracker(start)
         cfg = self.cfg
         fractions = [x.prefill_fraction for x in self.splits]
-        # --idle-loan most planned the two extreme splits for loans only
-        loans = (fractions[0], fractions[-1]) if cfg.planned_shares != cfg.sm_splits \
-            and len(fractions) > 2 else ()
+        # --idle-loan most: the extremes serve loans only (if some base split remains)
+        loans = (fractions[0], fractions[-1]) if cfg.plans_loan_splits and len(fractions) > 2 \
+            else ()
         self.controller = PartitionController(
             fractions, start,
             policy=cfg.partition_policy if cfg.sm_partition == "green" else "static",

@@ -25,9 +25,9 @@ and applies the returned :attr:`PartitionDecision.share` (the prefill share; dec
    window ends and the other has work, the busy side borrows (most of) the SMs: the extreme
    allowed share, or ``loan_shares`` (lent to decode, lent to prefill) when given (splits kept
    for loans only, e.g. leaving the idle side one 8-SM group), flagged as a *loan* in the
-   decision.  The caller must call
-   :meth:`SLOPolicy.reclaim` as soon as the idle side gets work, which restores the base split
-   at once.  Loans bypass dwell/steps and do not move the base split.
+   decision.  The caller must call :meth:`SLOPolicy.reclaim` as soon as the idle side gets
+   work, which restores the base split at once.  Loans bypass dwell/steps and do not move the
+   base split.
 """
 
 from __future__ import annotations
