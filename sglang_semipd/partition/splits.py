@@ -5,7 +5,10 @@ Green contexts take SMs in the driver's granularity (measured on the H100, 132 S
 group of ``cuDevSmResourceSplitByCount`` and the decode worker the *remainder*, so the two
 sets are complementary (ARCHITECTURE.md section 3). :func:`plan_splits` turns shares into
 such pairs: prefill gets ``ceil(share * total / g) * g`` SMs, decode what is left; shares that
-land on the same pair collapse to one, and every side keeps at least one group.
+land on the same pair collapse to one, and every side keeps at least one group. Prefill's
+count stays a whole number of groups: when ``total`` is not one (132 = 16 x 8 + 4), the
+remainder goes to decode -- a prefill request of 124 is granted 128 and would leave decode 4
+SMs (on the H100 cuBLAS then failed in decode-graph capture).
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ def plan_splits(shares: Sequence[float], total_sms: int, granularity: int = 8
     """The distinct realisable splits for ``shares``, ordered by prefill SMs."""
     if total_sms < 2 * granularity or granularity < 1:
         raise SplitError(f"{total_sms} SMs cannot hold two groups of {granularity}")
+    most_prefill = (total_sms - granularity) // granularity * granularity
     out: dict[int, SMSplit] = {}
     for share in sorted(shares):
         if not 0.0 < share < 1.0:
             raise SplitError(f"prefill share {share} outside (0, 1)")
         prefill = math.ceil(share * total_sms / granularity) * granularity
-        prefill = min(max(prefill, granularity), total_sms - granularity)
+        prefill = min(max(prefill, granularity), most_prefill)
         out.setdefault(prefill, SMSplit(prefill, total_sms - prefill, share))
     return tuple(sorted(out.values()))
 
