@@ -75,6 +75,15 @@ def _splits(text: str) -> tuple[float, ...]:
     return values
 
 
+def _decode_overlap(ns: argparse.Namespace) -> bool:
+    """``--decode-overlap`` as given, else SGLang's own overlap setting (on unless
+    ``--disable-overlap-schedule``)."""
+    given = getattr(ns, "decode_overlap", None)
+    if given is not None:
+        return bool(given)
+    return not getattr(ns, "disable_overlap_schedule", False)
+
+
 def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the semi-PD flag group to ``parser`` (which already holds SGLang's flags)."""
     g = parser.add_argument_group("semi-PD", "sglang-semipd: prefill and decode workers "
@@ -104,14 +113,15 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--idle-loan", choices=IDLE_LOANS, default="splits",
                    help="What an idle side lends the busy one under the SLO policy (green): "
                         "'splits' (default) moves to the most lopsided of --sm-splits; 'most' "
-                        "keeps the idle side one green-context group (8 SMs on an H100) and "
-                        "lends the rest (two more splits, with their decode CUDA graphs, used "
-                        "for loans only).")
-    g.add_argument("--decode-overlap", action=argparse.BooleanOptionalAction, default=False,
+                        "keeps the idle side one green-context group (8 SMs; 12 for decode on "
+                        "an H100) and lends the rest (two more splits, with their decode CUDA "
+                        "graphs, used for loans only).")
+    g.add_argument("--decode-overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="Run the decode worker on SGLang's overlap scheduler (CPU work of the "
                         "next step overlaps the GPU's current one; its KV frees wait for the "
-                        "forward in flight). Off by default until measured on the GPU; both "
-                        "workers otherwise run SGLang's non-overlapped loop.")
+                        "forward in flight). Default: on unless --disable-overlap-schedule, "
+                        "like SGLang's own scheduler. The prefill worker always runs SGLang's "
+                        "non-overlapped loop.")
     g.add_argument("--mps-pipe-dir", default=None,
                    help="Use the running MPS control daemon of this CUDA_MPS_PIPE_DIRECTORY "
                         "instead of starting a private one.")
@@ -131,7 +141,7 @@ class SemiPDConfig:
     slo_tpot_ms: float = 100.0
     slo_attainment: float = 0.9
     mps_pipe_dir: Optional[str] = None
-    decode_overlap: bool = False
+    decode_overlap: bool = True
     idle_loan: str = "splits"
 
     @property
@@ -165,7 +175,7 @@ class SemiPDConfig:
                   partition_policy=ns.partition_policy, slo_ttft_ms=ns.slo_ttft_ms,
                   slo_tpot_ms=ns.slo_tpot_ms, slo_attainment=ns.slo_attainment,
                   mps_pipe_dir=ns.mps_pipe_dir,
-                  decode_overlap=getattr(ns, "decode_overlap", False),
+                  decode_overlap=_decode_overlap(ns),
                   idle_loan=getattr(ns, "idle_loan", "splits"))
         cfg.validate(ns, which)
         return cfg

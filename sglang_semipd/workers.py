@@ -20,9 +20,9 @@ and KV pool (:mod:`sglang_semipd.worker_attach`). What differs:
   prefill worker's stream cursors, so the stream continues where the first token left it.
   Decoding, CUDA graphs, finishing and retraction are SGLang's.
 
-Both workers run SGLang's non-overlapped event loop by default. With ``--decode-overlap``
-the decode worker runs SGLang's overlap loop instead (its CPU work for step N+1 overlaps the
-GPU's step N): SGLang's ``forward_stream`` is the active split's stream (switched between
+The prefill worker runs SGLang's non-overlapped event loop. The decode worker runs SGLang's
+overlap loop (``--decode-overlap``, on unless ``--disable-overlap-schedule``; its CPU work for
+step N+1 overlaps the GPU's step N): SGLang's ``forward_stream`` is the active split's stream (switched between
 launches, the new stream waiting for the old), each launch records an event, and the KV
 slots and rows it frees are held back until the event of the forward launched last has
 completed (:mod:`sglang_semipd.memory.gated`: the other worker could otherwise be handed

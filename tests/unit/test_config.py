@@ -99,8 +99,10 @@ def test_compatible_sglang_values_pass():
     assert cfg.enabled
 
 
-def test_decode_overlap_is_off_by_default_and_contradicts_disable_overlap_schedule():
-    assert not parse().decode_overlap and not parse("--no-decode-overlap").decode_overlap
+def test_decode_overlap_follows_sglangs_overlap_setting_unless_given():
+    assert parse().decode_overlap and parse(disable_overlap_schedule=False).decode_overlap
+    assert not parse(disable_overlap_schedule=True).decode_overlap
+    assert not parse("--no-decode-overlap").decode_overlap
     assert parse("--decode-overlap", disable_overlap_schedule=False).decode_overlap
     with pytest.raises(SemiPDConfigError, match="--disable-overlap-schedule"):
         parse("--decode-overlap", disable_overlap_schedule=True)
