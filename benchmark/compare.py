@@ -71,6 +71,11 @@ logger = logging.getLogger(__name__)
 
 # run name -> (launcher module, flags of that system); sglang_chunked_best is chosen per
 # workload among the sglang_chunked_<size> runs by the report.
+# Semi-PD prefills in 2,048-token chunks, like the stock run it is compared with (without the
+# flag SGLang picks 8,192 on the H100, and semi-PD's prefill batches of several long prompts,
+# 160-436 ms each, made its TTFT misses at light and moderate load).
+SEMIPD_CHUNK = ("--chunked-prefill-size", "2048")
+GREEN_SLO = ("--sm-partition", "green", "--partition-policy", "slo", *SEMIPD_CHUNK)
 SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sglang_chunked_512": ("sglang.launch_server", ("--chunked-prefill-size", "512")),
     "sglang_chunked_2048": ("sglang.launch_server", ("--chunked-prefill-size", "2048")),
@@ -79,35 +84,32 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # and without the overlap scheduler
     "sglang_pdmux": ("sglang.launch_server", ("--enable-pdmux", "--chunked-prefill-size", "-1",
                                               "--disable-overlap-schedule")),
-    "semipd_green_slo": ("sglang_semipd.launch_server",
-                         ("--sm-partition", "green", "--partition-policy", "slo")),
+    "semipd_green_slo": ("sglang_semipd.launch_server", GREEN_SLO),
     **{f"semipd_green_static_{share:g}": (
         "sglang_semipd.launch_server", ("--sm-partition", "green", "--partition-policy",
-                                        "static", "--prefill-sm-share", f"{share:g}"))
+                                        "static", "--prefill-sm-share", f"{share:g}",
+                                        *SEMIPD_CHUNK))
        for share in STATIC_SHARES},
-    "semipd_mps": ("sglang_semipd.launch_server", ("--sm-partition", "mps")),
-    "semipd_none": ("sglang_semipd.launch_server", ("--sm-partition", "none")),
-    # diagnostic, in no summary system: stock SGLang on the loop both semi-PD workers run
-    # (non-overlapped), i.e. how much of a gap to stock is SGLang's overlap scheduler
+    "semipd_mps": ("sglang_semipd.launch_server", ("--sm-partition", "mps", *SEMIPD_CHUNK)),
+    "semipd_none": ("sglang_semipd.launch_server", ("--sm-partition", "none", *SEMIPD_CHUNK)),
+    # diagnostic, in no summary system: stock SGLang on the non-overlapped loop (the prefill
+    # worker's, and the decode worker's under --no-decode-overlap), i.e. how much of a gap to
+    # stock is SGLang's overlap scheduler
     "diag_sglang_no_overlap_2048": ("sglang.launch_server", (
         "--chunked-prefill-size", "2048", "--disable-overlap-schedule")),
-    # diagnostic: semi-PD green + SLO policy with the decode worker on SGLang's overlap loop
-    "diag_semipd_green_slo_decode_overlap": ("sglang_semipd.launch_server", (
-        "--sm-partition", "green", "--partition-policy", "slo", "--decode-overlap")),
-    # diagnostic: semi-PD green + SLO prefilling in 2,048-token chunks, like the stock run
-    # (without the flag SGLang picks 8,192 on the H100; semi-PD's TTFT at light load suffered
-    # from eager prefill batches of several long prompts)
-    "diag_semipd_green_slo_chunked_2048": ("sglang_semipd.launch_server", (
-        "--sm-partition", "green", "--partition-policy", "slo", "--chunked-prefill-size",
-        "2048")),
+    # diagnostic: semi-PD green + SLO as it was benchmarked up to session 9 (2026-12-06): the
+    # decode worker on SGLang's non-overlapped loop, SGLang's default chunk (8,192 on the H100)
+    "diag_semipd_green_slo_no_overlap_8192": ("sglang_semipd.launch_server", (
+        "--sm-partition", "green", "--partition-policy", "slo", "--no-decode-overlap")),
+    "diag_semipd_none_no_overlap_8192": ("sglang_semipd.launch_server", (
+        "--sm-partition", "none", "--no-decode-overlap")),  # the same, no partition
+    # diagnostic: the decode worker on the non-overlapped loop, otherwise semipd_green_slo
+    "diag_semipd_green_slo_no_decode_overlap": ("sglang_semipd.launch_server", (
+        *GREEN_SLO, "--no-decode-overlap")),
     # diagnostic: an idle side keeps one 8-SM group and lends the rest (at saturation the
     # decode-only tail of a run ran on 92 of 132 SMs under the default loans)
     "diag_semipd_green_slo_idle_loan_most": ("sglang_semipd.launch_server", (
-        "--sm-partition", "green", "--partition-policy", "slo", "--idle-loan", "most")),
-    # diagnostic: the three above together
-    "diag_semipd_green_slo_tuned": ("sglang_semipd.launch_server", (
-        "--sm-partition", "green", "--partition-policy", "slo", "--decode-overlap",
-        "--idle-loan", "most", "--chunked-prefill-size", "2048")),
+        *GREEN_SLO, "--idle-loan", "most")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none", "--mem-fraction-static", "0.85")

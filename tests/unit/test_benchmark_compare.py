@@ -31,9 +31,13 @@ def test_server_commands_share_flags_and_differ_by_system():
     assert cmds["sglang_pdmux"][-4:] == ["--enable-pdmux", "--chunked-prefill-size", "-1",
                                          "--disable-overlap-schedule"]
     assert cmds["sglang_chunked_2048"][-2:] == ["--chunked-prefill-size", "2048"]
-    assert cmds["semipd_mps"][-2:] == ["--sm-partition", "mps"]
-    assert cmds["semipd_green_static_0.375"][-4:] == ["--partition-policy", "static",
-                                                      "--prefill-sm-share", "0.375"]
+    assert cmds["semipd_mps"][-4:] == ["--sm-partition", "mps", *compare.SEMIPD_CHUNK]
+    assert cmds["semipd_green_static_0.375"][-6:] == ["--partition-policy", "static",
+                                                      "--prefill-sm-share", "0.375",
+                                                      "--chunked-prefill-size", "2048"]
+    for s, cmd in cmds.items():  # semi-PD prefills in the stock run's chunks, but the
+        if s.startswith("semipd_"):  # diagnostics of the earlier default
+            assert " ".join(compare.SEMIPD_CHUNK) in " ".join(cmd), s
 
 
 def test_prepare_then_dry_run(tmp_path, capsys):
