@@ -55,6 +55,16 @@ def plan_splits(shares: Sequence[float], total_sms: int, granularity: int = 8
     return tuple(sorted(out.values()))
 
 
+def check_grant(role: str, split: SMSplit, granted: int, granularity: int = 8) -> None:
+    """Raise :class:`SplitError` when the driver granted ``role`` less than one group for
+    ``split`` (a worker confined to fewer SMs than that failed its decode-graph capture in
+    cuBLAS on the H100; :func:`plan_splits` does not plan such a split)."""
+    if granted < granularity:
+        raise SplitError(f"{role} split {split.prefill_sms}/{split.decode_sms}: the driver "
+                         f"granted {granted} SMs, less than one group of {granularity}; "
+                         "plan_splits should not have planned it")
+
+
 def nearest_split(splits: Sequence[SMSplit], share: float) -> int:
     """Index of the split whose prefill fraction is closest to ``share`` (ties: fewer SMs)."""
     if not splits:

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 from typing import Any, Iterator, Optional, Sequence
 
-from sglang_semipd.partition.splits import SMSplit, plan_splits
+from sglang_semipd.partition.splits import SMSplit, check_grant, plan_splits
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def build_split_streams(role: str, mode: str, shares: Sequence[float], device_in
         if granted != wanted:
             logger.warning("%s split %d/%d: the driver granted %d SMs, planned %d", role,
                            split.prefill_sms, split.decode_sms, granted, wanted)
+        check_grant(role, split, granted)
         streams.append(gc.create_green_ctx_streams(cu_dev, [mine])[0])
         counts.append(granted)
     out = SplitStreams(role, mode, splits, streams, counts)

@@ -9,7 +9,8 @@ import pytest
 from sglang_semipd.config import DEFAULT_SPLITS
 from sglang_semipd.partition.resize import (Resize, ResizeAck, ResizeTracker,
                                             WorkerResizeState)
-from sglang_semipd.partition.splits import SplitError, nearest_split, plan_splits
+from sglang_semipd.partition.splits import (SMSplit, SplitError, check_grant, nearest_split,
+                                            plan_splits)
 
 
 def test_default_shares_on_an_h100_give_complementary_groups_of_8():
@@ -27,6 +28,13 @@ def test_extreme_and_colliding_shares():
     assert [(s.prefill_sms, s.decode_sms) for s in splits] == [(8, 124), (120, 12)]
     assert splits[0].share == 0.01  # the first share mapping there names it
     assert [(s.prefill_sms, s.decode_sms) for s in plan_splits([0.999], 128)] == [(120, 8)]
+
+
+def test_a_grant_below_one_group_is_refused_with_the_split_named():
+    check_grant("decode", SMSplit(120, 12, 0.9), 12)
+    check_grant("prefill", SMSplit(8, 124, 0.01), 8)
+    with pytest.raises(SplitError, match="decode split 124/8: the driver granted 4 SMs"):
+        check_grant("decode", SMSplit(124, 8, 0.999), 4)
     with pytest.raises(SplitError):
         plan_splits([0.5], total_sms=12, granularity=8)
     with pytest.raises(SplitError):
