@@ -103,6 +103,10 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
         "--sm-partition", "green", "--partition-policy", "slo", "--no-decode-overlap")),
     "diag_semipd_none_no_overlap_8192": ("sglang_semipd.launch_server", (
         "--sm-partition", "none", "--no-decode-overlap")),  # the same, no partition
+    # diagnostic: semipd_green_slo in SGLang's default chunk (8,192 on the H100); first run
+    # 2026-12-06 as diag_semipd_green_slo_decode_overlap, before the decode overlap was default
+    "diag_semipd_green_slo_default_chunk": ("sglang_semipd.launch_server", (
+        "--sm-partition", "green", "--partition-policy", "slo")),
     # diagnostic: the decode worker on the non-overlapped loop, otherwise semipd_green_slo
     "diag_semipd_green_slo_no_decode_overlap": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--no-decode-overlap")),
