@@ -75,7 +75,8 @@ logger = logging.getLogger(__name__)
 # flag SGLang picks 8,192 on the H100, and semi-PD's prefill batches of several long prompts,
 # 160-436 ms each, made its TTFT misses at light and moderate load).
 SEMIPD_CHUNK = ("--chunked-prefill-size", "2048")
-GREEN_SLO = ("--sm-partition", "green", "--partition-policy", "slo", *SEMIPD_CHUNK)
+GREEN_SLO_DEFAULT_CHUNK = ("--sm-partition", "green", "--partition-policy", "slo")
+GREEN_SLO = (*GREEN_SLO_DEFAULT_CHUNK, *SEMIPD_CHUNK)
 SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sglang_chunked_512": ("sglang.launch_server", ("--chunked-prefill-size", "512")),
     "sglang_chunked_2048": ("sglang.launch_server", ("--chunked-prefill-size", "2048")),
@@ -100,13 +101,13 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # diagnostic: semi-PD green + SLO as it was benchmarked up to session 9 (2026-12-06): the
     # decode worker on SGLang's non-overlapped loop, SGLang's default chunk (8,192 on the H100)
     "diag_semipd_green_slo_no_overlap_8192": ("sglang_semipd.launch_server", (
-        "--sm-partition", "green", "--partition-policy", "slo", "--no-decode-overlap")),
+        *GREEN_SLO_DEFAULT_CHUNK, "--no-decode-overlap")),
     "diag_semipd_none_no_overlap_8192": ("sglang_semipd.launch_server", (
         "--sm-partition", "none", "--no-decode-overlap")),  # the same, no partition
     # diagnostic: semipd_green_slo in SGLang's default chunk (8,192 on the H100); first run
     # 2026-12-06 as diag_semipd_green_slo_decode_overlap, before the decode overlap was default
-    "diag_semipd_green_slo_default_chunk": ("sglang_semipd.launch_server", (
-        "--sm-partition", "green", "--partition-policy", "slo")),
+    "diag_semipd_green_slo_default_chunk": ("sglang_semipd.launch_server",
+                                            GREEN_SLO_DEFAULT_CHUNK),
     # diagnostic: the decode worker on the non-overlapped loop, otherwise semipd_green_slo
     "diag_semipd_green_slo_no_decode_overlap": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--no-decode-overlap")),

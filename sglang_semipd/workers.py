@@ -22,8 +22,8 @@ and KV pool (:mod:`sglang_semipd.worker_attach`). What differs:
 
 The prefill worker runs SGLang's non-overlapped event loop. The decode worker runs SGLang's
 overlap loop (``--decode-overlap``, on unless ``--disable-overlap-schedule``; its CPU work for
-step N+1 overlaps the GPU's step N): SGLang's ``forward_stream`` is the active split's stream (switched between
-launches, the new stream waiting for the old), each launch records an event, and the KV
+step N+1 overlaps the GPU's step N): SGLang's ``forward_stream`` is the active split's stream
+(switched between launches, the new stream waiting for the old), each launch records an event, and the KV
 slots and rows it frees are held back until the event of the forward launched last has
 completed (:mod:`sglang_semipd.memory.gated`: the other worker could otherwise be handed
 them while that forward still writes them). Its iteration reports are sent when a step's

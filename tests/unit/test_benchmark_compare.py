@@ -35,8 +35,8 @@ def test_server_commands_share_flags_and_differ_by_system():
     assert cmds["semipd_green_static_0.375"][-6:] == ["--partition-policy", "static",
                                                       "--prefill-sm-share", "0.375",
                                                       "--chunked-prefill-size", "2048"]
-    for s, cmd in cmds.items():  # semi-PD prefills in the stock run's chunks, but the
-        if s.startswith("semipd_"):  # diagnostics of the earlier default
+    for s, cmd in cmds.items():  # every semi-PD summary system prefills in the stock run's
+        if s.startswith("semipd_"):  # chunks (the diag_* runs of earlier defaults do not)
             assert " ".join(compare.SEMIPD_CHUNK) in " ".join(cmd), s
 
 

@@ -28,6 +28,10 @@ def test_extreme_and_colliding_shares():
     assert [(s.prefill_sms, s.decode_sms) for s in splits] == [(8, 124), (120, 12)]
     assert splits[0].share == 0.01  # the first share mapping there names it
     assert [(s.prefill_sms, s.decode_sms) for s in plan_splits([0.999], 128)] == [(120, 8)]
+    with pytest.raises(SplitError):
+        plan_splits([0.5], total_sms=12, granularity=8)
+    with pytest.raises(SplitError):
+        plan_splits([1.0], total_sms=132)
 
 
 def test_a_grant_below_one_group_is_refused_with_the_split_named():
@@ -35,10 +39,6 @@ def test_a_grant_below_one_group_is_refused_with_the_split_named():
     check_grant("prefill", SMSplit(8, 124, 0.01), 8)
     with pytest.raises(SplitError, match="decode split 124/8: the driver granted 4 SMs"):
         check_grant("decode", SMSplit(124, 8, 0.999), 4)
-    with pytest.raises(SplitError):
-        plan_splits([0.5], total_sms=12, granularity=8)
-    with pytest.raises(SplitError):
-        plan_splits([1.0], total_sms=132)
 
 
 def test_resize_waits_for_the_iteration_boundary_and_acks_its_iteration():
