@@ -23,12 +23,12 @@ and KV pool (:mod:`sglang_semipd.worker_attach`). What differs:
 The prefill worker runs SGLang's non-overlapped event loop. The decode worker runs SGLang's
 overlap loop (``--decode-overlap``, on unless ``--disable-overlap-schedule``; its CPU work for
 step N+1 overlaps the GPU's step N): SGLang's ``forward_stream`` is the active split's stream
-(switched between launches, the new stream waiting for the old), each launch records an event, and the KV
-slots and rows it frees are held back until the event of the forward launched last has
-completed (:mod:`sglang_semipd.memory.gated`: the other worker could otherwise be handed
-them while that forward still writes them). Its iteration reports are sent when a step's
-result is processed: ``start`` is the later of its launch and the previous step's result,
-``end`` when its result was in.
+(switched between launches, the new stream waiting for the old), each launch records an
+event, and the KV slots and rows it frees are held back until the event of the forward
+launched last has completed (:mod:`sglang_semipd.memory.gated`: the other worker could
+otherwise be handed them while that forward still writes them). Its iteration reports are
+sent when a step's result is processed: ``start`` is the later of its launch and the
+previous step's result, ``end`` when its result was in.
 """
 
 from __future__ import annotations

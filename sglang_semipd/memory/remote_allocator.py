@@ -400,15 +400,17 @@ class RemoteTokenAllocator(BaseTokenToKVPoolAllocator):
         if gate is not None:
             self._gated.add(reps, gate)
             return
-        self._pending.append(reps)
-        self._pending_tokens += reps.numel() * self.page_size
+        self._add_pending(reps)
         if self.is_not_in_free_group and self._pending_tokens >= self.free_flush_tokens:
             self._flush_frees()
 
+    def _add_pending(self, reps: torch.Tensor) -> None:
+        self._pending.append(reps)
+        self._pending_tokens += reps.numel() * self.page_size
+
     def _ungate(self, wait: bool) -> None:
         for reps in (self._gated.drain() if wait else self._gated.ready()):
-            self._pending.append(reps)
-            self._pending_tokens += reps.numel() * self.page_size
+            self._add_pending(reps)
 
     def release_ready(self) -> int:
         """Send the frees whose gate is done (and any other buffered ones) now; returns
