@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -310,7 +311,7 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
                                   out_dir / f"bench_{run_stem(path)}.log", timeout_s)
                         windows[run_stem(path)] = (t0, time.monotonic())
     except ServerStartError as exc:
-        return f"did not start: {str(exc).splitlines()[0][:300]}"
+        return start_failure(str(exc))
     finally:  # the server's start included: what a user must have free for it
         (out_dir / f"memory_{key}.json").write_text(json.dumps({
             "runs": list(runs), "workloads": list(index), "peak_gpu_mib": mem.peak_mib,
@@ -383,6 +384,19 @@ def compact_record(rec: dict[str, Any]) -> dict[str, Any]:
         out["itls"] = [[round(float(x), TIME_DECIMALS) for x in (gaps or [])]
                        for gaps in out["itls"]]
     return out
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*")
+
+
+def start_failure(message: str) -> str:
+    """The ``notes.json`` reason for a server that did not start: the first line of
+    ``message`` (a :class:`ServerStartError`, whose text ends with the server log's tail) and
+    the last exception line in that tail, e.g. SGLang's own error."""
+    lines = message.splitlines()
+    why = f"did not start: {lines[0][:300] if lines else message[:300]}"
+    raised = [ln.strip() for ln in lines[1:] if _EXCEPTION_LINE.match(ln.strip())]
+    return f"{why} {raised[-1][:300]}" if raised else why
 
 
 def merge_call(src: Path, out_dir: Path) -> int:

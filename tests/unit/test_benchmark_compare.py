@@ -219,3 +219,27 @@ def test_the_warm_up_replays_the_first_workload_at_the_lowest_finite_rate():
     assert compare.warmup_plan(index, [4.0], 0) is None
     # its output is no run file: merges and reports never see it
     assert not "warmup_semipd_none.jsonl".startswith(tuple(r + "_" for r in compare.SYSTEM_RUNS))
+
+
+def test_a_server_that_dies_at_start_is_noted_with_its_exception(tmp_path):
+    """The note of a system that did not start names the error from the server's log (as
+    stock SGLang 0.5.17's --enable-pdmux raised in its scheduler on the H100)."""
+    import socket
+    import sys
+
+    from sglang_semipd.testing.server import ServerProcess, ServerStartError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import sys\nprint('Scheduler hit an exception: Traceback (most recent call last):')\n"
+              "try:\n    object().gpu_id\nexcept AttributeError as e:\n"
+              "    import traceback; traceback.print_exc(); sys.stdout.flush(); sys.exit(3)\n")
+    server = ServerProcess([sys.executable, "-c", script], port, tmp_path / "server.log")
+    with pytest.raises(ServerStartError) as info:
+        server.start()
+    why = compare.start_failure(str(info.value))
+    assert why.startswith("did not start: server exited with 3 during start-up; see ")
+    assert why.endswith("AttributeError: 'object' object has no attribute 'gpu_id'")
+    assert compare.start_failure("server not healthy after 600s") == \
+        "did not start: server not healthy after 600s"
