@@ -519,7 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _update_json(out_dir / "meta.json", lambda m: m.update(
         gpu=m.get("gpu", name), model=f"{Path(a.model_dir).name} (load_format={a.load_format})",
         commands=[*m.get("commands", []), command]))
-    for cmd, runs_of, group in plan:
+    for i, (cmd, runs_of, group) in enumerate(plan):
         why = run_system(runs_of, cmd, group, wl_dir, rates, a.port, out_dir, a.timeout_s,
                          a.duration_s, a.min_requests, a.warmup_requests)
 
@@ -529,7 +529,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 if why:
                     n[s] = why
         _update_json(out_dir / "notes.json", note)
-        time.sleep(5)
+        if i + 1 < len(plan):  # the port and GPU memory free before the next server starts
+            time.sleep(5)
     write_merged_report(out_dir, json.loads((wl_dir / "workloads.json").read_text()))
     print((out_dir / "summary.md").read_text())
 
