@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,13 @@ def sse_events(lines: Iterable[bytes]) -> Iterator[Any]:
             return
         if line.startswith("data:"):
             yield json.loads(line[5:])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago (for tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(pred: Any, timeout_s: float = 5.0, poll_s: float = 0.02) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from benchmark import compare
 from benchmark.report import (CHUNK_SIZES, CHUNKED_PREFIX, STATIC_PREFIX, STATIC_SHARES,
                               SWEEPS, SYSTEMS, check_summary_shape)
+from sglang_semipd.testing.server import ServerProcess, ServerStartError, free_port
 
 
 def test_every_reported_system_has_a_run():
@@ -224,18 +226,11 @@ def test_the_warm_up_replays_the_first_workload_at_the_lowest_finite_rate():
 def test_a_server_that_dies_at_start_is_noted_with_its_exception(tmp_path):
     """The note of a system that did not start names the error from the server's log (as
     stock SGLang 0.5.17's --enable-pdmux raised in its scheduler on the H100)."""
-    import socket
-    import sys
-
-    from sglang_semipd.testing.server import ServerProcess, ServerStartError
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = ("import sys\nprint('Scheduler hit an exception: Traceback (most recent call last):')\n"
-              "try:\n    object().gpu_id\nexcept AttributeError as e:\n"
-              "    import traceback; traceback.print_exc(); sys.stdout.flush(); sys.exit(3)\n")
-    server = ServerProcess([sys.executable, "-c", script], port, tmp_path / "server.log")
+    script = ("import sys, traceback\n"
+              "print('Scheduler hit an exception: Traceback (most recent call last):')\n"
+              "try:\n    object().gpu_id\nexcept AttributeError:\n"
+              "    traceback.print_exc(); sys.stdout.flush(); sys.exit(3)\n")
+    server = ServerProcess([sys.executable, "-c", script], free_port(), tmp_path / "server.log")
     with pytest.raises(ServerStartError) as info:
         server.start()
     why = compare.start_failure(str(info.value))

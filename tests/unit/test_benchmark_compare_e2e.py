@@ -19,6 +19,7 @@ import pytest
 
 from benchmark import compare
 from sglang_semipd.testing.model_maker import make_model
+from sglang_semipd.testing.server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -80,12 +81,6 @@ STAND_IN = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_run_system_then_report_with_bench_serving(tmp_path):
     model = make_model(tmp_path / "model", "llama3.1-8b")  # config + tokenizer only
     index = compare.prepare(tmp_path / "wl", num=12)
@@ -96,7 +91,7 @@ def test_run_system_then_report_with_bench_serving(tmp_path):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "out"
     out.mkdir()
     # the launcher's module name in the command is what marks a semi-PD server (traced)

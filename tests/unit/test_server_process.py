@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import textwrap
 import time
 
 import pytest
 
-from sglang_semipd.testing.server import ServerProcess, ServerStartError, http_json
+from sglang_semipd.testing.server import (ServerProcess, ServerStartError, free_port,
+                                         http_json)
 
 # A server that forks a grandchild (like SGLang's scheduler) and ignores nothing.
 SERVER = textwrap.dedent("""
@@ -30,12 +30,6 @@ SERVER = textwrap.dedent("""
             pass
     http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:
