@@ -394,7 +394,7 @@ def start_failure(message: str) -> str:
     ``message`` (a :class:`ServerStartError`, whose text ends with the server log's tail) and
     the last exception line in that tail, e.g. SGLang's own error."""
     lines = message.splitlines()
-    why = f"did not start: {lines[0][:300] if lines else message[:300]}"
+    why = f"did not start: {(lines[0] if lines else '')[:300]}"
     raised = [ln.strip() for ln in lines[1:] if _EXCEPTION_LINE.match(ln.strip())]
     return f"{why} {raised[-1][:300]}" if raised else why
 
