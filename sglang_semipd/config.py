@@ -84,6 +84,25 @@ def _decode_overlap(ns: argparse.Namespace) -> bool:
     return not getattr(ns, "disable_overlap_schedule", False)
 
 
+def _partition_policy(ns: argparse.Namespace) -> str:
+    """``--partition-policy`` as given, else ``slo`` under ``green`` and ``static`` under
+    ``mps`` / ``none``. The SLO policy resizes green contexts between iterations; under ``mps``
+    a resize starts a standby worker pair (tens of seconds) and under ``none`` there is no
+    split, so an explicit ``slo`` there is refused rather than silently pinned."""
+    given = getattr(ns, "partition_policy", None)
+    mode = getattr(ns, "sm_partition", "green")
+    if given is None:
+        return "slo" if mode == "green" else "static"
+    if given == "slo" and mode != "green" and getattr(ns, "semi_pd", True):
+        raise SemiPDConfigError(
+            f"--partition-policy slo needs --sm-partition green (it resizes green contexts "
+            f"between iterations); under --sm-partition {mode} the split stays at "
+            "--prefill-sm-share" + (" (resize it through /set_internal_state: a standby "
+                                    "worker pair is started)" if mode == "mps" else "")
+            + ": pass --partition-policy static or leave the flag out")
+    return given
+
+
 def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the semi-PD flag group to ``parser`` (which already holds SGLang's flags)."""
     g = parser.add_argument_group("semi-PD", "sglang-semipd: prefill and decode workers "
@@ -101,9 +120,10 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--sm-splits", type=_splits, default=DEFAULT_SPLITS,
                    help="Comma-separated prefill shares the partitioner may switch between "
                         "(decode gets the rest); one set of decode CUDA graphs each.")
-    g.add_argument("--partition-policy", choices=PARTITION_POLICIES, default="slo",
-                   help="slo: resize the split to meet the TTFT/TPOT targets; static: keep "
-                        "--prefill-sm-share.")
+    g.add_argument("--partition-policy", choices=PARTITION_POLICIES, default=None,
+                   help="slo: resize the split to meet the TTFT/TPOT targets (green only, "
+                        "the default there); static: keep --prefill-sm-share (the default, "
+                        "and the only policy, under mps and none).")
     g.add_argument("--slo-ttft-ms", type=_positive_ms, default=1000.0,
                    help="Time-to-first-token target in milliseconds (P90 by default).")
     g.add_argument("--slo-tpot-ms", type=_positive_ms, default=100.0,
@@ -172,7 +192,7 @@ class SemiPDConfig:
         """Read and validate; raises :class:`SemiPDConfigError` with a one-line reason."""
         cfg = cls(enabled=ns.semi_pd, sm_partition=ns.sm_partition,
                   prefill_sm_share=ns.prefill_sm_share, sm_splits=tuple(ns.sm_splits),
-                  partition_policy=ns.partition_policy, slo_ttft_ms=ns.slo_ttft_ms,
+                  partition_policy=_partition_policy(ns), slo_ttft_ms=ns.slo_ttft_ms,
                   slo_tpot_ms=ns.slo_tpot_ms, slo_attainment=ns.slo_attainment,
                   mps_pipe_dir=ns.mps_pipe_dir,
                   decode_overlap=_decode_overlap(ns),

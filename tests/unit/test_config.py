@@ -153,3 +153,20 @@ def test_the_runtime_policy_switch_names_every_partition_policy():
 
     assert sorted(POLICY_BY_SWITCH.values()) == sorted(PARTITION_POLICIES)
     assert set(POLICY_BY_SWITCH) == {0, 1}
+
+
+@pytest.mark.parametrize("mode,policy", [("green", "slo"), ("mps", "static"), ("none", "static")])
+def test_partition_policy_defaults_to_what_the_mode_can_run(mode, policy):
+    assert parse("--sm-partition", mode).partition_policy == policy
+    assert parse("--sm-partition", mode, "--partition-policy", "static").partition_policy \
+        == "static"
+
+
+@pytest.mark.parametrize("mode", ["mps", "none"])
+def test_an_explicit_slo_policy_without_green_contexts_is_refused(mode):
+    with pytest.raises(SemiPDConfigError, match=f"--sm-partition {mode}") as exc:
+        parse("--sm-partition", mode, "--partition-policy", "slo")
+    assert "--partition-policy static" in str(exc.value)
+    assert ("/set_internal_state" in str(exc.value)) == (mode == "mps")
+    # stock SGLang ignores the semi-PD flags
+    assert not parse("--no-semi-pd", "--sm-partition", mode, "--partition-policy", "slo").enabled
