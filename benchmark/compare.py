@@ -163,6 +163,31 @@ def server_plan(systems: Sequence[str], index: dict[str, Any], model_dir: str,
     return plan
 
 
+def partition_label(run: str) -> Optional[str]:
+    """The phase profile's split for a semi-PD run whose SMs no green context confines:
+    ``none`` runs on all SMs, ``mps`` on the thread percentages of its ``--prefill-sm-share``
+    (the split its trace names is only the planned green pair nearest that share). None for
+    green and stock runs."""
+    from sglang_semipd.config import SemiPDConfig
+    from sglang_semipd.workers import mps_thread_percentage
+
+    module, flags = SYSTEM_RUNS.get(run, ("", ()))
+    if module != "sglang_semipd.launch_server":
+        return None
+
+    def flag(name: str) -> Optional[str]:
+        return flags[flags.index(name) + 1] if name in flags else None
+
+    mode = flag("--sm-partition") or SemiPDConfig.sm_partition
+    if mode == "none":
+        return "all SMs (none)"
+    if mode == "mps":
+        share = float(flag("--prefill-sm-share") or SemiPDConfig.prefill_sm_share)
+        return "MPS threads {}%/{}%".format(*(mps_thread_percentage(role, share)
+                                               for role in ("prefill", "decode")))
+    return None
+
+
 def server_command(run: str, model_dir: str, load_format: str, port: int,
                    extra: Sequence[str] = ()) -> list[str]:
     module, flags = SYSTEM_RUNS[run]
@@ -362,7 +387,8 @@ def write_merged_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
     work = {w: (PAPER_SLOS[m["slo_set"]]["tight"], found[w]) for w, m in index.items()}
     summary = write_report(out_dir, meta["gpu"], meta["model"], work, notes)
     write_details(out_dir, meta["gpu"], meta["model"],
-                  {w: (PAPER_SLOS[m["slo_set"]], found[w]) for w, m in index.items()})
+                  {w: (PAPER_SLOS[m["slo_set"]], found[w]) for w, m in index.items()},
+                  {run: label for run in SYSTEM_RUNS if (label := partition_label(run))})
     summary["command"] = " && ".join(meta.get("commands", []))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

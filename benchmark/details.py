@@ -88,20 +88,28 @@ def run_details(points: Mapping[float, Any], slo_sets: Mapping[str, SLO],
 
 
 def build_details(gpu: str, model: str, workloads: Mapping[str, tuple[Mapping[str, SLO], Runs]],
-                  peaks: Mapping[str, int], profiles: Mapping[str, Any] | None = None
-                  ) -> dict[str, Any]:
+                  peaks: Mapping[str, int], profiles: Mapping[str, Any] | None = None,
+                  split_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``details.json`` content from per-workload (SLO sets, runs); ``profiles`` by run file
-    stem (``<run>_<workload>_<rate>``)."""
+    stem (``<run>_<workload>_<rate>``); ``split_labels``: run -> what its profile's split
+    column says instead of the traced split (runs not confined by green contexts)."""
     profiles = profiles or {}
+    split_labels = split_labels or {}
+
+    def entry(run: str, wname: str, points: Mapping[float, Any]) -> dict[str, Any]:
+        out = run_details(points, slo_sets_of[wname], peaks.get(run), of(run, wname, points))
+        if run in split_labels:
+            out["split_label"] = split_labels[run]
+        return out
 
     def of(run: str, wname: str, points: Mapping[float, Any]) -> dict[float, Any]:
         return {r: profiles[f"{run}_{wname}_{r:g}"] for r in points
                 if f"{run}_{wname}_{r:g}" in profiles}
 
+    slo_sets_of = {wname: slo_sets for wname, (slo_sets, _) in workloads.items()}
     return {"gpu": gpu, "model": model, "workloads": {
         wname: {"slo_sets": {n: slo.to_json() for n, slo in slo_sets.items()},
-                "runs": {run: run_details(points, slo_sets, peaks.get(run),
-                                          of(run, wname, points))
+                "runs": {run: entry(run, wname, points)
                          for run, points in sorted(runs.items()) if points}}
         for wname, (slo_sets, runs) in workloads.items()}}
 
@@ -123,7 +131,7 @@ def details_markdown(details: Mapping[str, Any]) -> str:
             f"{n} = TTFT {s['ttft_s']:g} s / {'P99 ITL' if s['itl_p99'] else 'TPOT'} "
             f"{s['tpot_s']:g} s" for n, s in w["slo_sets"].items()), ""]
         head = ["run", "rate", *(f"att. {n}" for n in sets), "TTFT mean/P90/P99 (ms)",
-                "TPOT mean/P90/P99 (ms)", "ITL P99 (ms)", "E2E P90 (s)", "req/s", "peak GPU MiB"]
+                "TPOT mean/P90/P99 (ms)", "ITL P99/max (ms)", "E2E P90 (s)", "req/s", "peak GPU MiB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for run, rd in w["runs"].items():
             for row in rd["curve"]:
@@ -133,7 +141,8 @@ def details_markdown(details: Mapping[str, Any]) -> str:
                     run, _rate(row["rate"]), *(f"{row['attainment'][n]:.2f}" for n in sets),
                     "/".join(_ms(row["ttft"], k) for k in ("mean", "p90", "p99")),
                     "/".join(_ms(row["tpot"], k) for k in ("mean", "p90", "p99")),
-                    _ms(row["itl"], "p99"), "n/a" if e2e is None else f"{e2e:.2f}",
+                    "/".join(_ms(row["itl"], k) for k in ("p99", "max")),
+                    "n/a" if e2e is None else f"{e2e:.2f}",
                     "n/a" if tput is None else f"{tput:.2f}",
                     "n/a" if rd["peak_gpu_mib"] is None else str(rd["peak_gpu_mib"])]) + " |")
         lines.append("")
@@ -164,7 +173,7 @@ def _profile_table(w: Mapping[str, Any]) -> list[str]:
                 ph = prof[role]
                 it = ph["iteration_ms"]
                 cells += [f"{ph['busy_share']:.2f}", "n/a" if it is None else f"{it['p50']:.1f}"]
-            cells += [main_split(prof) or "n/a", str(prof["resizes"])]
+            cells += [rd.get("split_label") or main_split(prof) or "n/a", str(prof["resizes"])]
             rows.append("| " + " | ".join(cells) + " |")
     if not rows:
         return []
@@ -200,11 +209,13 @@ def plot_slo_scale(wname: str, w: Mapping[str, Any], out_dir: Path) -> Path:
 
 
 def write_details(out_dir: Path, gpu: str, model: str,
-                  workloads: Mapping[str, tuple[Mapping[str, SLO], Runs]]) -> dict[str, Any]:
-    """Write details.json, details.md and the SLO-scale plots under ``out_dir``."""
+                  workloads: Mapping[str, tuple[Mapping[str, SLO], Runs]],
+                  split_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Write details.json, details.md and the SLO-scale plots under ``out_dir``
+    (``split_labels``: see :func:`build_details`)."""
     out_dir = Path(out_dir)
     details = build_details(gpu, model, workloads, peak_memory_by_run(out_dir),
-                            profiles_by_run(out_dir))
+                            profiles_by_run(out_dir), split_labels)
     (out_dir / "details.json").write_text(json.dumps(details, indent=1) + "\n")
     (out_dir / "details.md").write_text(details_markdown(details))
     for wname, w in details["workloads"].items():

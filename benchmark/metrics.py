@@ -87,15 +87,16 @@ def attainment(results: Sequence[RequestResult], slo: SLO) -> float:
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
     if not len(values):
-        return {"mean": None, "p50": None, "p90": None, "p99": None}
+        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
     a = np.asarray(values, dtype=float)
     return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
-            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
 
 
 def latency_summary(results: Sequence[RequestResult], duration_s: float | None = None
                     ) -> dict[str, Any]:
-    """TTFT/TPOT/ITL/E2E mean/P50/P90/P99 over successful requests, plus throughput.
+    """TTFT/TPOT/ITL/E2E mean/P50/P90/P99/max over successful requests, plus throughput.
 
     TPOT statistics use requests with output_len > 1; ITL pools all inter-token gaps.
     Throughputs need ``duration_s`` (else ``None``).
