@@ -118,8 +118,11 @@ def select_best(runs: Runs, prefix: str, slo: SLO, interpolate: bool = False
 
 def build_summary(gpu: str, model: str, workloads: Mapping[str, tuple[SLO, Runs]],
                   notes: Mapping[str, str] | None = None, interpolate: bool = False,
-                  slo_names: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``summary.json`` content (see module docstring) from per-workload (SLO, runs)."""
+                  slo_names: Mapping[str, str] | None = None,
+                  descriptions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``summary.json`` content (see module docstring) from per-workload (SLO, runs).
+    ``notes``: reasons (a system's missing results need no further note); ``descriptions``:
+    what a system ran on, put first in its note."""
     given: dict[str, str] = dict(notes or {})
     added: dict[str, list[str]] = {}
     wl_out: dict[str, Any] = {}
@@ -156,9 +159,11 @@ def build_summary(gpu: str, model: str, workloads: Mapping[str, tuple[SLO, Runs]
         if picks:
             added.setdefault(system, []).insert(0, f"best {what[system]} by goodput: " + ", ".join(
                 f"{w}={c}" for w, c in picks.items()))
-    notes_out = {s: "; ".join([*([given[s]] if s in given else []), *added.get(s, [])])
+    described = {s: d for s, d in (descriptions or {}).items() if s in SYSTEMS}
+    notes_out = {s: "; ".join([*([described[s]] if s in described else []),
+                               *([given[s]] if s in given else []), *added.get(s, [])])
                  for s in [*given, *(s for s in SYSTEMS if s not in given)]
-                 if s in given or added.get(s)}
+                 if s in given or added.get(s) or s in described}
     return {"gpu": gpu, "model": model, "workloads": wl_out, "notes": notes_out}
 
 
@@ -252,11 +257,13 @@ def plot_goodput(summary: Mapping[str, Any], out_dir: Path) -> Path:
 
 def write_report(out_dir: Path, gpu: str, model: str, workloads: Mapping[str, tuple[SLO, Runs]],
                  notes: Mapping[str, str] | None = None, interpolate: bool = False,
-                 slo_names: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Write summary.json, summary.md and plots under ``out_dir``; returns the summary."""
+                 slo_names: Mapping[str, str] | None = None,
+                 descriptions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Write summary.json, summary.md and plots under ``out_dir``; returns the summary
+    (``notes``, ``descriptions``: see :func:`build_summary`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = build_summary(gpu, model, workloads, notes, interpolate, slo_names)
+    summary = build_summary(gpu, model, workloads, notes, interpolate, slo_names, descriptions)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "summary.md").write_text(markdown_table(summary))
     plots = [p for w, (slo, runs) in workloads.items() for p in plot_workload(w, slo, runs, out_dir / "plots")]

@@ -177,3 +177,14 @@ def test_runs_no_green_context_confines_name_their_real_partition(bench_out, tmp
     assert "| semipd_none | 1 | 0.10 | 100.0 | 0.02 | 20.0 | all SMs (none) | 0 |" in md
     assert "| semipd_mps | 1 | 0.10 | 100.0 | 0.02 | 20.0 | MPS threads 50%/50% | 0 |" in md
     assert "| semipd_green_static_0.625 | 1 | 0.10 | 100.0 | 0.02 | 20.0 | 72/60 | 0 |" in md
+
+
+def test_the_summary_notes_say_what_an_unpartitioned_system_ran_on(bench_out):
+    bench_out.write("semipd_mps", 1, 0.1, 0.02)
+    summary = compare.write_merged_report(bench_out.out, bench_out.index)
+    note = summary["notes"]["semipd_mps"]
+    assert note.startswith("ran on MPS threads 50%/50%; sharegpt: goodput >= 1 req/s")
+    # the description explains no missing results: those are still noted
+    assert note.endswith("no results for workload azure_conv; no results for workload long")
+    assert summary["notes"]["semipd_none"] == "not run"  # no label for a system that did not run
+    assert "ran on" not in summary["notes"].get("semipd_green_slo", "")
