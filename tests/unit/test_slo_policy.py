@@ -105,6 +105,44 @@ def test_bounded_steps_dwell_and_hysteresis_with_scripted_model() -> None:
     assert _window(steep, 1.0).share == pytest.approx(0.6)
 
 
+def test_a_measured_miss_moves_the_split_the_predicted_gain_would_not() -> None:
+    """The H100 case: predicted gain under the margin while the measured TTFT P90 missed its
+    target for windows on end (step 3's measured-miss rule)."""
+    def flat(best: float) -> SLOPolicy:
+        return SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(best, slope=0.1),
+                         hysteresis=0.02, **NO_SETTLING)
+
+    slow_first_token = {"ttfts": (0.9, 0.8, 0.9), "tpots": (0.01, 0.01, 0.02)}
+    d = _window(flat(0.6), 1.0, **slow_first_token)  # TTFT P90 0.9 s > 0.6 s, TPOT met
+    assert d.share == pytest.approx(0.6) and "measured TTFT P90 0.900s" in d.reason
+    assert d.inputs["ttft_samples"] == 3 and d.inputs["tpot_samples"] == 3
+    # no miss measured: the margin holds the split, as before
+    held = _window(flat(0.6), 1.0, ttfts=(0.2,) * 3, tpots=(0.01,) * 3)
+    assert held.share == pytest.approx(0.5) and "margin" in held.reason
+    # a miss only moves towards the target that gives the missing phase more SMs
+    assert _window(flat(0.4), 1.0, **slow_first_token).share == pytest.approx(0.5)
+    # both SLOs missed: nothing to trade, the margin holds
+    both = _window(flat(0.6), 1.0, ttfts=(0.9,) * 3, tpots=(0.09,) * 3)
+    assert both.share == pytest.approx(0.5)
+    # a TPOT miss with TTFT met moves decode's way
+    d = _window(flat(0.4), 1.0, ttfts=(0.2,) * 3, tpots=(0.08, 0.09, 0.07))
+    assert d.share == pytest.approx(0.4) and "measured TPOT P90" in d.reason
+
+
+def test_a_measured_miss_of_a_hopeless_slo_is_not_chased() -> None:
+    """In keep-ttft mode (TPOT hopeless at every split) a TPOT miss moves nothing."""
+    class HopelessTpot(_ScriptedModel):
+        def predict(self, share: float, ttft_target_s: float, tpot_target_s: float,
+                    queue_len: int = 0) -> CandidatePrediction:
+            p = max(0.0, 1.0 - self.slope * abs(share - self.best))
+            return CandidatePrediction(share, 0.1, 1.0, 1.0, 0.1 * p)
+
+    policy = SLOPolicy(TARGETS, initial_share=0.5, model=HopelessTpot(0.4, slope=0.1),
+                       hysteresis=0.02, **NO_SETTLING)
+    d = _window(policy, 1.0, ttfts=(0.2,) * 3, tpots=(0.08, 0.09, 0.07))
+    assert d.mode == "keep-ttft" and d.share == pytest.approx(0.5), d.reason
+
+
 def test_idle_prefill_lends_sms_to_decode_and_reclaims() -> None:
     policy = SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(0.5))
     d = _window(policy, 1.0, prefill_idle=True, decode_batch_size=8)
