@@ -379,20 +379,20 @@ def write_merged_report(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
     notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
     found = collect(out_dir, index)
     ran = {run for runs in found.values() for run in runs}
+    labels = {run: label for run in SYSTEM_RUNS if (label := partition_label(run))}
     described: dict[str, str] = {}
     for system in SYSTEMS:
         prefix = SWEEPS.get(system)
         done = any(r.startswith(prefix) for r in ran) if prefix else system in ran
         if not done and system not in notes:
             notes[system] = "not run"
-        elif done and (label := partition_label(system)):
-            described[system] = f"ran on {label}"
+        elif done and system in labels:
+            described[system] = f"ran on {labels[system]}"
     work = {w: (PAPER_SLOS[m["slo_set"]]["tight"], found[w]) for w, m in index.items()}
     summary = write_report(out_dir, meta["gpu"], meta["model"], work, notes,
                            descriptions=described)
     write_details(out_dir, meta["gpu"], meta["model"],
-                  {w: (PAPER_SLOS[m["slo_set"]], found[w]) for w, m in index.items()},
-                  {run: label for run in SYSTEM_RUNS if (label := partition_label(run))})
+                  {w: (PAPER_SLOS[m["slo_set"]], found[w]) for w, m in index.items()}, labels)
     summary["command"] = " && ".join(meta.get("commands", []))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -96,17 +96,16 @@ def build_details(gpu: str, model: str, workloads: Mapping[str, tuple[Mapping[st
     profiles = profiles or {}
     split_labels = split_labels or {}
 
-    def entry(run: str, wname: str, points: Mapping[float, Any]) -> dict[str, Any]:
-        out = run_details(points, slo_sets_of[wname], peaks.get(run), of(run, wname, points))
-        if run in split_labels:
-            out["split_label"] = split_labels[run]
-        return out
-
     def of(run: str, wname: str, points: Mapping[float, Any]) -> dict[float, Any]:
         return {r: profiles[f"{run}_{wname}_{r:g}"] for r in points
                 if f"{run}_{wname}_{r:g}" in profiles}
 
-    slo_sets_of = {wname: slo_sets for wname, (slo_sets, _) in workloads.items()}
+    def entry(run: str, wname: str, points: Mapping[float, Any]) -> dict[str, Any]:
+        out = run_details(points, workloads[wname][0], peaks.get(run), of(run, wname, points))
+        if run in split_labels:
+            out["split_label"] = split_labels[run]
+        return out
+
     return {"gpu": gpu, "model": model, "workloads": {
         wname: {"slo_sets": {n: slo.to_json() for n, slo in slo_sets.items()},
                 "runs": {run: entry(run, wname, points)

@@ -469,8 +469,7 @@ class SLOPolicy:
             self._prefill_share, self._prefill_changed_t = prefill_share, t
 
     def _decide_base(
-        self, preds: tuple[CandidatePrediction, ...], now: float,
-        meas: Mapping[str, float] | None = None,
+        self, preds: tuple[CandidatePrediction, ...], now: float, meas: Mapping[str, float]
     ) -> tuple[str, float, float, str]:
         by_share = {p.share: p for p in preds}
         mode, tgt = self._select(preds)
@@ -482,7 +481,7 @@ class SLOPolicy:
             return mode, tgt.share, self._base, f"hold ({settling})"
         worth, why = self._worth_moving(mode, cur, tgt)
         if not worth:
-            miss = self._measured_miss(mode, meas or {}, tgt)
+            miss = self._measured_miss(mode, meas, tgt)
             if miss is None:
                 return mode, tgt.share, self._base, f"hold ({why}, margin {self.hysteresis})"
             why = miss
