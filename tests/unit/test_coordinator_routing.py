@@ -159,9 +159,12 @@ def test_a_handoff_ends_a_decode_loan_before_it_reaches_the_decode_worker(wired)
     ``Resize`` back to the base split for both workers) as it passes, so the adopted request's
     first decode step does not run on the lent split."""
     fractions = [s.prefill_fraction for s in wired.coord.splits]
-    c = PartitionController(fractions, 1, policy="slo", now=0.0, warmup_iters=0)
-    c.on_request("a", 0.1)  # only prefill has work
-    assert c.tick(1.0).loan == "decode" and c.policy.share == pytest.approx(fractions[2])
+    # The coordinator's loop ticks the controller on its own clock: with a window of an hour,
+    # ended here, no tick of its own can decide (and lend decode's SMs again) during the test.
+    now, hour = time.monotonic(), 3600.0
+    c = PartitionController(fractions, 1, policy="slo", now=now, warmup_iters=0, window_s=hour)
+    c.on_request("a", now + 0.1)  # only prefill has work
+    assert c.tick(now + hour).loan == "decode" and c.policy.share == pytest.approx(fractions[2])
     c.on_resized(2)
     wired.coord.resizes.split = 2
     wired.coord.controller = c
