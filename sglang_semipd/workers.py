@@ -208,6 +208,18 @@ class _SemiPDMixin:
             if ack is not None:
                 self._switch(ack)
 
+    def semipd_stop_load_snapshots(self) -> None:
+        """Stop publishing SGLang's load snapshot (``/v1/loads``, ``/get_load``) from this
+        worker. Both workers inherit SGLang's writer for the same slot of the same file: each
+        snapshot overwrote the other's, and the two fought over the slot's file lock (H100
+        stack samples, ShareGPT: 28% of the decode worker's and 53% of the prefill worker's
+        main-thread time inside ``flock``, mostly while idle, where SGLang publishes on every
+        pass). One writer is left per server: the prefill worker's (its waiting queue and
+        the shared pool's usage as it estimates it)."""
+        writer, self.load_snapshot_writer = getattr(self, "load_snapshot_writer", None), None
+        if writer is not None:
+            writer.close()
+
     def _release_idle(self) -> None:
         """Everything this worker holds but does not use goes back to the memory manager
         (gated frees and rows after their forwards)."""
@@ -519,6 +531,7 @@ def make_decode_scheduler_cls() -> type:
         def semipd_init(self, client: Any, plan: "WorkerPlan", streams: Any,
                         start_split: int) -> None:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
+            self.semipd_stop_load_snapshots()  # the prefill worker's snapshot stands alone
             self.semipd_graph_runners = self._capture_split_graphs(start_split)
             self.inbox: DecodeInbox[Any, P.HandOff] = DecodeInbox()
             self.handoff_sock = zmq.Context.instance().socket(zmq.PULL)

@@ -215,3 +215,32 @@ def test_a_request_dropped_on_arrival_of_its_hand_off_is_released_answered_and_n
     assert calls == [("free", [24, 25, 26]), ("unlock", 9), ("rows", [2]),
                      ("tokenizer", "AbortReq", "x"),
                      ("note", P.HandOff(rid="x", finished=True))]
+
+
+def test_only_the_prefill_worker_publishes_sglangs_load_snapshot(tmp_path):
+    """The decode worker closes the load-snapshot writer SGLang's init gave it (same slot,
+    same file as the prefill worker's); SGLang's own publish then writes nothing."""
+    import inspect
+
+    from sglang.srt.managers.load_snapshot import LoadSnapshot, ShmLoadSnapshotWriter
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from sglang_semipd.workers import make_decode_scheduler_cls, make_prefill_scheduler_cls
+
+    decode_init = inspect.getsource(make_decode_scheduler_cls().semipd_init)
+    assert "semipd_stop_load_snapshots()" in decode_init
+    assert "semipd_stop_load_snapshots" not in inspect.getsource(
+        make_prefill_scheduler_cls().semipd_init)
+    worker = object.__new__(make_decode_scheduler_cls())
+    path = tmp_path / "loads.shm"
+    worker.load_snapshot_writer = writer = ShmLoadSnapshotWriter(str(path), 1, 0)
+    before = path.read_bytes()
+    worker.semipd_stop_load_snapshots()
+    assert worker.load_snapshot_writer is None
+    with pytest.raises(OSError):  # closed: its file descriptor is gone
+        writer.write(LoadSnapshot(dp_rank=0, num_running_reqs=3))
+    worker.load_inquirer = SimpleNamespace(
+        get_loads=lambda: pytest.fail("a stopped writer still built a snapshot"))
+    Scheduler.publish_load_snapshot(worker, force=True)  # SGLang's method, a no-op now
+    assert path.read_bytes() == before
+    worker.semipd_stop_load_snapshots()  # twice is harmless
