@@ -76,7 +76,9 @@ def test_activation_without_archive_fails(tmp_path):
 def test_step_timeouts_are_cut_to_what_is_left_of_the_call(tmp_path):
     """A step's timeout never runs past the device call's limit less the kill grace and
     the exit packing (else the call is cut and nothing comes back)."""
-    script = (f"source scripts/gpu_common.sh {tmp_path}/res >/dev/null; CALL_LIMIT_S=100; "
+    # a stopped clock: a second ticking between the source and `budget 80` made it 49
+    script = (f"source scripts/gpu_common.sh {tmp_path}/res >/dev/null; "
+              "date() { echo 1000; }; T0=1000; CALL_LIMIT_S=100; "
               "echo $(budget 30) $(budget 80); CALL_LIMIT_S=10; echo $(budget 5)")
     out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
                          timeout=60, env={**os.environ, "OUT": str(tmp_path / "res")})
