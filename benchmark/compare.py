@@ -60,6 +60,7 @@ import re
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -118,7 +119,11 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
         *GREEN_SLO, "--idle-loan", "most")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
-                "--grammar-backend", "none", "--mem-fraction-static", "0.85")
+                "--grammar-backend", "none")
+# the KV pool's share of GPU memory, every system alike (--mem-fraction-static of `run`); the
+# DeepSeek-V2-Lite shape needs less: at 0.85 stock SGLang ran out of memory at ~400 running
+# requests (the triton MLA decode's 3.1 GiB attn_logits buffer, past the graphs' batch sizes)
+MEM_FRACTION_STATIC = 0.85
 SLO_SET = {"sharegpt": "sharegpt", "azure_conv": "sharegpt", "long": "longbench"}
 SLO_DRIVEN = frozenset({"semipd_green_slo", *(r for r in SYSTEM_RUNS
                                              if r.startswith("diag_semipd_green_slo_"))})  # started once per SLO set, with its targets
@@ -135,20 +140,24 @@ PINNED = {run: float(run[len("semipd_green_static_"):]) for run in SYSTEM_RUNS
 
 
 def server_runs(system: str, index: dict[str, Any], model_dir: str, load_format: str,
-                port: int) -> list[tuple[list[str], dict[str, Any]]]:
+                port: int, mem_fraction: float = MEM_FRACTION_STATIC
+                ) -> list[tuple[list[str], dict[str, Any]]]:
     """(server command, the workloads it serves) for one system: one server for all
     workloads, or, for an SLO-driven system, one per SLO set with that set's targets."""
     if system not in SLO_DRIVEN:
-        return [(server_command(system, model_dir, load_format, port), index)]
+        return [(server_command(system, model_dir, load_format, port,
+                                mem_fraction=mem_fraction), index)]
     groups: dict[str, dict[str, Any]] = {}
     for wname, meta in index.items():
         groups.setdefault(meta["slo_set"], {})[wname] = meta
-    return [(server_command(system, model_dir, load_format, port, slo_flags(slo_set)), group)
+    return [(server_command(system, model_dir, load_format, port, slo_flags(slo_set),
+                            mem_fraction), group)
             for slo_set, group in sorted(groups.items())]
 
 
 def server_plan(systems: Sequence[str], index: dict[str, Any], model_dir: str,
-                load_format: str, port: int) -> list[tuple[list[str], list[str], dict[str, Any]]]:
+                load_format: str, port: int, mem_fraction: float = MEM_FRACTION_STATIC
+                ) -> list[tuple[list[str], list[str], dict[str, Any]]]:
     """(server command, the runs it serves in order, their workloads), one entry per server
     start: the pinned static splits requested share the first one's server."""
     plan: list[tuple[list[str], list[str], dict[str, Any]]] = []
@@ -156,10 +165,11 @@ def server_plan(systems: Sequence[str], index: dict[str, Any], model_dir: str,
     for s in systems:
         if s in PINNED:
             if s == pinned[0]:
-                plan.append((server_command(s, model_dir, load_format, port), pinned, index))
+                plan.append((server_command(s, model_dir, load_format, port,
+                                            mem_fraction=mem_fraction), pinned, index))
             continue
-        plan += [(cmd, [s], group) for cmd, group in server_runs(s, index, model_dir,
-                                                                    load_format, port)]
+        plan += [(cmd, [s], group) for cmd, group in server_runs(
+            s, index, model_dir, load_format, port, mem_fraction)]
     return plan
 
 
@@ -189,10 +199,12 @@ def partition_label(run: str) -> Optional[str]:
 
 
 def server_command(run: str, model_dir: str, load_format: str, port: int,
-                   extra: Sequence[str] = ()) -> list[str]:
+                   extra: Sequence[str] = (), mem_fraction: float = MEM_FRACTION_STATIC
+                   ) -> list[str]:
     module, flags = SYSTEM_RUNS[run]
     return [sys.executable, "-m", module, "--model-path", model_dir, "--load-format",
-            load_format, "--port", str(port), *COMMON_FLAGS, *flags, *extra]
+            load_format, "--port", str(port), *COMMON_FLAGS, "--mem-fraction-static",
+            f"{mem_fraction:g}", *flags, *extra]
 
 
 # ---------------------------------------------------------------- prepare (CPU, online)
@@ -332,8 +344,15 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
                         n = requests_at(meta, rate, duration_s, min_requests)
                         logger.info("%s on %s at %g req/s: %d requests", run, wname, rate, n)
                         path, t0 = run_file(out_dir, run, wname, rate), time.monotonic()
-                        run_bench(port, wl_dir / meta["file"], n, rate, path,
-                                  out_dir / f"bench_{run_stem(path)}.log", timeout_s)
+                        try:
+                            run_bench(port, wl_dir / meta["file"], n, rate, path,
+                                      out_dir / f"bench_{run_stem(path)}.log", timeout_s)
+                        except Exception as exc:  # the server died under it: say why, go on
+                            if server.proc.poll() is None and server.healthy():
+                                raise
+                            path.unlink(missing_ok=True)  # a run cut short is no result
+                            return died_during(f"{run} on {wname} at {rate:g} req/s",
+                                               exc, server.log_tail(200))
                         windows[run_stem(path)] = (t0, time.monotonic())
     except ServerStartError as exc:
         return start_failure(str(exc))
@@ -429,6 +448,24 @@ def start_failure(message: str) -> str:
     return f"{why} {raised[-1][:300]}" if raised else why
 
 
+def died_during(what: str, exc: BaseException, log_tail: str) -> str:
+    """The ``notes.json`` reason for a server that died during a run (the runs before it
+    keep their results; the next system still runs): which run, and the last exception
+    line of the server log's tail (e.g. SGLang's CUDA out-of-memory), else the client's."""
+    raised = [ln.strip() for ln in log_tail.splitlines() if _EXCEPTION_LINE.match(ln.strip())]
+    why = raised[-1] if raised else f"{type(exc).__name__}: {exc}"
+    return f"died during {what}: {why[:300]}"
+
+
+def merge_memory(new: dict[str, Any], held: dict[str, Any]) -> None:
+    """Fold one call's ``memory_<server>.json`` into the one ``held`` from earlier calls
+    (the same server key started again): the higher peak and its samples, the runs of both."""
+    runs = [*held.get("runs", []), *(r for r in new.get("runs", []) if r not in held.get("runs", []))]
+    if (new.get("peak_gpu_mib") or 0) >= (held.get("peak_gpu_mib") or 0):
+        held.update(new)
+    held["runs"] = runs
+
+
 def merge_call(src: Path, out_dir: Path) -> int:
     """Bring one device call's output directory into ``out_dir``: its run files (their last
     record, compacted, gzipped), its commands (``meta.json``) and its notes; returns how many
@@ -454,8 +491,11 @@ def merge_call(src: Path, out_dir: Path) -> int:
         data = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
         (out_dir / f"{name}.jsonl.gz").write_bytes(gzip.compress(data, 9, mtime=0))
         n += 1
-    for path in [*src.glob("memory_*.json"), *src.glob("profile_*.json")]:  # per server
-        (out_dir / path.name).write_text(path.read_text())
+    for path in src.glob("profile_*.json"):  # per server: {run stem: profile}, merged
+        new = json.loads(path.read_text())
+        _update_json(out_dir / path.name, lambda m, new=new: m.update(new))
+    for path in src.glob("memory_*.json"):  # per server
+        _update_json(out_dir / path.name, partial(merge_memory, json.loads(path.read_text())))
     _update_json(dst, lambda m: m.update(
         gpu=src_meta["gpu"], model=src_meta["model"],
         commands=[*m.get("commands", []), *(c for c in src_meta.get("commands", [])
@@ -465,7 +505,8 @@ def merge_call(src: Path, out_dir: Path) -> int:
     def merge_notes(m: dict) -> None:
         m.update(notes)
         for run in list(m):  # a run with results here: its "did not start" is stale
-            if run in SYSTEM_RUNS and run_files(out_dir, f"{run}_"):
+            if run in SYSTEM_RUNS and run_files(out_dir, f"{run}_") and \
+                    str(m[run]).startswith("did not start"):
                 del m[run]
     _update_json(out_dir / "notes.json", merge_notes)
     logger.info("merged %d run files from %s into %s", n, src, out_dir)
@@ -493,6 +534,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="Poisson rates (req/s); 'inf' adds the unconstrained run (max throughput)")
     r.add_argument("--systems", default=",".join(SYSTEM_RUNS))
     r.add_argument("--port", type=int, default=31400)
+    r.add_argument("--mem-fraction-static", type=float, default=MEM_FRACTION_STATIC,
+                   help="every server's --mem-fraction-static (default %(default)s)")
     r.add_argument("--out-dir", default=None)
     r.add_argument("--timeout-s", type=float, default=1800)
     r.add_argument("--only-workloads", default="",
@@ -532,7 +575,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     unknown = set(systems) - set(SYSTEM_RUNS)
     if unknown:
         ap.error(f"unknown systems {sorted(unknown)}; known: {sorted(SYSTEM_RUNS)}")
-    plan = server_plan(systems, index, a.model_dir, a.load_format, a.port)
+    plan = server_plan(systems, index, a.model_dir, a.load_format, a.port,
+                       a.mem_fraction_static)
     if a.dry_run:
         for cmd, runs_of, group in plan:
             counts = {w: [requests_at(m, r, a.duration_s, a.min_requests) for r in rates]

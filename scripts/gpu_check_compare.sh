@@ -5,6 +5,7 @@
 #   SYSTEMS=sglang_chunked_2048,semipd_green_slo bash scripts/gpu_check_compare.sh [RESULT_DIR]
 #   RATES=4,8,12,16,inf DURATION_S=15 WARMUP=32 WORKLOADS=sharegpt,azure_conv BENCH_TIMEOUT=540 ...
 #   MODEL=dsv2-lite ... (default llama8b; merge each model into its own results directory)
+#   MEM_FRACTION=0.75 ... (every server's --mem-fraction-static; default compare.py's 0.85)
 # Needs the workloads made here first (carry .gpu):
 #   python -m benchmark.compare prepare --out .gpu/bench --num 400
 # The run files land in RESULT_DIR/logs.tgz (compare/); merge them here with
@@ -21,7 +22,7 @@ stamp "activated"
 MODEL=${MODEL:-llama8b}  # or dsv2-lite (DeepSeek-V2-Lite shape: MLA + MoE)
 python3 scripts/make_test_models.py /tmp/models --only "$MODEL" > /dev/null 2>&1
 timeout -s INT -k 30 $(budget ${BENCH_TIMEOUT:-540}) python3 -m benchmark.compare run --workloads .gpu/bench \
-    --model-dir "/tmp/models/$MODEL" --load-format dummy --systems "${SYSTEMS:?SYSTEMS=...}" \
+    --model-dir "/tmp/models/$MODEL" --load-format dummy ${MEM_FRACTION:+--mem-fraction-static "$MEM_FRACTION"} --systems "${SYSTEMS:?SYSTEMS=...}" \
     --rates "${RATES:-4,8,12,16}" --duration-s "${DURATION_S:-15}" --warmup-requests "${WARMUP:-32}" \
     ${WORKLOADS:+--only-workloads "$WORKLOADS"} --out-dir "$LOG/compare" \
     > "$LOG/compare.txt" 2>&1

@@ -154,6 +154,27 @@ def test_device_calls_merge_into_the_results_directory(tmp_path, bench_record):
         compare.merge_call(other, out)
 
 
+def test_a_server_started_again_keeps_the_earlier_calls_profiles_and_peak(tmp_path):
+    """Session 13 reran semipd_green_slo on ShareGPT at four rates: its call's
+    ``profile_semipd_green_slo_sharegpt.json`` replaced the one holding session 11's 40, 48
+    and inf profiles. Profiles merge by run stem now, memory keeps the higher peak."""
+    out = tmp_path / "results"
+    for k, (rates, peak, runs) in enumerate(((("8", "inf"), 900, ["a", "b"]),
+                                             (("8", "24"), 700, ["b", "c"]))):
+        call = tmp_path / f"call{k}"
+        call.mkdir()
+        (call / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "llama8b"}))
+        (call / "profile_x_sharegpt.json").write_text(json.dumps(
+            {f"x_sharegpt_{r}": {"call": k} for r in rates}))
+        (call / "memory_x_sharegpt.json").write_text(json.dumps(
+            {"runs": runs, "peak_gpu_mib": peak, "samples": [k]}))
+        compare.merge_call(call, out)
+    assert json.loads((out / "profile_x_sharegpt.json").read_text()) == {
+        "x_sharegpt_8": {"call": 1}, "x_sharegpt_inf": {"call": 0}, "x_sharegpt_24": {"call": 1}}
+    assert json.loads((out / "memory_x_sharegpt.json").read_text()) == {
+        "runs": ["a", "b", "c"], "peak_gpu_mib": 900, "samples": [0]}
+
+
 def test_the_unconstrained_run_gives_max_throughput_and_no_goodput(bench_out):
     """Rate inf (`--rates ...,inf`): its run file parses, it sets max throughput and never
     goodput; the notes say which values are only bounds."""

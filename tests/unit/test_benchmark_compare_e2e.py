@@ -27,6 +27,7 @@ STAND_IN = textwrap.dedent('''
     import http.server, json, os, sys, time
     model, port = sys.argv[1], int(sys.argv[2])
     trace = os.environ.get("SGLANG_SEMIPD_TRACE")
+    served, die_after = __import__("itertools").count(), int(os.environ.get("DIE_AFTER", 10**9))
     def record(role, start, end, tokens):
         if trace:
             with open(trace, "a") as f:
@@ -57,6 +58,9 @@ STAND_IN = textwrap.dedent('''
                     f.write("flush\\n")
             if not self.path.startswith("/v1/chat/completions"):
                 return self._json({"ok": True})
+            if next(served) >= die_after:  # as SGLang does when its scheduler raises
+                print("torch.OutOfMemoryError: CUDA out of memory (stand-in)", flush=True)
+                os._exit(1)
             n = int(req.get("max_completion_tokens") or 8)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -81,7 +85,9 @@ STAND_IN = textwrap.dedent('''
 ''')
 
 
-def test_run_system_then_report_with_bench_serving(tmp_path):
+def stand_in(tmp_path):
+    """(index, server command, port, out dir) for a stand-in server on a 12-request ShareGPT
+    workload of short answers."""
     model = make_model(tmp_path / "model", "llama3.1-8b")  # config + tokenizer only
     index = compare.prepare(tmp_path / "wl", num=12)
     index = {"sharegpt": index["sharegpt"]}
@@ -96,6 +102,11 @@ def test_run_system_then_report_with_bench_serving(tmp_path):
     out.mkdir()
     # the launcher's module name in the command is what marks a semi-PD server (traced)
     cmd = [sys.executable, str(script), str(model), str(port), "sglang_semipd.launch_server"]
+    return index, cmd, port, out
+
+
+def test_run_system_then_report_with_bench_serving(tmp_path):
+    index, cmd, port, out = stand_in(tmp_path)
     why = compare.run_system(["semipd_green_slo"], cmd, index, tmp_path / "wl", [4.0, float("inf")],
                              port, out, timeout_s=240, duration_s=1.0, min_requests=4,
                              warmup_requests=3)
@@ -127,6 +138,27 @@ def test_run_system_then_report_with_bench_serving(tmp_path):
     assert [row["rate"] for row in curve] == [4.0, "inf"]
     assert all(row["ttft"]["p50"] > 0.015 and row["profile"] for row in curve)
     assert curve[0]["completed"] == 4 and curve[1]["completed"] == 12
+
+
+def test_a_server_that_dies_mid_sweep_is_a_note_and_keeps_its_earlier_runs(tmp_path,
+                                                                          monkeypatch):
+    """On the H100 stock SGLang died of CUDA OOM in the DeepSeek-V2-Lite shape's rate-inf
+    run, and the whole sweep stopped there (the next system never ran). Now the run it died
+    in leaves no file, the runs before it stay, and the reason names the run and the server
+    log's last exception line."""
+    index, cmd, port, out = stand_in(tmp_path)
+    # served before it dies: the warm-up (3 + bench_serving's own first request), rate 4
+    # (4 + 1); it dies on the first request of the rate-inf run
+    monkeypatch.setenv("DIE_AFTER", "9")
+    why = compare.run_system(["semipd_green_slo"], cmd, index, tmp_path / "wl", [4.0, float("inf")],
+                             port, out, timeout_s=120, duration_s=1.0, min_requests=4,
+                             warmup_requests=3)
+    assert why == ("died during semipd_green_slo on sharegpt at inf req/s: "
+                   "torch.OutOfMemoryError: CUDA out of memory (stand-in)")
+    assert compare.run_files(out, "semipd_green_slo_sharegpt_") == [
+        out / "semipd_green_slo_sharegpt_4.jsonl"]
+    assert set(json.loads((out / "profile_semipd_green_slo_sharegpt.json").read_text())) == {
+        "semipd_green_slo_sharegpt_4"}
 
 
 def test_a_bench_run_past_its_timeout_raises_timeout_error(tmp_path):

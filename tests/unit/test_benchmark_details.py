@@ -74,8 +74,8 @@ def test_memory_files_travel_with_a_merge(tmp_path):
     (call / "meta.json").write_text(json.dumps({"gpu": "H100", "model": "m"}))
     (call / "memory_semipd_none_sharegpt.json").write_text('{"runs": ["semipd_none"]}\n')
     compare.merge_call(call, tmp_path / "out")
-    assert (tmp_path / "out" / "memory_semipd_none_sharegpt.json").read_text() == \
-        '{"runs": ["semipd_none"]}\n'
+    assert json.loads((tmp_path / "out" / "memory_semipd_none_sharegpt.json").read_text()) == \
+        {"runs": ["semipd_none"]}
 
 
 def _trace(path, events) -> list[dict]:
