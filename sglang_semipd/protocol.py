@@ -40,7 +40,7 @@ import msgspec
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: PrefillHandOff
 MAX_BUFFER_ITEMS = 1 << 28
 
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
@@ -263,6 +263,36 @@ class Transfer(_Msg):
     locks: list[int] = []
 
 
+class HandOffEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One request of a :class:`PrefillHandOff`."""
+
+    row: NonNeg  # its req -> token row, handed over
+    protected: NonNeg = 0  # tokens of its prompt the tree already held for it (locked)
+    unlock: int = 0  # node whose lock ref the request held before (0: none): dropped
+    hand_lock: int = 0  # without tokens: the node whose lock ref is handed over (0: none)
+    extra_key: Optional[str] = None
+    priority: int = 0
+
+
+class PrefillHandOff(_Msg):
+    """Cache several prefilled prompts and hand the requests to the ``to_role`` client (the
+    prefill -> decode hand-off of one prefill batch, one round trip). Entry ``i`` travels
+    with three buffers, ``3i`` .. ``3i + 2``: its page-aligned token ids, their slots (as
+    :class:`Insert`), and the slots past them (its unaligned tail). In order, per entry:
+
+    1. token ids given: :class:`Insert` them, locked (``values[prefix_len:]`` pass to the
+       tree; the caller frees its duplicates ``values[protected:prefix_len]``);
+    2. ``unlock``: :class:`DecLockRef` of it;
+    3. :class:`Transfer` of the tail slots, ``row`` and one lock ref -- on the inserted
+       node, else on ``hand_lock`` -- to the ``to_role`` client.
+
+    The first refusal stops the batch and is the reply; the entries before it stay done.
+    Reply: :class:`PrefillHandOffReply`."""
+
+    to_role: str
+    entries: list[HandOffEntry]
+
+
 class GetPoolManifest(_Msg):
     """Ask for the shared pools' manifest (a worker attaching to the KV pool)."""
 
@@ -366,6 +396,18 @@ class TransferReply(_Msg):
     locks: int
 
 
+class PrefillHandOffReply(_Msg):
+    """Per entry of a :class:`PrefillHandOff`: the prefix the tree already held
+    (``prefix_lens``), the inserted node (0: nothing inserted), the lock refs its ``unlock``
+    released (``unlock_deltas``, as :class:`LockRefReply`'s ``delta``). Buffer ``i``: the
+    tree's slots for tokens ``[protected, prefix_len)`` of entry ``i`` (empty unless the
+    tree held more than ``protected``), which the caller's req row must now name."""
+
+    prefix_lens: list[int]
+    nodes: list[int]
+    unlock_deltas: list[int]
+
+
 class PoolManifestReply(_Msg):
     manifest: PoolManifest
 
@@ -378,12 +420,13 @@ class ErrorReply(_Msg):
 Request = Union[
     Hello, Alloc, Free, Lease, ReturnLease, AllocReqRows, FreeReqRows, MatchPrefix,
     Insert, IncLockRef, DecLockRef, Evict, Stats, CheckInvariant, Reset, ReleaseClient,
-    Goodbye, Shutdown, GetPoolManifest, Transfer,
+    Goodbye, Shutdown, GetPoolManifest, Transfer, PrefillHandOff,
 ]
 Reply = Union[
     HelloReply, AllocReply, FreeReply, LeaseReply, ReturnLeaseReply, ReqRowsReply,
     FreeReqRowsReply, MatchPrefixReply, InsertReply, LockRefReply, EvictReply,
-    InvariantReport, ReleaseReply, OkReply, PoolManifestReply, TransferReply, ErrorReply,
+    InvariantReport, ReleaseReply, OkReply, PoolManifestReply, TransferReply,
+    PrefillHandOffReply, ErrorReply,
 ]
 Message = Union[Request, Reply]
 
@@ -399,6 +442,10 @@ def expected_buffers(msg: Any) -> Optional[int]:
         return None
     if isinstance(msg, AllocReply):
         return len(msg.sizes)
+    if isinstance(msg, PrefillHandOff):
+        return 3 * len(msg.entries)
+    if isinstance(msg, PrefillHandOffReply):
+        return len(msg.nodes)
     return _FIXED_BUFFERS.get(type(msg), 0)
 
 

@@ -423,36 +423,42 @@ def make_prefill_scheduler_cls() -> type:
             cand = [r for r in batch.reqs if r is not self.chunked_req
                     and r.inflight_middle_chunks <= 0 and not r.finished()
                     and not r.is_retracted]
+            # SGLang's result loop caches each prefilled request (cache_unfinished_req);
+            # the tree cache defers that to the hand-off's one round trip
+            self.tree_cache.defer_unfinished(cand)
             super().process_batch_result(batch, result)
             done = []
             for r in cand:
                 if r.finished():
                     self._send_handoff(P.HandOff(rid=r.rid, finished=True))
                 else:
-                    self._hand_off(r)
                     done.append(r)
+            self.tree_cache.hand_off(done, self.semipd_peer)  # also ends the deferral
+            for r in done:
+                self._send_handoff(self._hand_off_record(r))
+                r.req_pool_idx = None  # the decode worker owns the row now
+                r.kv = None
             if done:
                 batch.filter_batch(chunked_req_to_exclude=done)
 
-        def _hand_off(self, r: Any) -> None:
-            row, kv_len, cpl = int(r.req_pool_idx), int(r.kv_committed_len), \
-                int(r.cache_protected_len)
-            tail = self.req_to_token_pool.req_to_token[row, cpl:kv_len].to("cpu")
+        @staticmethod
+        def _hand_off_record(r: Any) -> P.HandOff:
+            """What the decode worker needs of a request whose row, tail slots and lock ref
+            the tree cache's ``hand_off`` has moved to it."""
             node = r.last_node
-            locks = [] if node is None or node.is_root else [node.id]
-            self.semipd_client.transfer(0, tail, [row], locks, to_role=self.semipd_peer)
-            self._send_handoff(P.HandOff(
-                rid=r.rid, req_pool_idx=row, kv_len=kv_len, first_token=int(r.output_ids[-1]),
-                cache_protected_len=cpl, last_node=locks[0] if locks else 0,
-                last_node_prefix_len=int(getattr(node, "prefix_len", 0)) if locks else 0,
+            locked = node is not None and not node.is_root
+            return P.HandOff(
+                rid=r.rid, req_pool_idx=int(r.req_pool_idx), kv_len=int(r.kv_committed_len),
+                first_token=int(r.output_ids[-1]),
+                cache_protected_len=int(r.cache_protected_len),
+                last_node=int(node.id) if locked else 0,
+                last_node_prefix_len=int(getattr(node, "prefix_len", 0)) if locked else 0,
                 cached_tokens=int(r.cached_tokens),
                 send_token_offset=int(r.send_token_offset),
                 send_decode_id_offset=int(r.send_decode_id_offset),
                 send_output_token_logprobs_offset=int(r.send_output_token_logprobs_offset),
                 input_logprob_sent=bool(r.input_logprob_sent),
-                logprob=export_logprobs(r) if r.return_logprob else None))
-            r.req_pool_idx = None  # the decode worker owns the row now
-            r.kv = None
+                logprob=export_logprobs(r) if r.return_logprob else None)
 
         def flush_cache(self, empty_cache: bool = True) -> bool:
             """SGLang's flush; refused (False, not a crash) while the decode worker still

@@ -169,6 +169,16 @@ class KVStateClient:
                                         locks=[int(h) for h in locks]), slots)
         return reply
 
+    def prefill_hand_off(self, to_role: str, entries: Sequence[P.HandOffEntry],
+                         buffers: Sequence[Iterable[int]]
+                         ) -> tuple[P.PrefillHandOffReply, list[array]]:
+        """A prefill batch's hand-off in one round trip (see ``PrefillHandOff``):
+        ``buffers`` are three per entry (token ids, their slots, the tail slots); returns the
+        reply and, per entry, the tree's slots the caller's row must adopt."""
+        reply, bufs = self.call(P.PrefillHandOff(to_role=to_role, entries=list(entries)),
+                                *buffers)
+        return reply, bufs
+
     def stats(self) -> P.InvariantReport:
         return self.call(P.Stats())[0]
 

@@ -57,7 +57,7 @@ class KVStateServer:
             P.CheckInvariant: self._check, P.Reset: self._reset,
             P.ReleaseClient: self._release, P.Goodbye: self._goodbye,
             P.Shutdown: self._shutdown, P.GetPoolManifest: self._manifest,
-            P.Transfer: self._transfer,
+            P.Transfer: self._transfer, P.PrefillHandOff: self._prefill_hand_off,
         }
 
     def bind(self) -> None:
@@ -178,6 +178,11 @@ class KVStateServer:
         to = msg.to_client or self.service.client_with_role(msg.to_role)
         tokens, rows, locks = self.service.transfer(cid, to, bufs[0], msg.rows, msg.locks)
         return P.TransferReply(tokens=tokens, rows=rows, locks=locks), ()
+
+    def _prefill_hand_off(self, cid, msg, bufs):
+        to = self.service.client_with_role(msg.to_role)
+        plens, nodes, deltas, tree = self.service.prefill_hand_off(cid, to, msg.entries, bufs)
+        return P.PrefillHandOffReply(prefix_lens=plens, nodes=nodes, unlock_deltas=deltas), tree
 
     def _stats(self, cid, msg, bufs):
         return self.service.stats(), ()

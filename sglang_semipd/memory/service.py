@@ -29,7 +29,7 @@ import weakref
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
@@ -372,6 +372,37 @@ class KVStateService:
                 del client.locks[h]
             dest.locks.setdefault(h, [entry[0], 0])[1] += n
         return len(units) * self.page_size, len(rows), len(locks)
+
+    def prefill_hand_off(self, cid: int, to_cid: int, entries: Sequence[Any],
+                         buffers: Sequence[array]
+                         ) -> tuple[list[int], list[int], list[int], list[array]]:
+        """A prefill batch's hand-off in one call (``PrefillHandOff``): per entry, in order,
+        :meth:`insert` its tokens locked, :meth:`dec_lock_ref` its ``unlock``, and
+        :meth:`transfer` its tail slots, row and the new node's (else ``hand_lock``'s) lock
+        ref to ``to_cid``. Returns ``(prefix_lens, nodes, unlock_deltas, tree slots)``, the
+        tree slots being those of tokens ``[protected, prefix_len)`` where the tree held
+        more than the entry's ``protected`` prefix. The first refusal raises; the entries
+        before it stay done (each step is all or nothing, as its own request is)."""
+        if len(buffers) != 3 * len(entries):
+            raise KVStateError(ErrorCode.BAD_REQUEST,
+                               f"{len(entries)} entries need {3 * len(entries)} buffers, "
+                               f"got {len(buffers)}")
+        prefix_lens, nodes, deltas, adopted = [], [], [], []
+        for i, e in enumerate(entries):
+            tokens, values, tail = buffers[3 * i:3 * i + 3]
+            plen, node = self.insert(cid, tokens, values, e.extra_key, lock=True,
+                                     priority=e.priority) if len(tokens) else (0, 0)
+            delta = self.dec_lock_ref(cid, e.unlock)[0] if e.unlock else 0
+            tree = array("q")
+            if plen > e.protected:
+                tree = self.match_prefix(cid, tokens[:plen], e.extra_key)[0][e.protected:plen]
+            lock = node or e.hand_lock
+            self.transfer(cid, to_cid, tail, [e.row], [lock] if lock else [])
+            prefix_lens.append(plen)
+            nodes.append(node)
+            deltas.append(delta)
+            adopted.append(tree)
+        return prefix_lens, nodes, deltas, adopted
 
     def evict(self, num_tokens: int) -> int:
         """Evict >= num_tokens unlocked cached tokens if possible; returns tokens evicted."""

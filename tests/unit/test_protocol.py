@@ -40,6 +40,11 @@ SAMPLES: list[tuple[object, tuple]] = [
     (P.GetPoolManifest(), ()),
     (P.Transfer(to_role="decode", rows=[3], locks=[12]), (array("q", [40, 41]),)),
     (P.Transfer(to_client=2), (array("q"),)),
+    (P.PrefillHandOff(to_role="decode", entries=[
+        P.HandOffEntry(row=3, protected=4, unlock=9, extra_key="k", priority=1),
+        P.HandOffEntry(row=5, hand_lock=7)]),
+     (array("i", [10, 11]), array("q", [40, 41]), array("q", [42]), array("i"), array("q"),
+      array("q", [43]))),
     (P.HelloReply(client_id=1, page_size=16, capacity=4096, req_rows=256), ()),
     (P.AllocReply(sizes=[2, 0]), (array("q", [1, 2]), array("q"))),
     (P.FreeReply(freed=12), ()),
@@ -56,6 +61,8 @@ SAMPLES: list[tuple[object, tuple]] = [
                     closed_leases=1), ()),
     (P.OkReply(), ()),
     (P.TransferReply(tokens=2, rows=1, locks=1), ()),
+    (P.PrefillHandOffReply(prefix_lens=[6, 0], nodes=[12, 0], unlock_deltas=[-4, 0]),
+     (array("q", [40, 50]), array("q"))),
     (P.PoolManifestReply(manifest=P.PoolManifest(device="cuda", sizes=P.PoolSizes(
         max_total_num_tokens=4096, max_running_requests=64, mem_fraction_static=0.8),
         weight_socket="/tmp/w.sock", weights_bytes=10, records=(

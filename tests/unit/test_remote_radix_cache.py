@@ -742,3 +742,137 @@ def test_secure_leases_several_steps_ahead(servers) -> None:
         side.alloc.free(t)
     other.alloc.free(hog)
     _close_all(sup, side, other)
+
+
+# ------------------------------------------------------------------ prefill hand-off
+HAND_OFF_PROMPTS = {
+    "hit": list(range(2000, 2024)) + [7, 8, 9],  # admitted on a cached, locked prefix
+    "fresh": list(range(3000, 3013)),
+    "twin": list(range(3000, 3013)),  # the same prompt in the same batch: its slots duplicate
+    "chunked": list(range(4000, 4030)),  # its first chunk was cached (and locked) before
+    "tail": list(range(5000, 5011)),  # not page-aligned at page size 4
+}
+
+
+def _hand_off_run(servers, page_size: int, batched: bool) -> tuple[dict, dict]:
+    """One prefill batch handed to a decode client, the old way (``cache_unfinished_req``
+    then one ``Transfer`` per request) or batched (``defer_unfinished`` + ``hand_off``);
+    returns (what each request, the tree and each client hold after it, the prefill
+    client's round trips during the batch)."""
+    from sglang_semipd.memory.remote_req_pool import adopt_req_pool
+
+    endpoint, sup = fresh(servers, page_size)
+    p = remote_side(endpoint, f"hand-p{int(batched)}", role="prefill")
+    adopt_req_pool(p.pool, p.alloc.client)
+    dec = KVStateClient(endpoint, f"hand-d{int(batched)}", role="decode", timeout_s=30)
+    warm = p.new_req("warm", HAND_OFF_PROMPTS["hit"][:24])
+    p.admit(warm)
+    p.prefill(warm, 24, 1)
+    p.finish([warm])
+    batch = []
+    for rid, prompt in HAND_OFF_PROMPTS.items():
+        q = p.new_req(rid, prompt)
+        p.admit(q)
+        batch.append(q)
+    chunked = batch[3]
+    p.prefill(chunked, 16, None)
+    assert batch[0].cache_protected_len == 24 and chunked.cache_protected_len == 16
+    counter = CountingClient(p.alloc.client)
+    if batched:
+        p.tree.defer_unfinished(batch)
+    for i, q in enumerate(batch):  # SGLang's prefill result loop
+        p.prefill(q, len(q.origin_input_ids), 11 + i)
+        q.kv_committed_len = len(q.origin_input_ids)
+    if batched:
+        p.tree.hand_off(batch, "decode")
+    else:
+        for q in batch:
+            row, cpl = q.req_pool_idx, q.cache_protected_len
+            node = q.last_node
+            p.alloc.client.transfer(0, p.pool.req_to_token[row, cpl:q.kv_committed_len],
+                                    [row], [] if node.is_root else [node.id],
+                                    to_role="decode")
+    calls = dict(counter.counts)
+    p.alloc.flush()
+    held = {}
+    for q in batch:
+        row, key = q.req_pool_idx, q.cache_protected_len
+        kv = p.pool.req_to_token[row, :q.kv_committed_len].tolist()
+        m = dec.match_prefix(q.origin_input_ids[:key])
+        assert m.prefix_len == key and kv[:key] == list(m.indices), q.rid  # names the tree's
+        held[q.rid] = (key, q.last_node.prefix_len, q.last_node.is_root,
+                       len(kv) - key, len(set(kv)))
+    report = sup.stats()
+    ids = {p.alloc.client.client_id: "prefill", dec.client_id: "decode"}
+    held["pool"] = (report.free, report.evictable, report.protected, report.lock_refs,
+                    {ids[c]: n for c, n in report.client_held.items()},
+                    {ids[c]: n for c, n in report.req_rows_held.items()})
+    for q in batch:  # the decode worker's side: its tail, its lock, its row
+        row, key = q.req_pool_idx, q.cache_protected_len
+        dec.free(as_index(p.pool.req_to_token[row, key:q.kv_committed_len]))
+        if not q.last_node.is_root:
+            dec.dec_lock_ref(q.last_node.id)
+        dec.free_req_rows([row])
+    dec.goodbye()
+    dec.close()
+    close_remote(p)
+    assert_clean(sup)
+    return held, calls
+
+
+def as_index(t: torch.Tensor) -> array:
+    return array("q", t.tolist())
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_batched_hand_off_leaves_what_the_per_request_one_did(servers, page_size) -> None:
+    """The prefill worker's hand-off of a batch in one ``PrefillHandOff`` against the
+    per-request ``cache_unfinished_req`` + ``Transfer`` it replaces (2-4 round trips per
+    request): the same prefixes cached and locked, the same rows naming the tree's slots,
+    the same tails, the same holdings per client; one round trip."""
+    old, old_calls = _hand_off_run(servers, page_size, batched=False)
+    new, new_calls = _hand_off_run(servers, page_size, batched=True)
+    assert new == old
+    assert old["twin"][0] == old["fresh"][0] > 0  # the twin adopted the fresh one's slots
+    tails = sum(-(-v[3] // page_size) * page_size for k, v in old.items() if k != "pool")
+    assert old["pool"][4].get("decode", 0) == tails and (tails > 0) == (page_size > 1)
+    assert old["pool"][5] == {"decode": len(HAND_OFF_PROMPTS)}
+    assert old_calls["Insert"] == len(HAND_OFF_PROMPTS) and old_calls["Transfer"] == 5
+    assert old_calls.get("MatchPrefix", 0) >= 1 and old_calls["DecLockRef"] >= 2
+    assert new_calls["PrefillHandOff"] == 1
+    assert not {"Insert", "MatchPrefix", "DecLockRef", "Transfer"} & set(new_calls)
+
+
+def test_a_hand_off_without_a_cached_prefix_moves_the_held_lock(servers) -> None:
+    """A request whose ``cache_unfinished_req`` did not run (SGLang's
+    ``skip_radix_cache_insert``, or a disabled tree): its row, its slots past the protected
+    prefix and the lock it holds from admission move; nothing is inserted."""
+    from sglang_semipd.memory.remote_req_pool import adopt_req_pool
+
+    endpoint, sup = fresh(servers, 1)
+    p = remote_side(endpoint, "skip-p", role="prefill")
+    adopt_req_pool(p.pool, p.alloc.client)
+    dec = KVStateClient(endpoint, "skip-d", role="decode", timeout_s=30)
+    warm = p.new_req("warm", list(range(600, 620)))
+    p.admit(warm)
+    p.prefill(warm, 20, 1)
+    p.finish([warm])
+    q = p.new_req("q", list(range(600, 620)) + [1, 2, 3])
+    assert p.admit(q) == 20
+    row = q.req_pool_idx
+    p.pool.write((row, slice(20, 23)), p._extend_slots(q, 20, 23))
+    q.kv_committed_len = 23
+    p.tree.defer_unfinished([q])  # nothing deferred: the result loop never cached it
+    p.tree.hand_off([q], "decode")
+    assert q.cache_protected_len == 20 and q.last_node.prefix_len == 20
+    p.alloc.flush()
+    report = sup.stats()
+    assert report.client_held[dec.client_id] == 3 and report.req_rows_held == {dec.client_id: 1}
+    assert report.lock_refs == 1 and report.protected == 20
+    dec.free(as_index(p.pool.req_to_token[row, 20:23]))
+    dec.dec_lock_ref(q.last_node.id)
+    dec.free_req_rows([row])
+    dec.goodbye()
+    dec.close()
+    close_remote(p)
+    assert_clean(sup)
