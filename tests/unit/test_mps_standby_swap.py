@@ -185,9 +185,10 @@ def test_a_standby_that_fails_to_start_is_abandoned(wired, monkeypatch):
     wired.worker_out["prefill"].send_multipart(P.encode_control(P.ResizeRequest(share=0.25)))
     wait_until(lambda: len(spawned) == 2)
     spawned["decode"][1].send({"status": "error", "error": "CUDA out of memory"})
-    wait_until(lambda: coord.standby is None)
+    # the record is written after the standby's processes are reaped (standby is None first)
+    wait_until(lambda: [r for r in read_trace(wired.trace) if r["kind"] == "standby_failed"])
+    assert coord.standby is None
     assert coord.gens.current == 0 and coord.resizes.split == 1
-    assert [r for r in read_trace(wired.trace) if r["kind"] == "standby_failed"]
     wired.tokenizer.send(_request("r3"))  # still served by the old pair
     assert _recv(wired.worker_in["prefill"]) == [_request("r3")]
 
