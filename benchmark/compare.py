@@ -117,6 +117,9 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # decode-only tail of a run ran on 92 of 132 SMs under the default loans)
     "diag_semipd_green_slo_idle_loan_most": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--idle-loan", "most")),
+    # diagnostic: the prefill batch handed off in one memory-manager call (--batch-handoff)
+    "diag_semipd_green_slo_batch_handoff": ("sglang_semipd.launch_server", (
+        *GREEN_SLO, "--batch-handoff")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none")

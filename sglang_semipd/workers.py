@@ -405,6 +405,7 @@ def make_prefill_scheduler_cls() -> type:
                         start_split: int) -> None:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_peer = plan.kv_role("decode")  # hand-offs go to this decode client
+            self.semipd_batch_handoff = plan.batch_handoff
             self.semipd_admission = AdmissionRetry()
             # a refused allocation waits for the decode worker (RemoteTokenAllocator's doc)
             self.token_to_kv_pool_allocator.oom_wait_s = PREFILL_OOM_WAIT_S
@@ -423,9 +424,11 @@ def make_prefill_scheduler_cls() -> type:
             cand = [r for r in batch.reqs if r is not self.chunked_req
                     and r.inflight_middle_chunks <= 0 and not r.finished()
                     and not r.is_retracted]
-            # SGLang's result loop caches each prefilled request (cache_unfinished_req);
-            # the tree cache defers that to the hand-off's one round trip
-            self.tree_cache.defer_unfinished(cand)
+            batched = self.semipd_batch_handoff
+            if batched:  # SGLang's result loop caches each prefilled request
+                # (cache_unfinished_req); the tree cache defers that to the hand-off's one
+                # round trip
+                self.tree_cache.defer_unfinished(cand)
             super().process_batch_result(batch, result)
             done = []
             for r in cand:
@@ -433,13 +436,26 @@ def make_prefill_scheduler_cls() -> type:
                     self._send_handoff(P.HandOff(rid=r.rid, finished=True))
                 else:
                     done.append(r)
-            self.tree_cache.hand_off(done, self.semipd_peer)  # also ends the deferral
+            if batched:
+                self.tree_cache.hand_off(done, self.semipd_peer)  # also ends the deferral
             for r in done:
+                if not batched:  # --no-batch-handoff: one Transfer per request
+                    self._transfer(r)
                 self._send_handoff(self._hand_off_record(r))
                 r.req_pool_idx = None  # the decode worker owns the row now
                 r.kv = None
             if done:
                 batch.filter_batch(chunked_req_to_exclude=done)
+
+        def _transfer(self, r: Any) -> None:
+            """Move one cached request's row, tail slots (past ``cache_protected_len``) and
+            lock ref to the decode client (the per-request hand-off)."""
+            row, cpl = int(r.req_pool_idx), int(r.cache_protected_len)
+            tail = self.req_to_token_pool.req_to_token[row, cpl:int(r.kv_committed_len)]
+            node = r.last_node
+            locks = [] if node is None or node.is_root else [node.id]
+            self.semipd_client.transfer(0, tail.to("cpu"), [row], locks,
+                                        to_role=self.semipd_peer)
 
         @staticmethod
         def _hand_off_record(r: Any) -> P.HandOff:
@@ -790,6 +806,7 @@ class WorkerPlan:
     tp_rank: int
     generation: int = 0  # > 0: a standby pair of an --sm-partition mps resize
     decode_overlap: bool = False  # --decode-overlap
+    batch_handoff: bool = False  # --batch-handoff
 
     def kv_role(self, role: str = "") -> str:
         """The memory-manager client role of ``role`` (default: this worker's) in this

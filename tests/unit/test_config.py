@@ -38,11 +38,13 @@ def test_every_flag_is_read():
     cfg = parse("--no-semi-pd", "--sm-partition", "mps", "--prefill-sm-share", "0.3",
                 "--sm-splits", "0.7,0.3,0.5,0.3", "--partition-policy", "static",
                 "--slo-ttft-ms", "300", "--slo-tpot-ms", "150", "--slo-attainment", "0.95",
-                "--mps-pipe-dir", "/tmp/mps", "--decode-overlap", "--idle-loan", "most")
+                "--mps-pipe-dir", "/tmp/mps", "--decode-overlap", "--idle-loan", "most",
+                "--batch-handoff")
     assert cfg == SemiPDConfig(enabled=False, sm_partition="mps", prefill_sm_share=0.3,
                                sm_splits=(0.3, 0.5, 0.7), partition_policy="static",
                                slo_ttft_ms=300.0, slo_tpot_ms=150.0, slo_attainment=0.95,
-                               mps_pipe_dir="/tmp/mps", decode_overlap=True, idle_loan="most")
+                               mps_pipe_dir="/tmp/mps", decode_overlap=True, idle_loan="most",
+                               batch_handoff=True)
     assert not cfg.starts_private_mps
 
 
@@ -107,6 +109,11 @@ def test_decode_overlap_follows_sglangs_overlap_setting_unless_given():
     with pytest.raises(SemiPDConfigError, match="--disable-overlap-schedule"):
         parse("--decode-overlap", disable_overlap_schedule=True)
     assert not parse("--no-decode-overlap", disable_overlap_schedule=True).decode_overlap
+
+
+def test_batch_handoff_is_off_unless_asked():
+    assert not parse().batch_handoff and parse("--batch-handoff").batch_handoff
+    assert not parse("--no-batch-handoff").batch_handoff
 
 
 def test_idle_loan_most_plans_two_loan_splits_under_green_only():
