@@ -393,6 +393,9 @@ def tell_decode_about_aborts(sender: Any, notify: Any) -> None:
     sender.send_output = send_output
 
 
+BATCH_HANDOFF_LOG = "prefill worker: one PrefillHandOff per prefill batch (--batch-handoff)"
+
+
 def make_prefill_scheduler_cls() -> type:
     Scheduler = _scheduler_base()
 
@@ -406,6 +409,8 @@ def make_prefill_scheduler_cls() -> type:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_peer = plan.kv_role("decode")  # hand-offs go to this decode client
             self.semipd_batch_handoff = plan.batch_handoff
+            if plan.batch_handoff:
+                logger.info(BATCH_HANDOFF_LOG)
             self.semipd_admission = AdmissionRetry()
             # a refused allocation waits for the decode worker (RemoteTokenAllocator's doc)
             self.token_to_kv_pool_allocator.oom_wait_s = PREFILL_OOM_WAIT_S
