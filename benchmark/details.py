@@ -157,8 +157,8 @@ def details_markdown(details: Mapping[str, Any]) -> str:
 
 
 def _profile_table(w: Mapping[str, Any]) -> list[str]:
-    """Semi-PD runs' phase profiles: busy share and iteration P50 per phase, decode's main
-    split."""
+    """Semi-PD runs' phase profiles: busy share and iteration P50 per phase, the prefill
+    worker's idle time between iterations while requests waited, decode's main split."""
     from benchmark.phase_profile import main_split
 
     rows = []
@@ -172,11 +172,15 @@ def _profile_table(w: Mapping[str, Any]) -> list[str]:
                 ph = prof[role]
                 it = ph["iteration_ms"]
                 cells += [f"{ph['busy_share']:.2f}", "n/a" if it is None else f"{it['p50']:.1f}"]
+                if role == "prefill":  # absent from profiles made before 2026-12-06
+                    gap = ph.get("queued_gap_ms")
+                    cells.append("n/a" if gap is None else f"{gap['p50']:.1f}")
             cells += [rd.get("split_label") or main_split(prof) or "n/a", str(prof["resizes"])]
             rows.append("| " + " | ".join(cells) + " |")
     if not rows:
         return []
-    head = ["run", "rate", "prefill busy", "prefill iter P50 (ms)", "decode busy",
+    head = ["run", "rate", "prefill busy", "prefill iter P50 (ms)",
+            "prefill idle with work waiting P50 (ms)", "decode busy",
             "decode iter P50 (ms)", "decode's main split (SMs)", "resizes"]
     return ["Semi-PD phase profile (busy: share of the run's wall time with an iteration "
             "running):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""]

@@ -29,12 +29,14 @@ def profile_window(rows: Sequence[Mapping[str, Any]], t0: float, t1: float,
     """Profile of the trace ``rows`` whose iterations started in ``[t0, t1)``.
 
     Per role: ``iterations``, ``busy_s`` (sum of iteration times), ``busy_share`` (of the
-    window), ``iteration_ms`` (mean/p50/p99), ``tokens`` and ``busy_share_by_split`` (split
-    "prefill/decode SMs" -> share of the role's busy time); ``resizes``: commands sent in the
-    window."""
+    window), ``iteration_ms`` (mean/p50/p99), ``tokens``, ``busy_share_by_split`` (split
+    "prefill/decode SMs" -> share of the role's busy time) and ``queued_gap_ms`` (n/p50/p90
+    of the idle time from an iteration's end to the role's next start, over the iterations
+    that left requests waiting in the worker: time the worker spent outside the GPU while it
+    had work); ``resizes``: commands sent in the window."""
     span = max(t1 - t0, 1e-9)
     its = [r for r in rows if r.get("kind") == "iteration" and t0 <= r["start"] < t1]
-    out: dict[str, Any] = {"window_s": t1 - t0}
+    out: dict[str, Any] = {"window_s": t1 - t0, "window": [t0, t1]}  # to re-profile a trace
     for role in ROLES:
         mine = [r for r in its if r["role"] == role]
         times = np.asarray([r["end"] - r["start"] for r in mine], dtype=float)
@@ -50,10 +52,23 @@ def profile_window(rows: Sequence[Mapping[str, Any]], t0: float, t1: float,
                               "p99": float(np.percentile(times, 99) * 1e3)} if len(mine) else None),
             "tokens": int(sum(r.get("tokens", 0) for r in mine)),
             "busy_share_by_split": {k: v / busy for k, v in sorted(by_split.items())} if busy else {},
+            "queued_gap_ms": _queued_gaps(mine),
         }
     out["resizes"] = sum(1 for r in rows if r.get("kind") == "resize"
                          and t0 <= r.get("sent_at", -1.0) < t1)
     return out
+
+
+def _queued_gaps(its: Sequence[Mapping[str, Any]]) -> Optional[dict[str, float]]:
+    """n/p50/p90 (ms) of ``next.start - end`` after each iteration with ``queued`` > 0
+    (None without one)."""
+    its = sorted(its, key=lambda r: r["start"])
+    gaps = np.asarray([max(b["start"] - a["end"], 0.0) for a, b in zip(its, its[1:])
+                       if a.get("queued", 0) > 0], dtype=float)
+    if not len(gaps):
+        return None
+    return {"n": int(len(gaps)), "p50": float(np.percentile(gaps, 50) * 1e3),
+            "p90": float(np.percentile(gaps, 90) * 1e3)}
 
 
 def main_split(profile: Mapping[str, Any]) -> Optional[str]:
