@@ -167,6 +167,22 @@ def python_module_cmd(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def greedy_generate(url: str, ids: list[int], max_new_tokens: int) -> dict[str, Any]:
+    """``/generate`` of ``ids``: greedy, exactly ``max_new_tokens`` tokens (EOS ignored)."""
+    return http_json(url + "/generate", {"input_ids": ids, "sampling_params": {
+        "temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}, timeout=600)
+
+
+def stock_greedy_outputs(model: str, port: int, flags: Sequence[str], log_path: str,
+                         prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Stock SGLang's greedy output ids (the launcher's ``--no-semi-pd``) of each prompt,
+    each sent alone: the reference a semi-PD server's outputs are held to."""
+    cmd = python_module_cmd("sglang_semipd.launch_server", "--no-semi-pd", "--model-path",
+                            model, "--port", str(port), *flags)
+    with ServerProcess(cmd, port, log_path) as s:
+        return [greedy_generate(s.url, p, max_new_tokens)["output_ids"] for p in prompts]
+
+
 def flush_cache(url: str, timeout: float = 120.0) -> str:
     """POST ``/flush_cache`` (SGLang's); returns the server's answer text."""
     req = urllib.request.Request(url + "/flush_cache", data=b"", method="POST")

@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, http_json,
-                                          pool_leaks, python_module_cmd, semipd_pool_report)
+from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, greedy_generate,
+                                          pool_leaks, python_module_cmd, semipd_pool_report,
+                                          stock_greedy_outputs)
 from sglang_semipd.workers import BATCH_HANDOFF_LOG
 
 pytestmark = pytest.mark.gpu
@@ -38,18 +39,11 @@ def _prompts() -> list[list[int]]:
     return prompts + [list(prompts[k]) for k in range(0, 36, 6)]  # twins in the same burst
 
 
-def _gen(url: str, ids: list[int]) -> dict:
-    return http_json(url + "/generate", {"input_ids": ids, "sampling_params": {
-        "temperature": 0, "max_new_tokens": OUT, "ignore_eos": True}}, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
-    cmd = python_module_cmd("sglang_semipd.launch_server", "--no-semi-pd", "--model-path",
-                            str(tiny_bf16), "--port", str(PORT), *FLAGS)
-    with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_stock_batch_ref.log")) \
-            as s:
-        return [_gen(s.url, p)["output_ids"] for p in _prompts()]
+    return stock_greedy_outputs(str(tiny_bf16), PORT, FLAGS,
+                                os.path.join(gpu_log_dir, "server_stock_batch_ref.log"),
+                                _prompts(), OUT)
 
 
 def test_batched_hand_off_matches_stock_and_leaks_nothing(stock_outputs, tiny_bf16,
@@ -60,7 +54,7 @@ def test_batched_hand_off_matches_stock_and_leaks_nothing(stock_outputs, tiny_bf
     with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_semipd_batch.log")) as s:
         prompts = _prompts()
         with ThreadPoolExecutor(len(prompts)) as pool:
-            outs = list(pool.map(lambda p: _gen(s.url, p), prompts))
+            outs = list(pool.map(lambda p: greedy_generate(s.url, p, OUT), prompts))
         assert BATCH_HANDOFF_LOG in s.log_path.read_text(errors="replace")
         for k, (out, stock) in enumerate(zip(outs, stock_outputs)):
             assert out["meta_info"]["completion_tokens"] == OUT, (k, out["meta_info"])

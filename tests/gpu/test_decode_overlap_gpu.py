@@ -25,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from sglang_semipd.testing.server import (RETRACT_LOG, SMALL_POOL_FLAGS, ServerProcess,
-                                          http_json, pool_leaks, python_module_cmd,
-                                          semipd_pool_report)
+                                          greedy_generate, http_json, pool_leaks,
+                                          python_module_cmd, semipd_pool_report,
+                                          stock_greedy_outputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -43,18 +44,15 @@ def _prompts() -> list[list[int]]:
 
 
 def _gen(url: str, ids: list[int]) -> dict:
-    return http_json(url + "/generate", {"input_ids": ids, "sampling_params": {
-        "temperature": 0, "max_new_tokens": OUT, "ignore_eos": True}}, timeout=600)
+    return greedy_generate(url, ids, OUT)
 
 
 @pytest.fixture(scope="module")
 def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
     """Stock SGLang's greedy outputs of the first prompts, each sent alone."""
-    cmd = python_module_cmd("sglang_semipd.launch_server", "--no-semi-pd", "--model-path",
-                            str(tiny_bf16), "--port", str(PORT), *FLAGS)
-    with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_stock_overlap_ref.log")) \
-            as s:
-        return [_gen(s.url, p)["output_ids"] for p in _prompts()[:REFERENCE]]
+    return stock_greedy_outputs(str(tiny_bf16), PORT, FLAGS,
+                                os.path.join(gpu_log_dir, "server_stock_overlap_ref.log"),
+                                _prompts()[:REFERENCE], OUT)
 
 
 @pytest.fixture(scope="module")

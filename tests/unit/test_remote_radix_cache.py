@@ -759,12 +759,7 @@ def _hand_off_run(servers, page_size: int, batched: bool) -> tuple[dict, dict]:
     then one ``Transfer`` per request) or batched (``defer_unfinished`` + ``hand_off``);
     returns (what each request, the tree and each client hold after it, the prefill
     client's round trips during the batch)."""
-    from sglang_semipd.memory.remote_req_pool import adopt_req_pool
-
-    endpoint, sup = fresh(servers, page_size)
-    p = remote_side(endpoint, f"hand-p{int(batched)}", role="prefill")
-    adopt_req_pool(p.pool, p.alloc.client)
-    dec = KVStateClient(endpoint, f"hand-d{int(batched)}", role="decode", timeout_s=30)
+    p, dec, sup = _prefill_and_decode_client(servers, page_size, f"hand{int(batched)}")
     warm = p.new_req("warm", HAND_OFF_PROMPTS["hit"][:24])
     p.admit(warm)
     p.prefill(warm, 24, 1)
@@ -807,9 +802,26 @@ def _hand_off_run(servers, page_size: int, batched: bool) -> tuple[dict, dict]:
     held["pool"] = (report.free, report.evictable, report.protected, report.lock_refs,
                     {ids[c]: n for c, n in report.client_held.items()},
                     {ids[c]: n for c, n in report.req_rows_held.items()})
-    for q in batch:  # the decode worker's side: its tail, its lock, its row
+    _release_handed_off(p, dec, sup, batch)
+    return held, calls
+
+
+def _prefill_and_decode_client(servers, page_size: int, name: str) -> tuple:
+    """(prefill side on the manager's request rows, decode client, supervisor), fresh pool."""
+    from sglang_semipd.memory.remote_req_pool import adopt_req_pool
+
+    endpoint, sup = fresh(servers, page_size)
+    p = remote_side(endpoint, f"{name}-p", role="prefill")
+    adopt_req_pool(p.pool, p.alloc.client)
+    return p, KVStateClient(endpoint, f"{name}-d", role="decode", timeout_s=30), sup
+
+
+def _release_handed_off(p: Side, dec: KVStateClient, sup: KVStateClient, reqs: list) -> None:
+    """What the decode worker does with handed-off requests, then both leave: each one's
+    tail and row freed, its lock dropped; nothing may be left held."""
+    for q in reqs:
         row, key = q.req_pool_idx, q.cache_protected_len
-        dec.free(as_index(p.pool.req_to_token[row, key:q.kv_committed_len]))
+        dec.free(array("q", p.pool.req_to_token[row, key:q.kv_committed_len].tolist()))
         if not q.last_node.is_root:
             dec.dec_lock_ref(q.last_node.id)
         dec.free_req_rows([row])
@@ -817,11 +829,6 @@ def _hand_off_run(servers, page_size: int, batched: bool) -> tuple[dict, dict]:
     dec.close()
     close_remote(p)
     assert_clean(sup)
-    return held, calls
-
-
-def as_index(t: torch.Tensor) -> array:
-    return array("q", t.tolist())
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -847,12 +854,7 @@ def test_a_hand_off_without_a_cached_prefix_moves_the_held_lock(servers) -> None
     """A request whose ``cache_unfinished_req`` did not run (SGLang's
     ``skip_radix_cache_insert``, or a disabled tree): its row, its slots past the protected
     prefix and the lock it holds from admission move; nothing is inserted."""
-    from sglang_semipd.memory.remote_req_pool import adopt_req_pool
-
-    endpoint, sup = fresh(servers, 1)
-    p = remote_side(endpoint, "skip-p", role="prefill")
-    adopt_req_pool(p.pool, p.alloc.client)
-    dec = KVStateClient(endpoint, "skip-d", role="decode", timeout_s=30)
+    p, dec, sup = _prefill_and_decode_client(servers, 1, "skip")
     warm = p.new_req("warm", list(range(600, 620)))
     p.admit(warm)
     p.prefill(warm, 20, 1)
@@ -869,10 +871,4 @@ def test_a_hand_off_without_a_cached_prefix_moves_the_held_lock(servers) -> None
     report = sup.stats()
     assert report.client_held[dec.client_id] == 3 and report.req_rows_held == {dec.client_id: 1}
     assert report.lock_refs == 1 and report.protected == 20
-    dec.free(as_index(p.pool.req_to_token[row, 20:23]))
-    dec.dec_lock_ref(q.last_node.id)
-    dec.free_req_rows([row])
-    dec.goodbye()
-    dec.close()
-    close_remote(p)
-    assert_clean(sup)
+    _release_handed_off(p, dec, sup, [q])
