@@ -175,9 +175,7 @@ class KVStateClient:
         """A prefill batch's hand-off in one round trip (see ``PrefillHandOff``):
         ``buffers`` are three per entry (token ids, their slots, the tail slots); returns the
         reply and, per entry, the tree's slots the caller's row must adopt."""
-        reply, bufs = self.call(P.PrefillHandOff(to_role=to_role, entries=list(entries)),
-                                *buffers)
-        return reply, bufs
+        return self.call(P.PrefillHandOff(to_role=to_role, entries=list(entries)), *buffers)
 
     def stats(self) -> P.InvariantReport:
         return self.call(P.Stats())[0]
