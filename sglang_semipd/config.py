@@ -140,8 +140,13 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Run the decode worker on SGLang's overlap scheduler (CPU work of the "
                         "next step overlaps the GPU's current one; its KV frees wait for the "
                         "forward in flight). Default: on unless --disable-overlap-schedule, "
-                        "like SGLang's own scheduler. The prefill worker always runs SGLang's "
-                        "non-overlapped loop.")
+                        "like SGLang's own scheduler. The prefill worker's is "
+                        "--prefill-overlap.")
+    g.add_argument("--prefill-overlap", action=argparse.BooleanOptionalAction, default=False,
+                   help="Run the prefill worker on SGLang's overlap scheduler too: the next "
+                        "prefill batch is launched before the last one's results are handled "
+                        "(its hand-off, first tokens, memory-manager calls). Default off: "
+                        "CPU-tested, not yet run on a GPU.")
     g.add_argument("--batch-handoff", action=argparse.BooleanOptionalAction, default=False,
                    help="Hand each prefill batch to the decode worker in one memory-manager "
                         "call (its prompts cached, locks and rows moved) instead of 2-4 calls "
@@ -168,6 +173,7 @@ class SemiPDConfig:
     decode_overlap: bool = True
     idle_loan: str = "splits"
     batch_handoff: bool = False
+    prefill_overlap: bool = False
 
     @property
     def decode_sm_share(self) -> float:
@@ -202,7 +208,8 @@ class SemiPDConfig:
                   mps_pipe_dir=ns.mps_pipe_dir,
                   decode_overlap=_decode_overlap(ns),
                   idle_loan=getattr(ns, "idle_loan", "splits"),
-                  batch_handoff=bool(getattr(ns, "batch_handoff", False)))
+                  batch_handoff=bool(getattr(ns, "batch_handoff", False)),
+                  prefill_overlap=bool(getattr(ns, "prefill_overlap", False)))
         cfg.validate(ns, which)
         return cfg
 
@@ -226,10 +233,11 @@ class SemiPDConfig:
                 if bad(ns):
                     raise SemiPDConfigError(f"{flag} cannot be used with --semi-pd: {why} "
                                             "(or pass --no-semi-pd for stock SGLang)")
-        if self.decode_overlap and ns is not None and getattr(ns, "disable_overlap_schedule",
-                                                              False):
-            raise SemiPDConfigError("--decode-overlap asks for SGLang's overlap scheduler, which "
-                                    "--disable-overlap-schedule turns off: pass one of them")
+        for flag, asked in (("--decode-overlap", self.decode_overlap),
+                            ("--prefill-overlap", self.prefill_overlap)):
+            if asked and ns is not None and getattr(ns, "disable_overlap_schedule", False):
+                raise SemiPDConfigError(f"{flag} asks for SGLang's overlap scheduler, which "
+                                        "--disable-overlap-schedule turns off: pass one of them")
         if self.mps_pipe_dir is not None and \
                 not os.path.exists(os.path.join(self.mps_pipe_dir, "control")):
             raise SemiPDConfigError(f"--mps-pipe-dir {self.mps_pipe_dir}: no MPS control daemon "

@@ -20,7 +20,10 @@ and KV pool (:mod:`sglang_semipd.worker_attach`). What differs:
   prefill worker's stream cursors, so the stream continues where the first token left it.
   Decoding, CUDA graphs, finishing and retraction are SGLang's.
 
-The prefill worker runs SGLang's non-overlapped event loop. The decode worker runs SGLang's
+The prefill worker runs SGLang's non-overlapped event loop, or with ``--prefill-overlap``
+the overlap loop as the decode worker does (there it empties its last prefill batch before
+SGLang merges it into the running batch: under overlap the merge comes before the batch's
+hand-off). The decode worker runs SGLang's
 overlap loop (``--decode-overlap``, on unless ``--disable-overlap-schedule``; its CPU work for
 step N+1 overlaps the GPU's step N): SGLang's ``forward_stream`` is the active split's stream
 (switched between launches, the new stream waiting for the old), each launch records an
@@ -235,7 +238,10 @@ class _SemiPDMixin:
 
     def semipd_activate(self, split: int) -> None:
         """Make ``split`` the one the next iteration runs on (the stream is looked up per
-        iteration; the decode worker also swaps its decode CUDA graphs)."""
+        iteration; under SGLang's overlap loop it becomes the forward stream; the decode
+        worker also swaps its decode CUDA graphs)."""
+        if getattr(self, "enable_overlap", False):
+            self._semipd_use_stream(self.semipd_streams.streams[split])
 
     # -------------------------------------------------------------- SGLang seams
     def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
@@ -329,7 +335,7 @@ class _SemiPDMixin:
         stream.synchronize()  # SGLang's non-overlapped loop waits for it next anyway
         return result
 
-    # -------------------------------------------------------------- overlap (decode only)
+    # -------------------------------------------------------------- SGLang's overlap loop
     def semipd_overlap_init(self, split: int) -> None:
         """Under SGLang's overlap loop: forward on ``split``'s stream, frees gated on the
         forward launched last (see the module docstring)."""
@@ -343,7 +349,7 @@ class _SemiPDMixin:
 
         self.token_to_kv_pool_allocator.free_gate = gate
         self.req_to_token_pool.free_gate = gate
-        logger.info("decode worker: SGLang's overlap loop, frees gated on the forward in flight")
+        logger.info(OVERLAP_LOG, self.semipd_role)
 
     def _semipd_use_stream(self, stream: Any) -> None:
         import torch
@@ -394,6 +400,7 @@ def tell_decode_about_aborts(sender: Any, notify: Any) -> None:
 
 
 BATCH_HANDOFF_LOG = "prefill worker: one PrefillHandOff per prefill batch (--batch-handoff)"
+OVERLAP_LOG = "%s worker: SGLang's overlap loop, frees gated on the forward in flight"
 
 
 def make_prefill_scheduler_cls() -> type:
@@ -411,6 +418,8 @@ def make_prefill_scheduler_cls() -> type:
             self.semipd_batch_handoff = plan.batch_handoff
             if plan.batch_handoff:
                 logger.info(BATCH_HANDOFF_LOG)
+            if self.enable_overlap:
+                self.semipd_overlap_init(start_split)
             self.semipd_admission = AdmissionRetry()
             # a refused allocation waits for the decode worker (RemoteTokenAllocator's doc)
             self.token_to_kv_pool_allocator.oom_wait_s = PREFILL_OOM_WAIT_S
@@ -420,6 +429,16 @@ def make_prefill_scheduler_cls() -> type:
 
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
             self.semipd_admission.check(running_batch)
+            if self.enable_overlap:
+                self.token_to_kv_pool_allocator.release_ready()  # frees whose forward is done
+                self.req_to_token_pool.flush_rows()
+                if last_batch is not None and last_batch.forward_mode.is_extend():
+                    # SGLang merges the last prefill batch into the running batch here, and
+                    # under overlap that comes before its results: every request of it
+                    # leaves for the decode worker (or ends) then, and none may join this
+                    # worker's running batch (without overlap the hand-off filters them out
+                    # first). The batch its results are handled with is a copy.
+                    last_batch.filter_batch(keep_indices=[])
             return super().get_next_batch_to_run(running_batch=running_batch,
                                                  last_batch=last_batch)
 
@@ -598,8 +617,7 @@ def make_decode_scheduler_cls() -> type:
             runner = self.semipd_graph_runners.get(split)
             if runner is not None:
                 self.tp_worker.model_runner.decode_cuda_graph_runner = runner
-            if self.enable_overlap:
-                self._semipd_use_stream(self.semipd_streams.streams[split])
+            super().semipd_activate(split)
 
         def update_running_batch(self, batch: Any) -> Any:
             """SGLang's, after securing the next decode step's KV slots in this worker's
@@ -759,11 +777,12 @@ def make_decode_scheduler_cls() -> type:
     return DecodeScheduler
 
 
-def role_server_args(role: str, sa: Any, decode_overlap: bool = False) -> Any:
+def role_server_args(role: str, sa: Any, decode_overlap: bool = False,
+                     prefill_overlap: bool = False) -> Any:
     """What a worker's ServerArgs change for its role (``sa`` is already a private copy):
-    the ``semipd`` radix backend and SGLang's non-overlapped loop for both, except the decode
-    worker's with ``decode_overlap`` (unless SGLang itself turned overlap off for these
-    arguments: then it stays off, with a warning). No worker captures
+    the ``semipd`` radix backend and SGLang's non-overlapped loop, except the decode worker's
+    with ``decode_overlap`` and the prefill worker's with ``prefill_overlap`` (unless SGLang
+    itself turned overlap off for these arguments: then it stays off, with a warning). No worker captures
     prefill CUDA graphs (the decode worker never prefills; in the prefill worker a graph
     captured off its split's stream would escape the partition), and the prefill worker, which
     never runs a decode batch, captures no decode graphs either."""
@@ -775,10 +794,10 @@ def role_server_args(role: str, sa: Any, decode_overlap: bool = False) -> Any:
     graphs.prefill = dataclasses.replace(graphs.prefill, backend=Backend.DISABLED)
     if role == "prefill":
         graphs.decode = dataclasses.replace(graphs.decode, backend=Backend.DISABLED)
-    overlap = role == "decode" and decode_overlap
+    overlap = decode_overlap if role == "decode" else prefill_overlap
     if overlap and sa.disable_overlap_schedule:
-        logger.warning("--decode-overlap: SGLang turned the overlap scheduler off for these "
-                       "server arguments; the decode worker runs without it")
+        logger.warning("--%s-overlap: SGLang turned the overlap scheduler off for these "
+                       "server arguments; the %s worker runs without it", role, role)
         overlap = False
     sa.override(f"sglang-semipd {role} worker", radix_cache_backend="semipd",
                 disable_overlap_schedule=not overlap, cuda_graph_config=graphs)
@@ -812,6 +831,7 @@ class WorkerPlan:
     generation: int = 0  # > 0: a standby pair of an --sm-partition mps resize
     decode_overlap: bool = False  # --decode-overlap
     batch_handoff: bool = False  # --batch-handoff
+    prefill_overlap: bool = False  # --prefill-overlap
 
     def kv_role(self, role: str = "") -> str:
         """The memory-manager client role of ``role`` (default: this worker's) in this
@@ -857,7 +877,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
                                timeout_s=60.0)
         manifest = client.pool_manifest()
         sa = role_server_args(role, worker_server_args(server_args, manifest),
-                              plan.decode_overlap)
+                              plan.decode_overlap, plan.prefill_overlap)
         register_semipd_radix_backend(lambda ctx: client)
         publish_server_args(sa)
         import torch

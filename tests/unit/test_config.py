@@ -39,12 +39,12 @@ def test_every_flag_is_read():
                 "--sm-splits", "0.7,0.3,0.5,0.3", "--partition-policy", "static",
                 "--slo-ttft-ms", "300", "--slo-tpot-ms", "150", "--slo-attainment", "0.95",
                 "--mps-pipe-dir", "/tmp/mps", "--decode-overlap", "--idle-loan", "most",
-                "--batch-handoff")
+                "--batch-handoff", "--prefill-overlap")
     assert cfg == SemiPDConfig(enabled=False, sm_partition="mps", prefill_sm_share=0.3,
                                sm_splits=(0.3, 0.5, 0.7), partition_policy="static",
                                slo_ttft_ms=300.0, slo_tpot_ms=150.0, slo_attainment=0.95,
                                mps_pipe_dir="/tmp/mps", decode_overlap=True, idle_loan="most",
-                               batch_handoff=True)
+                               batch_handoff=True, prefill_overlap=True)
     assert not cfg.starts_private_mps
 
 
@@ -111,9 +111,12 @@ def test_decode_overlap_follows_sglangs_overlap_setting_unless_given():
     assert not parse("--no-decode-overlap", disable_overlap_schedule=True).decode_overlap
 
 
-def test_batch_handoff_is_off_unless_asked():
+def test_batch_handoff_and_prefill_overlap_are_off_unless_asked():
     assert not parse().batch_handoff and parse("--batch-handoff").batch_handoff
     assert not parse("--no-batch-handoff").batch_handoff
+    assert not parse().prefill_overlap and parse("--prefill-overlap").prefill_overlap
+    with pytest.raises(SemiPDConfigError, match="--prefill-overlap.*--disable-overlap"):
+        parse("--prefill-overlap", disable_overlap_schedule=True)
 
 
 def test_idle_loan_most_plans_two_loan_splits_under_green_only():

@@ -167,7 +167,7 @@ def test_role_server_args_graphs_decode_worker_decode_only(tmp_path):
     assert sa.radix_cache_backend != "semipd"
 
 
-def test_role_server_args_overlap_only_for_the_decode_worker_and_only_if_sglang_allows(
+def test_role_server_args_overlap_per_worker_as_asked_and_only_if_sglang_allows(
         tmp_path, caplog):
     import copy
 
@@ -183,10 +183,49 @@ def test_role_server_args_overlap_only_for_the_decode_worker_and_only_if_sglang_
     assert role_server_args("prefill", copy.deepcopy(sa), True).disable_overlap_schedule
     assert not role_server_args("decode", copy.deepcopy(sa), True).disable_overlap_schedule
     assert role_server_args("decode", copy.deepcopy(sa)).disable_overlap_schedule
+    assert not role_server_args("prefill", copy.deepcopy(sa), False, True).disable_overlap_schedule
+    assert role_server_args("decode", copy.deepcopy(sa), False, True).disable_overlap_schedule
     off = copy.deepcopy(sa)  # as SGLang's own checks resolve it for some features
     off.override("a feature without overlap", disable_overlap_schedule=True)
-    assert role_server_args("decode", off, True).disable_overlap_schedule
-    assert "runs without it" in caplog.text
+    assert role_server_args("decode", copy.deepcopy(off), True).disable_overlap_schedule
+    assert "--decode-overlap" in caplog.text and "runs without it" in caplog.text
+    assert role_server_args("prefill", off, False, True).disable_overlap_schedule
+    assert "the prefill worker runs without it" in caplog.text
+
+
+def test_under_overlap_the_prefill_worker_never_merges_its_last_prefill_batch(monkeypatch):
+    """SGLang's overlap loop merges the last prefill batch into the running batch before
+    that batch's results are handled (its hand-off). The prefill worker empties it first:
+    its requests leave for the decode worker. SGLang's own pass is played by a recorder of
+    what it would merge; the batches are SGLang's ``ScheduleBatch``."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_semipd.workers import AdmissionRetry, _SemiPDMixin, make_prefill_scheduler_cls
+
+    merged, calls = [], []
+    monkeypatch.setattr(_SemiPDMixin, "get_next_batch_to_run",
+                        lambda self, running_batch, last_batch: merged.append(
+                            list(last_batch.reqs) if last_batch is not None else None) or "plan")
+    worker = object.__new__(make_prefill_scheduler_cls())
+    worker.semipd_admission = AdmissionRetry()
+    worker.token_to_kv_pool_allocator = SimpleNamespace(
+        release_ready=lambda: calls.append("release_ready"))
+    worker.req_to_token_pool = SimpleNamespace(flush_rows=lambda: calls.append("flush_rows"))
+    reqs = ["r1", "r2"]
+    for overlap, mode, expect in ((True, ForwardMode.EXTEND, []),
+                                  (False, ForwardMode.EXTEND, reqs),
+                                  (True, ForwardMode.DECODE, reqs)):
+        worker.enable_overlap = overlap
+        last = ScheduleBatch(reqs=list(reqs), forward_mode=mode)
+        copy_for_results = last.copy()
+        assert worker.get_next_batch_to_run(None, last) == "plan"
+        assert merged.pop() == expect, (overlap, mode)
+        assert copy_for_results.reqs == reqs  # what its results are handled with
+    assert calls == ["release_ready", "flush_rows"] * 2  # overlap: gated frees that are done
+    assert worker.get_next_batch_to_run(None, None) == "plan" and merged.pop() is None
 
 
 def test_prefill_abort_echoes_are_passed_on_to_the_decode_worker():

@@ -1,14 +1,18 @@
-"""On the GPU host: ``--batch-handoff`` (each prefill batch cached in the shared tree and handed
-to the decode worker in one ``PrefillHandOff`` call) changes no output and leaks nothing.
+"""On the GPU host: the prefill worker's two opt-in speed-ups change no output and leak
+nothing: ``--batch-handoff`` (each prefill batch cached in the shared tree and handed to the
+decode worker in one ``PrefillHandOff`` call), alone and with ``--prefill-overlap`` (the
+prefill worker on SGLang's overlap loop: the next batch launched before the last one's results
+and hand-off are handled).
 
 The load is built to hit every branch of the batched hand-off at once: 42 concurrent requests
 on six shared 120-token prefixes (prefix hits that arrive locked, and prompts whose prefix a
 request earlier in the same batch inserts), six exact twins of other prompts in the same burst
 (their slots duplicate a twin's and are freed, their rows re-pointed at the tree's), and a
-4,096-slot pool that makes the decode worker retract. Required: the server log says the batched
-hand-off ran; every request returns exactly ``max_new_tokens`` tokens equal, token for token,
-to stock SGLang's for the same prompt sent alone (deterministic inference); at idle the shared
-pool holds nothing."""
+4,096-slot pool that makes the decode worker retract. Required: the server log says what ran;
+every request returns exactly ``max_new_tokens`` tokens equal, token for token, to stock
+SGLang's for the same prompt sent alone (deterministic inference; if only some differ,
+check first whether prefix-cache hits change numerics there); at idle the shared pool holds
+nothing."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import pytest
 from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, greedy_generate,
                                           pool_leaks, python_module_cmd, semipd_pool_report,
                                           stock_greedy_outputs)
-from sglang_semipd.workers import BATCH_HANDOFF_LOG
+from sglang_semipd.workers import BATCH_HANDOFF_LOG, OVERLAP_LOG
 
 pytestmark = pytest.mark.gpu
 
@@ -46,16 +50,20 @@ def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
                                 _prompts(), OUT)
 
 
-def test_batched_hand_off_matches_stock_and_leaks_nothing(stock_outputs, tiny_bf16,
-                                                          gpu_log_dir):
+@pytest.mark.parametrize("flags", [("--batch-handoff",), ("--batch-handoff", "--prefill-overlap")],
+                         ids=["batch", "batch+overlap"])
+def test_prefill_speedups_match_stock_and_leak_nothing(stock_outputs, tiny_bf16, gpu_log_dir,
+                                                       flags):
     cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny_bf16),
-                            "--port", str(PORT), "--batch-handoff",
-                            "--partition-policy", "static", *FLAGS)
-    with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_semipd_batch.log")) as s:
+                            "--port", str(PORT), *flags, "--partition-policy", "static", *FLAGS)
+    log = os.path.join(gpu_log_dir, f"server_semipd_{'_'.join(f[2:] for f in flags)}.log")
+    with ServerProcess(cmd, PORT, log) as s:
         prompts = _prompts()
         with ThreadPoolExecutor(len(prompts)) as pool:
             outs = list(pool.map(lambda p: greedy_generate(s.url, p, OUT), prompts))
-        assert BATCH_HANDOFF_LOG in s.log_path.read_text(errors="replace")
+        text = s.log_path.read_text(errors="replace")
+        assert BATCH_HANDOFF_LOG in text
+        assert (OVERLAP_LOG % "prefill" in text) == ("--prefill-overlap" in flags)
         for k, (out, stock) in enumerate(zip(outs, stock_outputs)):
             assert out["meta_info"]["completion_tokens"] == OUT, (k, out["meta_info"])
             assert out["output_ids"] == stock, f"prompt {k}: output differs from stock"
