@@ -120,6 +120,9 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # diagnostic: the prefill batch handed off in one memory-manager call (--batch-handoff)
     "diag_semipd_green_slo_batch_handoff": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--batch-handoff")),
+    # diagnostic: that, and the prefill worker on SGLang's overlap loop (--prefill-overlap)
+    "diag_semipd_green_slo_prefill_overlap": ("sglang_semipd.launch_server", (
+        *GREEN_SLO, "--batch-handoff", "--prefill-overlap")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none")
