@@ -351,6 +351,12 @@ class _SemiPDMixin:
         self.req_to_token_pool.free_gate = gate
         logger.info(OVERLAP_LOG, self.semipd_role)
 
+    def _release_done_frees(self) -> None:
+        """Under the overlap loop: the freed slots and rows whose gating forward has
+        completed go back to the memory manager."""
+        self.token_to_kv_pool_allocator.release_ready()
+        self.req_to_token_pool.flush_rows()
+
     def _semipd_use_stream(self, stream: Any) -> None:
         import torch
 
@@ -430,8 +436,7 @@ def make_prefill_scheduler_cls() -> type:
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
             self.semipd_admission.check(running_batch)
             if self.enable_overlap:
-                self.token_to_kv_pool_allocator.release_ready()  # frees whose forward is done
-                self.req_to_token_pool.flush_rows()
+                self._release_done_frees()
                 if last_batch is not None and last_batch.forward_mode.is_extend():
                     # SGLang merges the last prefill batch into the running batch here, and
                     # under overlap that comes before its results: every request of it
@@ -484,7 +489,7 @@ def make_prefill_scheduler_cls() -> type:
         @staticmethod
         def _hand_off_record(r: Any) -> P.HandOff:
             """What the decode worker needs of a request whose row, tail slots and lock ref
-            the tree cache's ``hand_off`` has moved to it."""
+            have moved to it (the tree cache's ``hand_off``, or ``_transfer``)."""
             node = r.last_node
             locked = node is not None and not node.is_root
             return P.HandOff(
@@ -667,9 +672,8 @@ def make_decode_scheduler_cls() -> type:
             return held
 
         def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
-            if self.enable_overlap:  # frees and rows whose forward has completed
-                self.token_to_kv_pool_allocator.release_ready()
-                self.req_to_token_pool.flush_rows()
+            if self.enable_overlap:
+                self._release_done_frees()
             while True:
                 try:
                     frames = self.handoff_sock.recv_multipart(zmq.NOBLOCK)
