@@ -473,7 +473,11 @@ def make_prefill_scheduler_cls() -> type:
                 self._send_handoff(self._hand_off_record(r))
                 r.req_pool_idx = None  # the decode worker owns the row now
                 r.kv = None
-            if done:
+            if done and not self.enable_overlap:
+                # without overlap ``batch`` is the last batch SGLang merges next: the handed-off
+                # requests leave it here. Under overlap it is ``ScheduleBatch.copy()`` (no CPU
+                # index lists to filter) and the last batch was emptied already
+                # (get_next_batch_to_run)
                 batch.filter_batch(chunked_req_to_exclude=done)
 
         def _transfer(self, r: Any) -> None:
@@ -844,6 +848,9 @@ class WorkerPlan:
         return role if self.generation == 0 else f"{role}@{self.generation}"
 
 
+WORKER_CRASH_EXIT_CODE = 70  # a worker whose event loop raised (run_worker_process)
+
+
 class WorkerRetired(Exception):
     """Raised out of SGLang's event loop by a worker that retired (``Retire``)."""
 
@@ -903,9 +910,23 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
     from sglang_semipd.stack_sampler import maybe_start
 
     maybe_start(plan.kv_role())  # diagnostics, off unless its environment variable is set
+    run_event_loop_to_exit(scheduler, role, plan.generation)
+
+
+def run_event_loop_to_exit(scheduler: Any, role: str, generation: int) -> None:
+    """Run a started worker's SGLang event loop. It returns after SGLang's ``ShutdownReq``.
+    A retire (``WorkerRetired``) ends the process with code 0; an exception out of the loop
+    ends it with :data:`WORKER_CRASH_EXIT_CODE`, at once: SGLang's helper threads (and CUDA
+    teardown) could otherwise keep a crashed worker's process alive, and the semi-PD
+    scheduler, which takes a dead child down with the server, would never see it die while
+    the worker's requests hung."""
     try:
         scheduler.run_event_loop()
     except WorkerRetired:  # an --sm-partition mps resize swapped this generation out
-        logger.info("semi-PD %s worker (generation %d) retired", role, plan.generation)
+        logger.info("semi-PD %s worker (generation %d) retired", role, generation)
         logging.shutdown()
-        os._exit(0)  # SGLang's helper threads must not keep a retired worker alive
+        os._exit(0)
+    except Exception:  # as SGLang's run_scheduler_process, which then SIGQUITs its parent
+        logger.exception("semi-PD %s worker (generation %d) crashed", role, generation)
+        logging.shutdown()
+        os._exit(WORKER_CRASH_EXIT_CODE)

@@ -8,8 +8,10 @@ The load is built to hit every branch of the batched hand-off at once: 42 concur
 on six shared 120-token prefixes (prefix hits that arrive locked, and prompts whose prefix a
 request earlier in the same batch inserts), six exact twins of other prompts in the same burst
 (their slots duplicate a twin's and are freed, their rows re-pointed at the tree's), and a
-4,096-slot pool that makes the decode worker retract. Required: the server log says what ran;
-every request returns exactly ``max_new_tokens`` tokens equal, token for token, to stock
+4,096-slot pool that makes the decode worker retract, and 128-token prefill chunks, so most
+batches hand off requests next to one still being chunked (under ``--prefill-overlap`` that
+crashed the prefill worker in a ShareGPT benchmark, session 14). Required: the server log
+says what ran; every request returns exactly ``max_new_tokens`` tokens equal, token for token, to stock
 SGLang's for the same prompt sent alone (deterministic inference; if only some differ,
 check first whether prefix-cache hits change numerics there); at idle the shared pool holds
 nothing."""
@@ -31,7 +33,7 @@ from sglang_semipd.workers import BATCH_HANDOFF_LOG, OVERLAP_LOG
 pytestmark = pytest.mark.gpu
 
 PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 31
-FLAGS = SMALL_POOL_FLAGS
+FLAGS = (*SMALL_POOL_FLAGS, "--chunked-prefill-size", "128")  # stock too: same chunks
 OUT = 48
 
 

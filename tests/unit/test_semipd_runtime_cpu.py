@@ -228,6 +228,61 @@ def test_under_overlap_the_prefill_worker_never_merges_its_last_prefill_batch(mo
     assert worker.get_next_batch_to_run(None, None) == "plan" and merged.pop() is None
 
 
+def test_prefill_hand_off_of_a_batch_with_a_chunked_request_with_and_without_overlap(
+        monkeypatch):
+    """A prefill batch whose requests are handed off next to one still being chunked.
+    Without overlap the batch is the one SGLang merges next, and only the chunked request
+    stays in it. Under overlap the results come with ``ScheduleBatch.copy()``, which has no
+    CPU index lists: filtering it crashed the prefill worker on the H100 (session 14), so it
+    is left alone there (the last batch itself was emptied before SGLang's merge). SGLang's
+    result pass is played by a recorder that gives each non-chunked request its first token;
+    requests and batches are SGLang's."""
+    from array import array
+    from types import SimpleNamespace
+
+    import torch
+    from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req, ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sglang_semipd.workers import _SemiPDMixin, make_prefill_scheduler_cls
+
+    def result_pass(self, batch, result):
+        for r in batch.reqs:
+            if r is not self.chunked_req:
+                r.output_ids.append(7)
+                if r.rid == "ends":
+                    r.finished_reason = FINISH_LENGTH(length=1)
+
+    monkeypatch.setattr(_SemiPDMixin, "process_batch_result", result_pass)
+    for overlap in (False, True):
+        worker = object.__new__(make_prefill_scheduler_cls())
+        worker.enable_overlap, worker.semipd_batch_handoff = overlap, False
+        sent, moved = [], []
+        worker._send_handoff = sent.append
+        worker._transfer = lambda r: moved.append(r.rid)
+        reqs = [Req(rid, "", array("q", [1, 2, 3]), SamplingParams(max_new_tokens=8))
+                for rid in ("a", "ends", "b", "chunked")]
+        for k, r in enumerate(reqs):
+            r.req_pool_idx, r.kv_committed_len = k, 3
+        worker.chunked_req = reqs[-1]
+        n = len(reqs)
+        batch = ScheduleBatch(
+            reqs=list(reqs), forward_mode=ForwardMode.EXTEND, device="cpu",
+            model_config=SimpleNamespace(is_encoder_decoder=False),
+            req_pool_indices=torch.arange(n), req_pool_indices_cpu=torch.arange(n),
+            seq_lens=torch.full((n,), 3), orig_seq_lens=torch.full((n,), 3),
+            sampling_info=SimpleNamespace(filter_batch=lambda keep, keep_device: None))
+        worker.process_batch_result(batch.copy() if overlap else batch, None)
+        assert moved == ["a", "b"], overlap
+        assert [(h.rid, h.finished) for h in sent] == \
+            [("ends", True), ("a", False), ("b", False)], overlap
+        assert [h.req_pool_idx for h in sent[1:]] == [0, 2]
+        assert reqs[0].req_pool_idx is None and reqs[2].req_pool_idx is None
+        assert [r.rid for r in batch.reqs] == \
+            (["a", "ends", "b", "chunked"] if overlap else ["chunked"])
+
+
 def test_prefill_abort_echoes_are_passed_on_to_the_decode_worker():
     from sglang.srt.managers.io_struct import AbortReq
     from sglang.srt.managers.scheduler_components.output_sender import SenderWrapper

@@ -162,3 +162,44 @@ def test_overlap_reports_each_step_when_its_result_is_in(monkeypatch):
         (0, 9.0, 10.0), (1, 10.0, 10.5), (2, 11.0, 12.0)]
     w.process_batch_result(None, "r3")  # not overlapped (nothing launched here): no report
     assert len(sent) == 3
+
+
+class _LoopThatLeavesAThread:
+    """An event loop that starts a non-daemon helper thread (as SGLang's do) and then ends
+    with ``outcome``: an exception to raise, or None to return."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+
+    def run_event_loop(self) -> None:
+        import threading
+
+        threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+        if self.outcome is not None:
+            raise self.outcome
+
+
+def _run_loop(outcome) -> None:
+    from sglang_semipd.workers import run_event_loop_to_exit
+
+    run_event_loop_to_exit(_LoopThatLeavesAThread(outcome), "prefill", 0)
+
+
+@pytest.mark.parametrize("outcome,code", [(RuntimeError("a bug in a result pass"), None),
+                                          (WorkerRetired(), 0)], ids=["crash", "retire"])
+def test_a_worker_whose_loop_ends_exits_though_a_helper_thread_lives_on(outcome, code):
+    """The scheduler takes the server down when a worker process dies; a crashed worker's
+    process must therefore die even with SGLang's helper threads still running (on the H100 a
+    prefill worker's exception left its process alive and every request hung until the
+    client gave up). A retired worker exits 0, a crashed one with WORKER_CRASH_EXIT_CODE."""
+    from sglang_semipd.workers import WORKER_CRASH_EXIT_CODE
+
+    proc = mp.get_context("spawn").Process(target=_run_loop, args=(outcome,))
+    proc.start()
+    proc.join(30)
+    alive = proc.is_alive()
+    if alive:
+        proc.kill()
+        proc.join(5)
+    assert not alive, "the worker process outlived its event loop"
+    assert proc.exitcode == (WORKER_CRASH_EXIT_CODE if code is None else code)
