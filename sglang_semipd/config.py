@@ -145,12 +145,12 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prefill-overlap", action=argparse.BooleanOptionalAction, default=False,
                    help="Run the prefill worker on SGLang's overlap scheduler too: the next "
                         "prefill batch is launched before the last one's results are handled "
-                        "(its hand-off, first tokens, memory-manager calls). Default off: "
-                        "CPU-tested, not yet run on a GPU.")
+                        "(its hand-off, first tokens, memory-manager calls). Default off: its "
+                        "first H100 benchmark run crashed (fixed since, not yet rerun).")
     g.add_argument("--batch-handoff", action=argparse.BooleanOptionalAction, default=False,
                    help="Hand each prefill batch to the decode worker in one memory-manager "
                         "call (its prompts cached, locks and rows moved) instead of 2-4 calls "
-                        "per request. Default off: CPU-tested, not yet run on a GPU.")
+                        "per request. Default off: on the H100 it was correct but no faster.")
     g.add_argument("--mps-pipe-dir", default=None,
                    help="Use the running MPS control daemon of this CUDA_MPS_PIPE_DIRECTORY "
                         "instead of starting a private one.")
