@@ -11,6 +11,11 @@ samples would under-weight exactly the busy Python code one looks for. Every ``d
 it rewrites ``<dir>/<name>.json`` (atomically), so a process that is killed still leaves its
 last dump.
 
+Phases: the sampled thread may set :attr:`StackSampler.phase` (a short string, or None) at
+any time; every sample also counts, under ``phases[<phase>]``, toward the phase that was set
+when it was taken. A worker marks the time between two forward passes while requests wait
+(``GAP_WAITING``), so one digest says where exactly that time goes.
+
 Overhead: each sample takes the GIL for a few tens of microseconds; at the default 2 ms
 interval that is a few percent of the main thread. A sample can only be taken when the main
 thread lets go of the GIL, so time inside a C call that holds it is credited to the Python
@@ -44,9 +49,45 @@ def _where(frame: FrameType) -> str:
     return f"{short}:{code.co_firstlineno} {code.co_name}"
 
 
+class _Counts:
+    """Where the sampled time went: per function on top of the stack (``self``), anywhere
+    on it (``inclusive``) and per innermost call path."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.total_s = 0.0  # time the samples stand for
+        self.self_counts: collections.Counter[str] = collections.Counter()
+        self.inclusive: collections.Counter[str] = collections.Counter()
+        self.paths: collections.Counter[str] = collections.Counter()
+
+    def add(self, stack: list[str], weight_s: float) -> None:
+        self.samples += 1
+        self.total_s += weight_s
+        self.self_counts[stack[0]] += weight_s
+        for name in set(stack):
+            self.inclusive[name] += weight_s
+        self.paths[" <- ".join(stack[:PATH_DEPTH])] += weight_s
+
+    def digest(self, top: int) -> dict[str, Any]:
+        """Shares of this count's sampled time, the largest first."""
+        n = self.total_s or 1.0
+
+        def share(counter: collections.Counter[str], k: int) -> list[list[Any]]:
+            return [[name, round(c / n, 4)] for name, c in counter.most_common(k)]
+
+        return {"samples": self.samples, "sampled_s": round(self.total_s, 3),
+                "self": share(self.self_counts, top),
+                "inclusive": share(self.inclusive, 2 * top),
+                "paths": share(self.paths, top)}
+
+
+GAP_WAITING = "gap_waiting"  # a worker between two forward passes while requests wait
+
+
 class StackSampler(threading.Thread):
     """Samples ``thread_id``'s stack (default: the thread that creates the sampler) until
-    :meth:`stop`; ``snapshot`` gives the counts so far, ``dump`` writes them to ``path``."""
+    :meth:`stop`; ``snapshot`` gives the counts so far (all samples, and per :attr:`phase`),
+    ``dump`` writes them to ``path``."""
 
     def __init__(self, path: Optional[Path], interval_s: float = 0.002,
                  dump_every_s: float = 5.0, thread_id: Optional[int] = None,
@@ -59,17 +100,16 @@ class StackSampler(threading.Thread):
         self.dump_every_s = dump_every_s
         self.thread_id = threading.get_ident() if thread_id is None else thread_id
         self.top = top
-        self.samples = 0
-        self.total_s = 0.0  # time the samples stand for
-        self.self_counts: collections.Counter[str] = collections.Counter()
-        self.inclusive: collections.Counter[str] = collections.Counter()
-        self.paths: collections.Counter[str] = collections.Counter()
+        self.all = _Counts()
+        self.by_phase: dict[str, _Counts] = {}
+        self.phase: Optional[str] = None  # set by the sampled thread (module docstring)
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
         self.started_at = time.monotonic()
 
     def sample_once(self, weight_s: float = 1.0) -> bool:
         """Take one sample standing for ``weight_s`` seconds; False when the thread is gone."""
+        phase = self.phase  # read first: a phase change during the walk counts next time
         frame = sys._current_frames().get(self.thread_id)
         if frame is None:
             return False
@@ -78,28 +118,23 @@ class StackSampler(threading.Thread):
             stack.append(_where(frame))
             frame = frame.f_back
         with self._lock:
-            self.samples += 1
-            self.total_s += weight_s
-            self.self_counts[stack[0]] += weight_s
-            for name in set(stack):
-                self.inclusive[name] += weight_s
-            self.paths[" <- ".join(stack[:PATH_DEPTH])] += weight_s
+            self.all.add(stack, weight_s)
+            if phase is not None:
+                self.by_phase.setdefault(phase, _Counts()).add(stack, weight_s)
         return True
+
+    @property
+    def samples(self) -> int:
+        return self.all.samples
 
     def snapshot(self) -> dict[str, Any]:
         """Time so far, the largest first (shares of the sampled time)."""
         with self._lock:
-            n = self.total_s or 1.0
-
-            def share(counter: collections.Counter[str], k: int) -> list[list[Any]]:
-                return [[name, round(c / n, 4)] for name, c in counter.most_common(k)]
-
-            return {"samples": self.samples, "interval_s": self.interval_s,
-                    "sampled_s": round(self.total_s, 3),
-                    "wall_s": round(time.monotonic() - self.started_at, 3), "pid": os.getpid(),
-                    "self": share(self.self_counts, self.top),
-                    "inclusive": share(self.inclusive, 2 * self.top),
-                    "paths": share(self.paths, self.top)}
+            out = self.all.digest(self.top)
+            out.update(interval_s=self.interval_s, pid=os.getpid(),
+                       wall_s=round(time.monotonic() - self.started_at, 3),
+                       phases={name: c.digest(self.top) for name, c in self.by_phase.items()})
+            return out
 
     def dump(self) -> None:
         if self.path is None:

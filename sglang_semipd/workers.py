@@ -48,6 +48,7 @@ import zmq
 
 from sglang_semipd import protocol as P
 from sglang_semipd.handoff import DecodeInbox
+from sglang_semipd.stack_sampler import GAP_WAITING
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class _SemiPDMixin:
 
     semipd_client: Any
     semipd_role: str = ""
+    semipd_sampler: Any = None  # the diagnostic stack sampler, when on (stack_sampler.py)
 
     def semipd_common_init(self, client: Any, streams: Any, start_split: int,
                            control_endpoint: str) -> None:
@@ -302,12 +304,18 @@ class _SemiPDMixin:
         split = state.split
         queued = len(self.waiting_queue)
         iteration = state.begin_iteration()
+        sampler = self.semipd_sampler
+        if sampler is not None:
+            sampler.phase = "forward"
         start = time.monotonic()
         try:
             result = self._launch(batch, *args, **kwargs) if overlap else \
                 self._forward_on(split, batch, *args, **kwargs)
         finally:
             ack = state.end_iteration()
+            if sampler is not None:  # until the next forward: the gap the phase profile
+                # reports as "idle with work waiting" when requests wait
+                sampler.phase = GAP_WAITING if queued else None
         mode = batch.forward_mode
         tokens = batch.extend_num_tokens if mode.is_extend() else batch.batch_size()
         stat = P.IterationStat(
@@ -909,7 +917,8 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
         raise
     from sglang_semipd.stack_sampler import maybe_start
 
-    maybe_start(plan.kv_role())  # diagnostics, off unless its environment variable is set
+    # diagnostics, off unless its environment variable is set; run_batch marks its phases
+    scheduler.semipd_sampler = maybe_start(plan.kv_role())
     run_event_loop_to_exit(scheduler, role, plan.generation)
 
 

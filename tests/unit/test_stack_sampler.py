@@ -75,3 +75,56 @@ def test_maybe_start_is_off_without_the_variable(monkeypatch, tmp_path):
 def test_bad_interval_is_refused(tmp_path):
     with pytest.raises(ValueError, match="interval_s"):
         S.StackSampler(tmp_path / "x.json", interval_s=0)
+
+
+def test_samples_are_also_counted_per_phase_the_thread_sets(tmp_path):
+    sampler = S.StackSampler(tmp_path / "p.json", interval_s=0.001)
+    sampler.start()
+    sampler.phase = S.GAP_WAITING
+    _spin_here(0.3)
+    sampler.phase = None
+    _sleep_there(0.2)
+    sampler.phase = "other"
+    _sleep_there(0.1)
+    sampler.stop()
+    sampler.join(5)
+    data = sampler.snapshot()
+    assert set(data["phases"]) == {S.GAP_WAITING, "other"}
+    gap = dict(data["phases"][S.GAP_WAITING]["inclusive"])
+    other = dict(data["phases"]["other"]["inclusive"])
+    assert next(v for k, v in gap.items() if k.endswith(" _spin_here")) > 0.9
+    assert not any(k.endswith(" _sleep_there") and v > 0.1 for k, v in gap.items())
+    assert next(v for k, v in other.items() if k.endswith(" _sleep_there")) > 0.9
+    # every sample counts in the whole-life digest, a phase's only in its own
+    assert data["samples"] > data["phases"][S.GAP_WAITING]["samples"] + \
+        data["phases"]["other"]["samples"]
+    assert 0.2 < data["phases"][S.GAP_WAITING]["sampled_s"] < 0.45
+
+
+def test_a_worker_marks_its_forward_and_the_gap_while_requests_wait(tmp_path):
+    """The semi-PD worker's ``run_batch`` (SGLang's forward underneath played by a recorder of
+    the phase it runs in) sets the sampler's phase: ``forward`` during the forward, then
+    ``GAP_WAITING`` until the next forward if requests were left waiting, else none."""
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sglang_semipd.partition.resize import WorkerResizeState
+    from sglang_semipd.workers import make_prefill_scheduler_cls
+
+    worker = object.__new__(make_prefill_scheduler_cls())
+    worker.enable_overlap = False
+    worker.semipd_resize = WorkerResizeState("prefill", 0)
+    worker.semipd_sampler = sampler = S.StackSampler(None)  # not started: phases only
+    reports, during = [], []
+    worker._send_control = reports.append
+    worker._forward_on = lambda split, batch: during.append(sampler.phase) or "result"
+    req = Req("r", "", array("q", [1, 2]), SamplingParams())
+    batch = ScheduleBatch(reqs=[req], forward_mode=ForwardMode.EXTEND, extend_num_tokens=2)
+    for waiting, after in (([req], S.GAP_WAITING), ([], None)):
+        worker.waiting_queue = waiting
+        assert worker.run_batch(batch) == "result"
+        assert during.pop() == "forward" and sampler.phase == after
+    assert [r.queued for r in reports] == [1, 0]
