@@ -11,10 +11,10 @@ request earlier in the same batch inserts), six exact twins of other prompts in 
 4,096-slot pool that makes the decode worker retract, and 128-token prefill chunks, so most
 batches hand off requests next to one still being chunked (under ``--prefill-overlap`` that
 crashed the prefill worker in a ShareGPT benchmark, session 14). Required: the server log
-says what ran; every request returns exactly ``max_new_tokens`` tokens equal, token for token, to stock
-SGLang's for the same prompt sent alone (deterministic inference; if only some differ,
-check first whether prefix-cache hits change numerics there); at idle the shared pool holds
-nothing."""
+says what ran; every request returns exactly ``max_new_tokens`` tokens equal, token for
+token, to stock SGLang's for the same prompt sent alone (deterministic inference; if only
+some differ, check first whether prefix-cache hits change numerics there); at idle the shared
+pool holds nothing."""
 
 from __future__ import annotations
 

@@ -86,9 +86,6 @@ def test_a_killed_process_stops_the_server_and_frees_the_gpu(victim, tiny_bf16, 
         pids = _procs_named(victim, session=server.proc.pid)
         assert len(pids) == 1, f"processes titled {victim} in the server's session: {pids}"
         os.kill(pids[0], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _gone(server):
-            time.sleep(1)
         _assert_down_and_freed(server)
         text = open(log, errors="replace").read()
         # a worker or the manager: the semi-PD scheduler names it; the scheduler itself:
