@@ -123,10 +123,6 @@ class StackSampler(threading.Thread):
                 self.by_phase.setdefault(phase, _Counts()).add(stack, weight_s)
         return True
 
-    @property
-    def samples(self) -> int:
-        return self.all.samples
-
     def snapshot(self) -> dict[str, Any]:
         """Time so far, the largest first (shares of the sampled time)."""
         with self._lock:
