@@ -45,6 +45,38 @@ _INCOMPATIBLE: tuple[tuple[str, Callable[[argparse.Namespace], bool], str], ...]
 )
 
 
+# SGLang 0.5.17's deterministic inference (Scheduler.init_deterministic_inference_config) cuts
+# prefill chunks only at multiples of a per-backend size; with --chunked-prefill-size below it,
+# PrefillAdder.add_one_req never admits a prompt longer than the chunk and the server waits
+# forever (seen on the H100, session 15). Backend -> (environment variable, SGLang's default).
+DETERMINISTIC_CHUNK_ALIGN: dict[str, tuple[str, int]] = {
+    "triton": ("SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE", 4096),
+    "flashinfer": ("SGLANG_FLASHINFER_PREFILL_SPLIT_TILE_SIZE", 4096),
+}
+
+
+def _deterministic_chunk_problem(ns: argparse.Namespace) -> Optional[str]:
+    """Why ``ns``'s chunked prefill can never admit a long prompt, or None."""
+    if not getattr(ns, "enable_deterministic_inference", False):
+        return None
+    align = DETERMINISTIC_CHUNK_ALIGN.get(getattr(ns, "attention_backend", None) or "")
+    chunk = getattr(ns, "chunked_prefill_size", None)
+    if align is None or chunk is None or chunk <= 0:
+        return None
+    env, default = align
+    try:
+        size = int(os.environ.get(env, default))
+    except ValueError:
+        return None  # SGLang reports its own environment variables
+    if chunk >= size:
+        return None
+    return (f"--chunked-prefill-size {chunk} is below {env}={size}: with "
+            f"--enable-deterministic-inference and --attention-backend "
+            f"{ns.attention_backend}, SGLang only cuts prefill chunks at multiples of it, so a "
+            f"prompt longer than {chunk} tokens would wait forever; raise the chunk size or "
+            f"set {env}={chunk}")
+
+
 class SemiPDConfigError(ValueError):
     """A semi-PD flag, or a combination with an SGLang flag, that cannot work."""
 
@@ -225,6 +257,9 @@ class SemiPDConfig:
             raise SemiPDConfigError(f"--partition-policy must be one of {PARTITION_POLICIES}")
         if self.idle_loan not in IDLE_LOANS:
             raise SemiPDConfigError(f"--idle-loan must be one of {IDLE_LOANS}")
+        problem = _deterministic_chunk_problem(ns) if ns is not None else None
+        if problem:  # stock SGLang (--no-semi-pd) hangs the same way: refused for both
+            raise SemiPDConfigError(problem)
         if not self.enabled:
             return
         self._check_mps(which)

@@ -35,6 +35,17 @@ pytestmark = pytest.mark.gpu
 PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 31
 FLAGS = (*SMALL_POOL_FLAGS, "--chunked-prefill-size", "128")  # stock too: same chunks
 OUT = 48
+# SMALL_POOL_FLAGS' deterministic triton prefill cuts chunks only at multiples of this size
+# (default 4096): below the chunk size, stock SGLang never admitted the first long prompt
+ALIGN_ENV = {"SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE": "128"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chunk_alignment():
+    with pytest.MonkeyPatch.context() as mp:  # every server of this module inherits it
+        for key, value in ALIGN_ENV.items():
+            mp.setenv(key, value)
+        yield
 
 
 def _prompts() -> list[list[int]]:

@@ -180,3 +180,25 @@ def test_an_explicit_slo_policy_without_green_contexts_is_refused(mode):
     assert ("/set_internal_state" in str(exc.value)) == (mode == "mps")
     # stock SGLang ignores the semi-PD flags
     assert not parse("--no-semi-pd", "--sm-partition", mode, "--partition-policy", "slo").enabled
+
+
+@pytest.mark.parametrize("backend,env", [("triton", "SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE"),
+                                         ("flashinfer", "SGLANG_FLASHINFER_PREFILL_SPLIT_TILE_SIZE")])
+def test_deterministic_chunks_below_sglangs_alignment_are_refused(monkeypatch, backend, env):
+    monkeypatch.delenv(env, raising=False)
+    small = dict(enable_deterministic_inference=True, attention_backend=backend,
+                 chunked_prefill_size=128)
+    for semi_pd in ("--semi-pd", "--no-semi-pd"):  # stock SGLang waits forever too
+        with pytest.raises(SemiPDConfigError, match=f"{env}=4096.*{env}=128"):
+            parse(semi_pd, **small)
+    monkeypatch.setenv(env, "128")  # chunks aligned to 128: SGLang admits them
+    assert parse(**small).enabled
+    monkeypatch.setenv(env, "256")
+    with pytest.raises(SemiPDConfigError, match="below"):
+        parse(**small)
+    monkeypatch.delenv(env)
+    for ok in (dict(small, chunked_prefill_size=4096), dict(small, chunked_prefill_size=-1),
+               dict(small, chunked_prefill_size=None),
+               dict(small, enable_deterministic_inference=False),
+               dict(small, attention_backend="fa3"), dict(small, attention_backend=None)):
+        assert parse(**ok).enabled, ok
