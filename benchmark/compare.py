@@ -123,6 +123,10 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # diagnostic: that, and the prefill worker on SGLang's overlap loop (--prefill-overlap)
     "diag_semipd_green_slo_prefill_overlap": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--batch-handoff", "--prefill-overlap")),
+    # diagnostic: half of each chunk's budget held back for the prompts waiting behind a long
+    # chunked one (--prefill-chunk-reserve; session 14's TTFT tails were such waits)
+    "diag_semipd_green_slo_chunk_reserve": ("sglang_semipd.launch_server", (
+        *GREEN_SLO, "--prefill-chunk-reserve", "0.5")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none")

@@ -17,6 +17,8 @@ import os
 import shutil
 from typing import Callable, Optional
 
+from sglang_semipd.chunk_reserve import MAX_FRACTION
+
 SM_PARTITION_MODES = ("green", "mps", "none")
 PARTITION_POLICIES = ("slo", "static")
 MPS_CONTROL_BINARY = "nvidia-cuda-mps-control"
@@ -97,6 +99,16 @@ def _float_in(lo: float, hi: float, hi_inclusive: bool, what: str) -> Callable[[
 _share = _float_in(0.0, 1.0, False, "is outside the open interval (0, 1)")
 _positive_ms = _float_in(0.0, float("inf"), False, "ms is not a positive duration")
 _attainment = _float_in(0.0, 1.0, True, "is outside (0, 1]")
+
+
+def _chunk_reserve(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not 0.0 <= value <= MAX_FRACTION:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, {MAX_FRACTION}]")
+    return value
 
 
 def _splits(text: str) -> tuple[float, ...]:
@@ -183,6 +195,15 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Hand each prefill batch to the decode worker in one memory-manager "
                         "call (its prompts cached, locks and rows moved) instead of 2-4 calls "
                         "per request. Default off: on the H100 it was correct but no faster.")
+    g.add_argument("--prefill-chunk-reserve", type=_chunk_reserve, default=0.0,
+                   metavar="F",
+                   help="While a long prompt is prefilled in chunks, hold up to this fraction "
+                        "of each chunk's token budget (--chunked-prefill-size) back for the "
+                        "waiting prompts that fit in it whole, so they are prefilled with "
+                        "the next chunk instead of after the last one. 0 (default): SGLang's "
+                        "order, the chunked prompt first with the whole budget. Ignored "
+                        "with --enable-deterministic-inference (chunk boundaries would "
+                        "differ from stock SGLang's).")
     g.add_argument("--mps-pipe-dir", default=None,
                    help="Use the running MPS control daemon of this CUDA_MPS_PIPE_DIRECTORY "
                         "instead of starting a private one.")
@@ -205,6 +226,7 @@ class SemiPDConfig:
     decode_overlap: bool = True
     idle_loan: str = "splits"
     batch_handoff: bool = False
+    prefill_chunk_reserve: float = 0.0
     prefill_overlap: bool = False
 
     @property
@@ -241,7 +263,8 @@ class SemiPDConfig:
                   decode_overlap=_decode_overlap(ns),
                   idle_loan=getattr(ns, "idle_loan", "splits"),
                   batch_handoff=bool(getattr(ns, "batch_handoff", False)),
-                  prefill_overlap=bool(getattr(ns, "prefill_overlap", False)))
+                  prefill_overlap=bool(getattr(ns, "prefill_overlap", False)),
+                  prefill_chunk_reserve=float(getattr(ns, "prefill_chunk_reserve", 0.0)))
         cfg.validate(ns, which)
         return cfg
 
@@ -257,6 +280,9 @@ class SemiPDConfig:
             raise SemiPDConfigError(f"--partition-policy must be one of {PARTITION_POLICIES}")
         if self.idle_loan not in IDLE_LOANS:
             raise SemiPDConfigError(f"--idle-loan must be one of {IDLE_LOANS}")
+        if not 0.0 <= self.prefill_chunk_reserve <= MAX_FRACTION:
+            raise SemiPDConfigError(f"--prefill-chunk-reserve {self.prefill_chunk_reserve} "
+                                    f"is outside [0, {MAX_FRACTION}]")
         problem = _deterministic_chunk_problem(ns) if ns is not None else None
         if problem:  # stock SGLang (--no-semi-pd) hangs the same way: refused for both
             raise SemiPDConfigError(problem)

@@ -138,6 +138,41 @@ def _also_reject_out_of_vocab_ids(original: Any) -> Any:
     return validate_input_length
 
 
+def _chunk_after_reserve(original: Any) -> Any:
+    def add_chunked_req(self: Any, req: Any) -> Any:
+        from sglang_semipd import chunk_reserve
+
+        if self.rem_chunk_tokens is None or not chunk_reserve.current():
+            return original(self, req)
+        held = chunk_reserve.chunk_budget(self.rem_chunk_tokens, self.page_size)
+        self.rem_chunk_tokens -= held
+        try:
+            left = original(self, req)
+        finally:
+            self.rem_chunk_tokens += held
+        self.semipd_chunk_open = left is not None
+        return left
+
+    add_chunked_req.__doc__ = ("sglang-semipd: SGLang's add_chunked_req on the budget less "
+                               "the prefill worker's reserve (chunk_reserve)")
+    return add_chunked_req
+
+
+def _no_second_chunked_req(original: Any) -> Any:
+    def add_one_req(self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "semipd_chunk_open", False) and self.rem_chunk_tokens is not None:
+            from sglang.srt.managers.schedule_policy import AddReqResult
+
+            need = len(req.full_untruncated_fill_ids) - len(req.prefix_indices)
+            if self.ceil_paged_tokens(need) > self.rem_chunk_tokens:
+                return AddReqResult.OTHER
+        return original(self, req, *args, **kwargs)
+
+    add_one_req.__doc__ = ("sglang-semipd: SGLang's add_one_req, except that next to a "
+                           "chunked request cut short by a reserve a prompt must fit whole")
+    return add_one_req
+
+
 WORKER_PATCHES: tuple[Patch, ...] = (
     Patch("sglang.srt.managers.scheduler", "validate_input_length",
           _also_reject_out_of_vocab_ids,
@@ -149,6 +184,17 @@ WORKER_PATCHES: tuple[Patch, ...] = (
           "decode worker: capture each split's decode CUDA graphs on that split's green "
           "stream (a graph keeps the SM set of its capture stream; SGLang would capture on a "
           "fresh ordinary stream, whose replay escapes the partition)"),
+    Patch("sglang.srt.managers.schedule_policy", "PrefillAdder.add_chunked_req",
+          _chunk_after_reserve,
+          "prefill worker with --prefill-chunk-reserve: a long prompt's next chunk leaves "
+          "room for the waiting prompts that fit whole (SGLang gives it the whole budget "
+          "first); without a reserve SGLang's own method runs"),
+    Patch("sglang.srt.managers.schedule_policy", "PrefillAdder.add_one_req",
+          _no_second_chunked_req,
+          "prefill worker with --prefill-chunk-reserve: while a chunk cut short by the "
+          "reserve leaves its prompt unfinished, a prompt that does not fit whole is "
+          "refused instead of becoming a second chunked request (SGLang tracks one); "
+          "otherwise SGLang's own method runs"),
 )
 
 # The registry: (role -> patches). Roles are the process roles of ARCHITECTURE.md section 2.

@@ -46,6 +46,7 @@ from typing import Any, Optional
 import msgspec
 import zmq
 
+from sglang_semipd import chunk_reserve
 from sglang_semipd import protocol as P
 from sglang_semipd.handoff import DecodeInbox
 from sglang_semipd.stack_sampler import GAP_WAITING
@@ -415,6 +416,8 @@ def tell_decode_about_aborts(sender: Any, notify: Any) -> None:
 
 BATCH_HANDOFF_LOG = "prefill worker: one PrefillHandOff per prefill batch (--batch-handoff)"
 OVERLAP_LOG = "%s worker: SGLang's overlap loop, frees gated on the forward in flight"
+CHUNK_RESERVE_LOG = ("prefill worker: up to %.2f of each chunk's budget held back for the "
+                     "waiting prompts (--prefill-chunk-reserve)")
 
 
 def make_prefill_scheduler_cls() -> type:
@@ -434,6 +437,15 @@ def make_prefill_scheduler_cls() -> type:
                 logger.info(BATCH_HANDOFF_LOG)
             if self.enable_overlap:
                 self.semipd_overlap_init(start_split)
+            self.semipd_chunk_reserve = plan.prefill_chunk_reserve
+            if self.semipd_chunk_reserve and \
+                    getattr(self.server_args, "enable_deterministic_inference", False):
+                logger.warning("--prefill-chunk-reserve is ignored with "
+                               "--enable-deterministic-inference (chunk boundaries would "
+                               "differ from stock SGLang's)")
+                self.semipd_chunk_reserve = 0.0
+            if self.semipd_chunk_reserve:
+                logger.info(CHUNK_RESERVE_LOG, self.semipd_chunk_reserve)
             self.semipd_admission = AdmissionRetry()
             # a refused allocation waits for the decode worker (RemoteTokenAllocator's doc)
             self.token_to_kv_pool_allocator.oom_wait_s = PREFILL_OOM_WAIT_S
@@ -454,6 +466,23 @@ def make_prefill_scheduler_cls() -> type:
                     last_batch.filter_batch(keep_indices=[])
             return super().get_next_batch_to_run(running_batch=running_batch,
                                                  last_batch=last_batch)
+
+        def get_new_batch_prefill(self, running_batch: Any) -> Any:
+            with chunk_reserve.holding(self._chunk_reserve_now()):
+                return super().get_new_batch_prefill(running_batch)
+
+        def _chunk_reserve_now(self) -> int:
+            """Tokens of this round's chunk budget held back from the chunked request for
+            the waiting prompts (``--prefill-chunk-reserve``; :mod:`chunk_reserve`)."""
+            req, budget = self.chunked_req, self.chunked_prefill_size
+            fraction = getattr(self, "semipd_chunk_reserve", 0.0)
+            if not fraction or req is None or not self.waiting_queue or \
+                    budget is None or budget <= 0:
+                return 0
+            waiting = [len(r.origin_input_ids) + len(r.output_ids) for r in self.waiting_queue]
+            return chunk_reserve.plan_reserve(
+                budget, len(req.origin_input_ids) - len(req.prefix_indices), waiting,
+                self.page_size, fraction)
 
         def process_batch_result(self, batch: Any, result: Any) -> None:
             if not batch.forward_mode.is_extend() or batch.is_dllm():
@@ -848,6 +877,7 @@ class WorkerPlan:
     decode_overlap: bool = False  # --decode-overlap
     batch_handoff: bool = False  # --batch-handoff
     prefill_overlap: bool = False  # --prefill-overlap
+    prefill_chunk_reserve: float = 0.0  # --prefill-chunk-reserve
 
     def kv_role(self, role: str = "") -> str:
         """The memory-manager client role of ``role`` (default: this worker's) in this

@@ -39,12 +39,13 @@ def test_every_flag_is_read():
                 "--sm-splits", "0.7,0.3,0.5,0.3", "--partition-policy", "static",
                 "--slo-ttft-ms", "300", "--slo-tpot-ms", "150", "--slo-attainment", "0.95",
                 "--mps-pipe-dir", "/tmp/mps", "--decode-overlap", "--idle-loan", "most",
-                "--batch-handoff", "--prefill-overlap")
+                "--batch-handoff", "--prefill-overlap", "--prefill-chunk-reserve", "0.5")
     assert cfg == SemiPDConfig(enabled=False, sm_partition="mps", prefill_sm_share=0.3,
                                sm_splits=(0.3, 0.5, 0.7), partition_policy="static",
                                slo_ttft_ms=300.0, slo_tpot_ms=150.0, slo_attainment=0.95,
                                mps_pipe_dir="/tmp/mps", decode_overlap=True, idle_loan="most",
-                               batch_handoff=True, prefill_overlap=True)
+                               batch_handoff=True, prefill_overlap=True,
+                               prefill_chunk_reserve=0.5)
     assert not cfg.starts_private_mps
 
 
@@ -54,6 +55,8 @@ def test_every_flag_is_read():
     ("--sm-partition", "cu-mask"), ("--partition-policy", "magic"),
     ("--slo-ttft-ms", "0"), ("--slo-tpot-ms", "-5"), ("--slo-attainment", "1.2"),
     ("--sm-splits", "0.5,1.0"), ("--sm-splits", ","), ("--idle-loan", "all"),
+    ("--prefill-chunk-reserve", "0.95"), ("--prefill-chunk-reserve", "-0.1"),
+    ("--prefill-chunk-reserve", "half"),
 ])
 def test_bad_values_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -109,6 +112,13 @@ def test_decode_overlap_follows_sglangs_overlap_setting_unless_given():
     with pytest.raises(SemiPDConfigError, match="--disable-overlap-schedule"):
         parse("--decode-overlap", disable_overlap_schedule=True)
     assert not parse("--no-decode-overlap", disable_overlap_schedule=True).decode_overlap
+
+
+def test_prefill_chunk_reserve_is_off_unless_asked():
+    assert parse().prefill_chunk_reserve == 0.0
+    assert parse("--prefill-chunk-reserve", "0.9").prefill_chunk_reserve == 0.9
+    with pytest.raises(SemiPDConfigError, match="--prefill-chunk-reserve"):
+        SemiPDConfig(prefill_chunk_reserve=1.0).validate()
 
 
 def test_batch_handoff_and_prefill_overlap_are_off_unless_asked():
