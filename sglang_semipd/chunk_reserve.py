@@ -6,13 +6,20 @@ that chunk takes the whole ``--chunked-prefill-size`` budget while the prompt la
 prompt that arrives behind a long one waits for all of its chunks. A semi-PD prefill worker
 runs on its share of the SMs, next to the decode worker, so its chunks are slow: in session
 14's H100 trace (8B shape, ShareGPT at 16 req/s) 2,048-token chunks took 120-155 ms on 72 of
-132 SMs, and the ~17 requests that arrived behind one long prompt had a TTFT of 0.3-0.85 s
-(the run's P90 was 275 ms, its median 40 ms).
+132 SMs. Eight long prompts (about 1,000-2,000 tokens each) arrived back to back there; they
+and the ten short requests behind them had a TTFT of 0.3-0.85 s, which was the run's TTFT
+tail (P90 275 ms, median 40 ms).
 
 With a reserve, the prefill worker holds part of each chunk's budget back from the chunked
-prompt, for the waiting prompts (in queue order) that fit in it whole: they join the chunk's
-batch instead of waiting for the last chunk. The chunked prompt keeps at least
-``1 - fraction`` of the budget, so it still advances every round.
+prompt, for the waiting prompts that fit in it whole: they move to the front of the waiting
+queue (ahead of longer prompts queued before them) and join the chunk's batch instead of
+waiting for the last chunk. The chunked prompt keeps at least ``1 - fraction`` of the budget,
+so it still advances every round, and the longer waiting prompts keep their arrival order
+among themselves: the first of them starts when the chunked prompt is done. (Session 15's
+first H200 run of the reserve, without this reorder, changed nothing: in that burst the head
+of the queue was always one of the long prompts, which never fit the reserve, so the short
+prompts behind them still waited.) The reorder holds under SGLang's default
+``fcfs`` policy; other policies sort the queue again, and then a reserve may go unused.
 
 The round's contract (the two ``PrefillAdder`` patches of :mod:`sglang_semipd.patches`):
 
@@ -47,30 +54,42 @@ def ceil_pages(tokens: int, page_size: int) -> int:
 
 
 def plan_reserve(budget: int, chunk_left: int, waiting: Sequence[int], page_size: int,
-                 fraction: float) -> int:
-    """Tokens of this round's chunk ``budget`` to hold back from a chunked prompt with
-    ``chunk_left`` tokens still to prefill, for the ``waiting`` prompts' lengths (queue
-    order; tokens to prefill, an upper bound: their cached prefixes are not known yet).
+                 fraction: float) -> tuple[int, list[int]]:
+    """``(tokens, chosen)``: the tokens of this round's chunk ``budget`` to hold back from
+    a chunked prompt with ``chunk_left`` tokens still to prefill, and the indices (in queue
+    order) of the ``waiting`` prompts they are for. ``waiting`` holds each waiting prompt's
+    tokens to prefill (an upper bound: cached prefixes are not known yet).
 
-    The waiting prompts are taken in order while their whole lengths fit in
-    ``fraction * budget``; 0 when none fits, when ``fraction`` is 0, or when the chunked
-    prompt and those prompts all fit in the budget anyway (SGLang's order serves them)."""
+    Every waiting prompt that fits whole in what is left of ``fraction * budget`` is
+    chosen, in queue order, skipping the ones that do not fit: those move ahead of the
+    longer prompts queued before them (which still go in arrival order once the chunked
+    prompt is done). ``(0, [])`` when none fits, when ``fraction`` is 0, or when the chunked
+    prompt and the waiting prompts before the first one that does not fit all fit in the
+    budget anyway (SGLang's own order serves them)."""
     if not 0.0 <= fraction <= MAX_FRACTION:
         raise ValueError(f"fraction {fraction} outside [0, {MAX_FRACTION}]")
     if page_size <= 0:
         raise ValueError(f"page_size {page_size} must be positive")
     cap = int(budget * fraction) // page_size * page_size
     if cap <= 0 or chunk_left <= 0:
-        return 0
-    held = 0
-    for n in waiting:
+        return 0, []
+    held, chosen = 0, []
+    for i, n in enumerate(waiting):
         need = ceil_pages(max(n, 1), page_size)
-        if held + need > cap:
-            break
-        held += need
-    if held == 0 or ceil_pages(chunk_left, page_size) + held <= budget:
-        return 0
-    return held
+        if held + need <= cap:
+            held += need
+            chosen.append(i)
+    in_order = chosen == list(range(len(chosen)))  # a prefix of the queue: no overtaking
+    if not chosen or (in_order and ceil_pages(chunk_left, page_size) + held <= budget):
+        return 0, []
+    return held, chosen
+
+
+def overtaking_order(n: int, chosen: Sequence[int]) -> list[int]:
+    """Queue order with ``chosen`` (ascending indices of ``range(n)``) moved to the front,
+    both parts keeping their order."""
+    picked = set(chosen)
+    return list(chosen) + [i for i in range(n) if i not in picked]
 
 
 @contextlib.contextmanager

@@ -473,16 +473,22 @@ def make_prefill_scheduler_cls() -> type:
 
         def _chunk_reserve_now(self) -> int:
             """Tokens of this round's chunk budget held back from the chunked request for
-            the waiting prompts (``--prefill-chunk-reserve``; :mod:`chunk_reserve`)."""
+            the waiting prompts that fit in them, which move to the front of the waiting
+            queue (``--prefill-chunk-reserve``; :mod:`chunk_reserve`)."""
             req, budget = self.chunked_req, self.chunked_prefill_size
             fraction = getattr(self, "semipd_chunk_reserve", 0.0)
             if not fraction or req is None or not self.waiting_queue or \
                     budget is None or budget <= 0:
                 return 0
-            waiting = [len(r.origin_input_ids) + len(r.output_ids) for r in self.waiting_queue]
-            return chunk_reserve.plan_reserve(
-                budget, len(req.origin_input_ids) - len(req.prefix_indices), waiting,
+            queue = self.waiting_queue
+            held, chosen = chunk_reserve.plan_reserve(
+                budget, len(req.origin_input_ids) - len(req.prefix_indices),
+                [len(r.origin_input_ids) + len(r.output_ids) for r in queue],
                 self.page_size, fraction)
+            if held:  # the chosen prompts first (SGLang's fcfs policy keeps this order)
+                queue[:] = [queue[i] for i in chunk_reserve.overtaking_order(len(queue),
+                                                                             chosen)]
+            return held
 
         def process_batch_result(self, batch: Any, result: Any) -> None:
             if not batch.forward_mode.is_extend() or batch.is_dllm():

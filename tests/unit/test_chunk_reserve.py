@@ -14,20 +14,32 @@ from sglang_semipd.chunk_reserve import plan_reserve
 BUDGET = 256
 
 
-def test_plan_reserve_takes_waiting_prompts_in_order_up_to_the_cap():
-    assert plan_reserve(BUDGET, 1000, [40, 30, 500, 20], 1, 0.5) == 70  # stops at 500
-    assert plan_reserve(BUDGET, 1000, [40, 30, 20], 1, 0.5) == 90
-    assert plan_reserve(BUDGET, 1000, [200], 1, 0.5) == 0  # nothing fits in 128
-    assert plan_reserve(BUDGET, 1000, [40, 30], 16, 0.5) == 80  # whole pages: 48 + 32
-    assert plan_reserve(BUDGET, 1000, [40, 30], 1, 0.0) == 0  # off: SGLang's order
-    assert plan_reserve(BUDGET, 1000, [], 1, 0.5) == 0
-    assert plan_reserve(BUDGET, 1000, [0], 1, 0.5) == 1  # an empty prompt still takes a slot
+def test_plan_reserve_takes_the_waiting_prompts_that_fit_up_to_the_cap():
+    assert plan_reserve(BUDGET, 1000, [40, 30, 20], 1, 0.5) == (90, [0, 1, 2])
+    # 500 does not fit in 128: skipped, and 20 (behind it) overtakes it
+    assert plan_reserve(BUDGET, 1000, [40, 30, 500, 20], 1, 0.5) == (90, [0, 1, 3])
+    # session 15's burst: long prompts at the head, short ones behind them
+    assert plan_reserve(BUDGET, 1000, [900, 700, 40, 800, 30, 100], 1, 0.5) == (70, [2, 4])
+    assert plan_reserve(BUDGET, 1000, [200], 1, 0.5) == (0, [])  # nothing fits in 128
+    assert plan_reserve(BUDGET, 1000, [40, 30], 16, 0.5) == (80, [0, 1])  # pages: 48 + 32
+    assert plan_reserve(BUDGET, 1000, [40, 30], 1, 0.0) == (0, [])  # off: SGLang's order
+    assert plan_reserve(BUDGET, 1000, [], 1, 0.5) == (0, [])
+    assert plan_reserve(BUDGET, 1000, [0], 1, 0.5) == (1, [0])  # an empty prompt: one slot
 
 
-def test_plan_reserve_is_zero_when_everything_fits_anyway():
-    assert plan_reserve(BUDGET, 100, [40, 30], 1, 0.5) == 0  # 170 <= 256: SGLang serves all
-    assert plan_reserve(BUDGET, 200, [40, 30], 1, 0.5) == 70  # 270 > 256
-    assert plan_reserve(BUDGET, 0, [40], 1, 0.5) == 0
+def test_plan_reserve_leaves_sglangs_order_when_everything_fits_anyway():
+    assert plan_reserve(BUDGET, 100, [40, 30], 1, 0.5) == (0, [])  # 170 <= 256: all served
+    assert plan_reserve(BUDGET, 200, [40, 30], 1, 0.5) == (70, [0, 1])  # 270 > 256
+    assert plan_reserve(BUDGET, 0, [40], 1, 0.5) == (0, [])
+    # the chunk ends this round, but a long prompt queued first would take the rest of the
+    # budget as the next chunked request: the short one still moves ahead of it
+    assert plan_reserve(BUDGET, 100, [900, 40], 1, 0.5) == (40, [1])
+
+
+def test_overtaking_order_keeps_both_parts_in_queue_order():
+    assert chunk_reserve.overtaking_order(6, [2, 4]) == [2, 4, 0, 1, 3, 5]
+    assert chunk_reserve.overtaking_order(3, [0, 1, 2]) == [0, 1, 2]
+    assert chunk_reserve.overtaking_order(2, []) == [0, 1]
 
 
 @pytest.mark.parametrize("fraction,page", [(-0.1, 1), (0.95, 1), (0.5, 0)])
@@ -188,27 +200,61 @@ def test_prefill_worker_plans_the_reserve_from_its_queue(sglang_context):
 
     from sglang_semipd.workers import make_prefill_scheduler_cls
 
-    worker = object.__new__(make_prefill_scheduler_cls())
     tree, _ = _adder_setup()
-    long = _chunked_req(tree)
-    worker.chunked_req, worker.chunked_prefill_size, worker.page_size = long, BUDGET, 1
-    worker.waiting_queue = [_req("a", 40, 100), _req("b", 30, 200)]
+    worker = object.__new__(make_prefill_scheduler_cls())
+    worker.chunked_req, worker.chunked_prefill_size, worker.page_size = \
+        _chunked_req(tree), BUDGET, 1
     worker.semipd_chunk_reserve = 0.5
+
+    def queue():
+        return [_req("long1", 900, 100), _req("a", 40, 2000), _req("long2", 800, 3000),
+                _req("b", 30, 4000)]
+
+    worker.waiting_queue = queue()
+    same_list = worker.waiting_queue
     assert worker._chunk_reserve_now() == 70
+    assert [r.rid for r in worker.waiting_queue] == ["a", "b", "long1", "long2"]
+    assert worker.waiting_queue is same_list  # SGLang's list, reordered in place
     for change in (dict(semipd_chunk_reserve=0.0), dict(chunked_req=None),
                    dict(waiting_queue=[]), dict(chunked_prefill_size=-1)):
         other = object.__new__(type(worker))
-        other.__dict__.update(worker.__dict__, **change)
+        other.__dict__.update(worker.__dict__, waiting_queue=queue())
+        other.__dict__.update(change)
+        before = [r.rid for r in other.waiting_queue]
         assert other._chunk_reserve_now() == 0, change
+        assert [r.rid for r in other.waiting_queue] == before  # untouched
     seen = []
     base = type(worker).__mro__[1]  # the mixin's / SGLang's get_new_batch_prefill
 
     def record(self, running_batch):
-        seen.append(chunk_reserve.current())
+        seen.append((chunk_reserve.current(), [r.rid for r in self.waiting_queue]))
         return SimpleNamespace(batch="plan")
 
     import unittest.mock
 
+    worker.waiting_queue = queue()
     with unittest.mock.patch.object(base, "get_new_batch_prefill", record, create=True):
         assert worker.get_new_batch_prefill(None).batch == "plan"
-    assert seen == [70] and chunk_reserve.current() == 0
+    assert seen == [(70, ["a", "b", "long1", "long2"])] and chunk_reserve.current() == 0
+
+
+def test_a_round_with_overtaking_prompts_on_sglangs_adder(sglang_context):
+    """The worker's reorder and reserve, then SGLang's admission round: the short prompts
+    queued behind long ones join the chunk; the long ones wait, none is cut into a chunk."""
+    from sglang.srt.managers.schedule_policy import AddReqResult
+
+    from sglang_semipd.workers import make_prefill_scheduler_cls
+
+    tree, alloc = _adder_setup()
+    worker = object.__new__(make_prefill_scheduler_cls())
+    long = _chunked_req(tree)
+    worker.chunked_req, worker.chunked_prefill_size, worker.page_size = long, BUDGET, 1
+    worker.semipd_chunk_reserve = 0.5
+    worker.waiting_queue = [_req("long1", 900, 100), _req("a", 40, 2000),
+                            _req("long2", 800, 3000), _req("b", 30, 4000)]
+    reserve = worker._chunk_reserve_now()
+    adder, still, results = _round(tree, alloc, long, worker.waiting_queue, reserve)
+    assert still is long and adder.new_chunked_req is None
+    assert [r.rid for r in adder.can_run_list] == ["long", "a", "b"]
+    assert long.extend_range.length == BUDGET - 70
+    assert results[-1] == AddReqResult.OTHER
