@@ -83,7 +83,17 @@ def sglang_context(tmp_path_factory):
     sa = ServerArgs(model_path=str(model), device="cpu", attention_backend="triton",
                     sampling_backend="pytorch", grammar_backend="none")
     publish(role_server_args("prefill", sa), role="scheduler")
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+
+    from sglang_semipd import patches
+
+    saved = {name: PrefillAdder.__dict__[name] for name in ("add_chunked_req", "add_one_req")}
+    for patch in patches.WORKER_PATCHES:  # only the adder's two; restored afterwards
+        if patch.qualname.startswith("PrefillAdder."):
+            patch.apply()
     yield
+    for name, original in saved.items():
+        setattr(PrefillAdder, name, original)
     reset_context()
 
 
@@ -94,9 +104,6 @@ def _adder_setup():
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
-    from sglang_semipd import patches
-
-    patches.apply("worker")
     pool = ReqToTokenPool(16, 2048, device="cpu", enable_memory_saver=False)
     alloc = TokenToKVPoolAllocator(8192, torch.bfloat16, "cpu", None, False)
     tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=pool,
