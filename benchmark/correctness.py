@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.common import RESULTS_DIR, gpu_name, gpu_slug, print_table, write_result
+from sglang_semipd.config import DETERMINISTIC_CHUNK_ALIGN
 from sglang_semipd.testing.server import flush_cache, sse_events
 
 CHUNK = 512
@@ -32,7 +33,7 @@ SERVE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch",
                "--grammar-backend", "none", "--mem-fraction-static", "0.8",
                "--max-total-tokens", "100000", "--chunked-prefill-size", str(CHUNK),
                "--cuda-graph-max-bs-decode", "32", "--disable-prefill-cuda-graph"]
-TRUNCATION_ALIGN_ENV = "SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE"
+TRUNCATION_ALIGN_ENV = DETERMINISTIC_CHUNK_ALIGN["triton"][0]
 
 
 def server_env(extra_flags: list[str]) -> dict[str, str]:

@@ -50,7 +50,8 @@ _INCOMPATIBLE: tuple[tuple[str, Callable[[argparse.Namespace], bool], str], ...]
 # SGLang 0.5.17's deterministic inference (Scheduler.init_deterministic_inference_config) cuts
 # prefill chunks only at multiples of a per-backend size; with --chunked-prefill-size below it,
 # PrefillAdder.add_one_req never admits a prompt longer than the chunk and the server waits
-# forever (seen on the H100, session 15). Backend -> (environment variable, SGLang's default).
+# forever (benchmark.correctness sets the variable for that reason; a GPU test's stock server
+# hung on it on the H200, session 15). Backend -> (environment variable, SGLang's default).
 DETERMINISTIC_CHUNK_ALIGN: dict[str, tuple[str, int]] = {
     "triton": ("SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE", 4096),
     "flashinfer": ("SGLANG_FLASHINFER_PREFILL_SPLIT_TILE_SIZE", 4096),

@@ -28,6 +28,7 @@ import pytest
 from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, greedy_generate,
                                           pool_leaks, python_module_cmd, semipd_pool_report,
                                           stock_greedy_outputs)
+from sglang_semipd.config import DETERMINISTIC_CHUNK_ALIGN
 from sglang_semipd.workers import BATCH_HANDOFF_LOG, OVERLAP_LOG
 
 pytestmark = pytest.mark.gpu
@@ -37,7 +38,7 @@ FLAGS = (*SMALL_POOL_FLAGS, "--chunked-prefill-size", "128")  # stock too: same 
 OUT = 48
 # SMALL_POOL_FLAGS' deterministic triton prefill cuts chunks only at multiples of this size
 # (default 4096): below the chunk size, stock SGLang never admitted the first long prompt
-ALIGN_ENV = {"SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE": "128"}
+ALIGN_ENV = {DETERMINISTIC_CHUNK_ALIGN["triton"][0]: "128"}
 
 
 @pytest.fixture(scope="module", autouse=True)
