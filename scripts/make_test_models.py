@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make the offline test models (see sglang_semipd.testing.model_maker).
 
-  python scripts/make_test_models.py OUT_DIR                # tiny-f32, tiny-bf16, llama8b, dsv2-lite
+  python scripts/make_test_models.py OUT_DIR                # tiny-f32, tiny-bf16, llama8b, dsv2-lite, tiny-mla
   python scripts/make_test_models.py OUT_DIR --only tiny-f32 --sharegpt
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ TARGETS = {  # name -> (preset, dtype)
     "tiny-bf16": ("tiny", "bfloat16"),
     "llama8b": ("llama3.1-8b", "bfloat16"),
     "dsv2-lite": ("deepseek-v2-lite", "bfloat16"),
+    "tiny-mla": ("tiny-deepseek-v2", "bfloat16"),
 }
 
 

@@ -139,7 +139,8 @@ def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
     from sglang_semipd.memory.rpc import KVStateServer
     from sglang_semipd.memory.service import KVStateService
     from sglang_semipd.runner import (build_model_runner, module_tensor_storages,
-                                      parallel_state, publish_server_args)
+                                      parallel_state, publish_server_args,
+                                      share_derived_weights)
 
     if os.path.exists(spec.weight_socket):
         raise RuntimeError(f"weight socket {spec.weight_socket} already exists: another "
@@ -160,6 +161,7 @@ def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
         phase("model_runner_and_weights")
         runner.alloc_memory_pool()
     phase("kv_pools")
+    derived = share_derived_weights(runner.model)  # e.g. DeepSeek's MLA w_kc / w_vc
     weights = module_tensor_storages(runner.model)
     weights_bytes = sum(n for n, _ in weights.values())
     manifest = hooks.manifest(spec.weight_socket, weights_bytes)
@@ -190,7 +192,8 @@ def _serve(spec: MemoryManagerSpec, ready_conn: Any) -> None:
     free, total = torch.cuda.mem_get_info(spec.gpu_id)
     info = {"pid": os.getpid(), "kv_endpoint": spec.kv_endpoint,
             "weight_socket": spec.weight_socket, "weights_bytes": weights_bytes,
-            "weight_storages": len(weights), "max_total_num_tokens": runner.max_total_num_tokens,
+            "weight_storages": len(weights), "derived_weights": len(derived),
+            "max_total_num_tokens": runner.max_total_num_tokens,
             "req_rows": runner.req_to_token_pool.size, "page_size": runner.page_size,
             "kv_pool_bytes": shared_bytes([runner.req_to_token_pool, runner.token_to_kv_pool]),
             "pool_tensors": len(manifest.shared), "gpu_used_bytes": total - free,

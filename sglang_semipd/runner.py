@@ -74,6 +74,40 @@ def module_tensor_storages(module: Any, buffers: bool = False) -> dict[int, tupl
     return out
 
 
+# Tensors some SGLang models derive from their weights in ``post_load_weights`` and keep as
+# plain module attributes, neither parameters nor buffers: DeepSeek-V2/V3's MLA splits
+# ``kv_b_proj`` into ``w_kc`` / ``w_vc`` (plus scales when quantised). SGLang's weight-cache
+# daemon exports only parameters and buffers, and its ``IpcModelLoader`` skips
+# ``post_load_weights`` (the daemon ran it), so a worker would keep ``w_kc = None``.
+DERIVED_WEIGHT_ATTRS = ("w_kc", "w_vc", "w_scale", "w_scale_k", "w_scale_v")
+
+
+def share_derived_weights(model: Any) -> list[str]:
+    """Register every tensor held in one of :data:`DERIVED_WEIGHT_ATTRS` as a non-persistent
+    buffer of its module, so the weight-cache export (``WeightCacheDaemon._export_state``,
+    which exports non-persistent buffers too) shares it and ``IpcModelLoader`` maps it into
+    each worker's model under the same attribute. Returns the dotted names promoted. These
+    tensors are read-only at inference (the MLA absorb matmuls), so one copy serves every
+    worker. Call in the memory manager after the model is loaded, before the export."""
+    import torch
+
+    promoted: list[str] = []
+    for prefix, module in model.named_modules():
+        for attr in DERIVED_WEIGHT_ATTRS:
+            if attr in module._parameters or attr in module._buffers:
+                continue
+            value = module.__dict__.get(attr)
+            if not isinstance(value, torch.Tensor):
+                continue
+            delattr(module, attr)
+            module.register_buffer(attr, value, persistent=False)
+            promoted.append(f"{prefix}.{attr}" if prefix else attr)
+    if promoted:
+        logger.info("shared %d derived weight tensors as buffers (%s, ...)", len(promoted),
+                    promoted[0])
+    return promoted
+
+
 def locally_allocated_bytes(module: Any, buffers: bool = False) -> tuple[int, int]:
     """``(local, foreign)`` bytes of ``module``'s CUDA parameter storages (or, with
     ``buffers``, of its other buffers): *local* ones lie in a segment of this process's CUDA

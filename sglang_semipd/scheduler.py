@@ -168,8 +168,9 @@ class Coordinator:
         unless ``pipes`` says they were) are ready; returns SGLang's ready dict."""
         pipes = pipes if pipes is not None else self.spawn_children()
         info = self._wait_ready("memory_manager", pipes["memory_manager"])
-        logger.info("memory manager ready: %d KV slots, %.2f GiB weights; start-up phases "
-                    "(s): %s", info["max_total_num_tokens"], info["weights_bytes"] / 2**30,
+        logger.info("memory manager ready: %d KV slots, %.2f GiB weights, %d derived weight "
+                    "tensors shared; start-up phases (s): %s", info["max_total_num_tokens"],
+                    info["weights_bytes"] / 2**30, info.get("derived_weights", 0),
                     info.get("startup_phases_s"))
         self._bind_sockets()
         self._manager_ready.set()

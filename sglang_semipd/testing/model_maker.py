@@ -6,6 +6,8 @@
 * ``llama3.1-8b``: Meta-Llama-3.1-8B's shape as a config-only directory, to be served with
   ``--load-format dummy`` (random weights made on the GPU, no files).
 * ``deepseek-v2-lite``: DeepSeek-V2-Lite's shape (MLA + MoE), config-only, for the same use.
+* ``tiny-deepseek-v2``: the same architecture (MLA head dims as DeepSeek-V2's, 8 routed
+  experts, 3 layers, hidden 256), config-only: a DeepSeek model that starts in seconds.
 
 Every directory gets the SmolLM2 tokenizer shipped in ``sglang_semipd/assets`` (49152 ids).
 A preset with a larger vocabulary gets it padded to the vocabulary's size with entries no
@@ -63,6 +65,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                       "mscale_all_dim": 0.707}),
 }
+# DeepSeek-V2's architecture (MLA with its real head dims, MoE with shared experts, a dense
+# first layer) at a size that starts in seconds: for GPU parity tests with --load-format dummy
+PRESETS["tiny-deepseek-v2"] = dict(
+    PRESETS["deepseek-v2-lite"], hidden_size=256, intermediate_size=512,
+    moe_intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    vocab_size=49152, max_position_embeddings=8192, rope_scaling=None)
 WEIGHTED_PRESETS = ("tiny",)
 
 _WORDS = ("the of and to in is was for on that with as by at from his her it an were are "

@@ -56,7 +56,8 @@ def test_tiny_runs_in_transformers_with_the_smollm2_tokenizer(tiny_f32):
 
 
 @pytest.mark.parametrize("preset,params_b", [("llama3.1-8b", (8.0, 8.1)),
-                                             ("deepseek-v2-lite", (15.5, 16.0))])
+                                             ("deepseek-v2-lite", (15.5, 16.0)),
+                                             ("tiny-deepseek-v2", (0.02, 0.04))])
 def test_config_only_presets_parse_in_sglang(tmp_path, preset, params_b):
     from sglang.srt.configs.model_config import ModelConfig
 
@@ -65,7 +66,7 @@ def test_config_only_presets_parse_in_sglang(tmp_path, preset, params_b):
     mc = ModelConfig(str(out))
     assert mc.hf_config.architectures == PRESETS[preset]["architectures"]
     assert mc.num_hidden_layers == PRESETS[preset]["num_hidden_layers"]
-    if preset == "deepseek-v2-lite":
+    if preset.startswith(("deepseek", "tiny-deepseek")):
         assert mc.attention_arch.name == "MLA" and mc.kv_lora_rank == 512
     else:
         assert mc.get_num_kv_heads(1) == 8 and mc.head_dim == 128
