@@ -74,6 +74,7 @@ class ServerProcess:
         self.env = env
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.startup_s: Optional[float] = None
+        self.stop_s: Optional[float] = None  # SIGTERM to exit, of the last stop()
 
     @property
     def url(self) -> str:
@@ -123,7 +124,10 @@ class ServerProcess:
         if self.proc is None:
             return None
         pgid = self.proc.pid
+        t0 = time.monotonic()
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            self._note_stop(f"{sig.name} to the server at {time.time():.3f} (unix time), "
+                            f"{time.monotonic() - t0:.1f} s after the first signal")
             try:
                 if sig == signal.SIGTERM:
                     os.kill(pgid, sig)
@@ -137,12 +141,24 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 continue
         code = self.proc.returncode
+        self.stop_s = time.monotonic() - t0
+        self._note_stop(f"exited with {code}, {self.stop_s:.1f} s after SIGTERM")
         try:  # stragglers in the group (children that outlived the parent)
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc = None
         return code
+
+    @property
+    def stop_log_path(self) -> Path:
+        """Where :meth:`stop` notes its signals and the exit (beside the server's log: the
+        server writes that one at its own offset, so a line appended there could be lost)."""
+        return self.log_path.with_name(self.log_path.name + ".stop")
+
+    def _note_stop(self, line: str) -> None:
+        with open(self.stop_log_path, "a") as f:
+            f.write(line + "\n")
 
     def __enter__(self) -> "ServerProcess":
         return self.start()

@@ -48,6 +48,9 @@ def test_waits_for_health_then_kills_the_whole_group(tmp_path):
         assert http_json(s.url + "/get_model_info") == {"path": "/get_model_info"}
         grandchild = int(pidfile.read_text())
         assert alive(grandchild)
+    assert [n.split()[0] for n in s.stop_log_path.read_text().splitlines()] == [
+        "SIGTERM", "exited"]  # the server exits on SIGTERM: no SIGKILL needed
+    assert s.stop_s is not None and s.stop_s < 20
     deadline = time.time() + 10
     while alive(grandchild) and time.time() < deadline:
         time.sleep(0.1)
@@ -80,6 +83,9 @@ def test_stop_escalates_to_sigkill(tmp_path):
     server = ServerProcess([sys.executable, "-c", code], port, tmp_path / "l", start_timeout=30)
     server.start()
     assert server.stop(grace_s=0.5) == -signal.SIGKILL
+    notes = server.stop_log_path.read_text().splitlines()
+    assert [n.split()[0] for n in notes] == ["SIGTERM", "SIGKILL", "exited"]
+    assert notes[-1].startswith(f"exited with {-signal.SIGKILL}, ") and server.stop_s >= 0.5
 
 
 def test_a_port_that_already_serves_is_refused(tmp_path):
