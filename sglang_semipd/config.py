@@ -84,14 +84,16 @@ class SemiPDConfigError(ValueError):
     """A semi-PD flag, or a combination with an SGLang flag, that cannot work."""
 
 
-def _float_in(lo: float, hi: float, hi_inclusive: bool, what: str) -> Callable[[str], float]:
-    """An argparse ``type`` accepting a float in (lo, hi) or (lo, hi]."""
+def _float_in(lo: float, hi: float, hi_inclusive: bool, what: str,
+              lo_inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` accepting a float in (lo, hi), (lo, hi], [lo, hi) or [lo, hi]."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-        if not (lo < value < hi or (hi_inclusive and value == hi)):
+        if not (lo < value < hi or (hi_inclusive and value == hi)
+                or (lo_inclusive and value == lo)):
             raise argparse.ArgumentTypeError(f"{value} {what}")
         return value
     return parse
@@ -100,16 +102,8 @@ def _float_in(lo: float, hi: float, hi_inclusive: bool, what: str) -> Callable[[
 _share = _float_in(0.0, 1.0, False, "is outside the open interval (0, 1)")
 _positive_ms = _float_in(0.0, float("inf"), False, "ms is not a positive duration")
 _attainment = _float_in(0.0, 1.0, True, "is outside (0, 1]")
-
-
-def _chunk_reserve(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not 0.0 <= value <= MAX_FRACTION:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, {MAX_FRACTION}]")
-    return value
+_chunk_reserve = _float_in(0.0, MAX_FRACTION, True, f"is outside [0, {MAX_FRACTION}]",
+                           lo_inclusive=True)
 
 
 def _splits(text: str) -> tuple[float, ...]:
