@@ -161,10 +161,14 @@ def test_a_handoff_ends_a_decode_loan_before_it_reaches_the_decode_worker(wired)
     fractions = [s.prefill_fraction for s in wired.coord.splits]
     # The coordinator's loop ticks the controller on its own clock: with a window of an hour,
     # ended here, no tick of its own can decide (and lend decode's SMs again) during the test.
+    # The tick comes 2 windows after the start: at (now + hour) - now, float rounding can
+    # leave the difference a hair under one window, and the tick would not decide.
     now, hour = time.monotonic(), 3600.0
     c = PartitionController(fractions, 1, policy="slo", now=now, warmup_iters=0, window_s=hour)
     c.on_request("a", now + 0.1)  # only prefill has work
-    assert c.tick(now + hour).loan == "decode" and c.policy.share == pytest.approx(fractions[2])
+    decision = c.tick(now + 2 * hour)
+    assert decision is not None and decision.loan == "decode"
+    assert c.policy.share == pytest.approx(fractions[2])
     c.on_resized(2)
     wired.coord.resizes.split = 2
     wired.coord.controller = c
