@@ -101,6 +101,14 @@ def set_process_title(role: str) -> None:
     setproctitle.setproctitle(f"sglang::semipd_{role}")
 
 
+def configure_logging(level: str) -> None:
+    """The manager's log lines in SGLang's format (``[time prefix] message``), so that they
+    read like the server's own next to them on its stderr. ``level``: a logging level name in
+    any case, as SGLang's ``--log-level`` gives it (``info``)."""
+    logging.basicConfig(level=level.upper(), format="[%(asctime)s memory-manager] %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
+
+
 def run_memory_manager(spec: MemoryManagerSpec, ready_conn: Any = None) -> None:
     """Process entry (``multiprocessing`` target); see the module docstring."""
     from sglang.srt.utils import kill_itself_when_parent_died
@@ -108,8 +116,7 @@ def run_memory_manager(spec: MemoryManagerSpec, ready_conn: Any = None) -> None:
     kill_itself_when_parent_died()  # a SIGKILLed semi-PD scheduler takes the manager along
     set_process_title("memory_manager")
     if spec.log_level:
-        logging.basicConfig(level=spec.log_level, format="%(asctime)s %(process)d "
-                            "[memory-manager] %(name)s %(levelname)s %(message)s")
+        configure_logging(spec.log_level)
     try:
         _serve(spec, ready_conn)
     except BaseException as exc:

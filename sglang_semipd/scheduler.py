@@ -210,7 +210,8 @@ class Coordinator:
         self._manager_ready = mp.get_context("spawn").Event()
         spec = MemoryManagerSpec(server_args=self.server_args, kv_endpoint=self.kv_endpoint,
                                  weight_socket=self.weight_socket, nccl_port=get_free_port(),
-                                 gpu_id=self.gpu_id, tp_rank=self.tp_rank)
+                                 gpu_id=self.gpu_id, tp_rank=self.tp_rank,
+                                 log_level=self.server_args.log_level or "info")
         pipes = {}
         self.procs["memory_manager"], pipes["memory_manager"] = self._spawn(
             "memory_manager", run_memory_manager, (spec,))
