@@ -44,7 +44,7 @@ def test_warning_level_keeps_info_lines_out():
 def test_the_scheduler_spawns_the_manager_at_the_server_log_level(monkeypatch, level):
     """``Coordinator.spawn_children`` builds the manager's spec; the processes it would start
     are recorded instead (the spec is what is under test). SGLang's ``--log-level`` defaults
-    to ``info``; a ServerArgs without one gives ``info`` too."""
+    to ``info``; a ``log_level`` of None gives ``info`` too."""
     from types import SimpleNamespace
 
     from sglang_semipd.scheduler import Coordinator
