@@ -19,6 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from sglang_semipd.config import SemiPDConfig, SemiPDConfigError, add_semipd_args
+from sglang_semipd.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +76,9 @@ def build_server_args(ns: argparse.Namespace):
     return ServerArgs.from_cli_args(ns)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
-                        force=True)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns, cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    _setup_logging(ns.log_level)
+    configure_logging(ns.log_level)
     from sglang.srt.plugins import load_plugins
 
     load_plugins()

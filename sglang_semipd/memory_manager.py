@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any, Optional
 
+from sglang_semipd.logs import configure_logging
+
 logger = logging.getLogger(__name__)
 
 
@@ -101,14 +103,6 @@ def set_process_title(role: str) -> None:
     setproctitle.setproctitle(f"sglang::semipd_{role}")
 
 
-def configure_logging(level: str) -> None:
-    """The manager's log lines in SGLang's format (``[time prefix] message``), so that they
-    read like the server's own next to them on its stderr. ``level``: a logging level name in
-    any case, as SGLang's ``--log-level`` gives it (``info``)."""
-    logging.basicConfig(level=level.upper(), format="[%(asctime)s memory-manager] %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S", force=True)
-
-
 def run_memory_manager(spec: MemoryManagerSpec, ready_conn: Any = None) -> None:
     """Process entry (``multiprocessing`` target); see the module docstring."""
     from sglang.srt.utils import kill_itself_when_parent_died
@@ -116,7 +110,7 @@ def run_memory_manager(spec: MemoryManagerSpec, ready_conn: Any = None) -> None:
     kill_itself_when_parent_died()  # a SIGKILLed semi-PD scheduler takes the manager along
     set_process_title("memory_manager")
     if spec.log_level:
-        configure_logging(spec.log_level)
+        configure_logging(spec.log_level, "memory-manager")
     try:
         _serve(spec, ready_conn)
     except BaseException as exc:

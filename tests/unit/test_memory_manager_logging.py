@@ -14,8 +14,8 @@ from sglang_semipd.memory_manager import MemoryManagerSpec
 
 _CHILD = """
 import logging, sys
-from sglang_semipd.memory_manager import configure_logging
-configure_logging(sys.argv[1])
+from sglang_semipd.logs import configure_logging
+configure_logging(sys.argv[1], "memory-manager")
 logging.getLogger("sglang_semipd.memory.service").info("client 3 released: 0 tokens")
 logging.getLogger("sglang_semipd.memory.service").debug("a debug line")
 """
