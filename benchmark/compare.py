@@ -127,11 +127,6 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # chunked one (--prefill-chunk-reserve; session 14's TTFT tails were such waits)
     "diag_semipd_green_slo_chunk_reserve": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--prefill-chunk-reserve", "0.5")),
-    # diagnostic: the SLO policy may also choose 120/12 (on an H100) as its base split. Under
-    # the tight SLOs (TPOT 150 ms) decode has slack at 28 SMs, and the policy sat at its most
-    # prefill-heavy default split, 104/28, on every model and workload (findings 1 and 5)
-    "diag_semipd_green_slo_wide_splits": ("sglang_semipd.launch_server", (
-        *GREEN_SLO, "--sm-splits", "0.25,0.375,0.5,0.625,0.75,0.875")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none")

@@ -24,8 +24,9 @@ PARTITION_POLICIES = ("slo", "static")
 MPS_CONTROL_BINARY = "nvidia-cuda-mps-control"
 DEFAULT_SPLITS = (0.25, 0.375, 0.5, 0.625, 0.75)
 IDLE_LOANS = ("splits", "most")
-# --idle-loan most: two more planned splits, each leaving the idle side the smallest green-
-# context group (8 SMs on the H100; partition.splits.plan_splits rounds these up to it)
+# --idle-loan most: up to two more planned splits, leaving an idle prefill side one green-
+# context group and an idle decode side partition.splits.MIN_DECODE_GROUPS (8 and 28 SMs on
+# the H100; partition.splits.plan_splits rounds these shares to them)
 LOAN_SHARES = (1e-3, 1.0 - 1e-3)
 
 # SGLang features that semi-PD cannot combine with (flag -> why), checked on the namespace.
@@ -158,7 +159,9 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Starting fraction of the SMs for the prefill worker, in (0, 1).")
     g.add_argument("--sm-splits", type=_splits, default=DEFAULT_SPLITS,
                    help="Comma-separated prefill shares the partitioner may switch between "
-                        "(decode gets the rest); one set of decode CUDA graphs each.")
+                        "(decode gets the rest, at least three green-context groups: a share "
+                        "past that maps to the most prefill-heavy split left, 104/28 on an "
+                        "H100); one set of decode CUDA graphs each.")
     g.add_argument("--partition-policy", choices=PARTITION_POLICIES, default=None,
                    help="slo: resize the split to meet the TTFT/TPOT targets (green only, "
                         "the default there); static: keep --prefill-sm-share (the default, "
@@ -172,9 +175,10 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--idle-loan", choices=IDLE_LOANS, default="splits",
                    help="What an idle side lends the busy one under the SLO policy (green): "
                         "'splits' (default) moves to the most lopsided of --sm-splits; 'most' "
-                        "keeps the idle side one green-context group (8 SMs; 12 for decode on "
-                        "an H100) and lends the rest (two more splits, with their decode CUDA "
-                        "graphs, used for loans only).")
+                        "keeps an idle prefill side one green-context group (8 SMs) and an "
+                        "idle decode side three (28 SMs on an H100, the fewest its CUDA graphs "
+                        "were captured on) and lends the rest (up to two more splits, with "
+                        "their decode CUDA graphs, used for loans only).")
     g.add_argument("--decode-overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="Run the decode worker on SGLang's overlap scheduler (CPU work of the "
                         "next step overlaps the GPU's current one; its KV frees wait for the "

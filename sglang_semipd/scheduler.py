@@ -48,7 +48,7 @@ from sglang_semipd import protocol as P
 from sglang_semipd.config import SemiPDConfig
 from sglang_semipd.partition.controller import PartitionController
 from sglang_semipd.partition.resize import ResizeTracker
-from sglang_semipd.partition.splits import SMSplit, nearest_split
+from sglang_semipd.partition.splits import SMSplit, loan_and_base_fractions, nearest_split
 from sglang_semipd.partition.standby import GenerationTracker
 from sglang_semipd.trace import Trace
 
@@ -180,14 +180,13 @@ class Coordinator:
         self.resizes = ResizeTracker(start)
         cfg = self.cfg
         fractions = [x.prefill_fraction for x in self.splits]
-        # --idle-loan most: the extremes serve loans only (if some base split remains)
-        loans = (fractions[0], fractions[-1]) if cfg.plans_loan_splits and len(fractions) > 2 \
-            else ()
+        loans, base = loan_and_base_fractions(self.splits, cfg.sm_splits, cfg.plans_loan_splits)
         self.controller = PartitionController(
             fractions, start,
             policy=cfg.partition_policy if cfg.sm_partition == "green" else "static",
             ttft_s=cfg.slo_ttft_ms / 1e3, tpot_s=cfg.slo_tpot_ms / 1e3,
-            attainment=cfg.slo_attainment, now=time.monotonic(), loan_fractions=loans)
+            attainment=cfg.slo_attainment, now=time.monotonic(), loan_fractions=loans,
+            base_fractions=base)
         if getattr(self.server_args, "enable_metrics", False):
             from sglang_semipd.partition.metrics import PartitionMetrics
 

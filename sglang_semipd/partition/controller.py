@@ -14,7 +14,10 @@ The semi-PD scheduler process calls, from its one loop:
 It also ends an idle loan (``policy.reclaim``) the moment the lent side gets work: a new
 request for a lent prefill side; for a lent decode side a hand-off on its way to it
 (:meth:`on_handoff`, so that its first step runs on the base split), or else a decode
-iteration. ``loan_fractions`` are planned splits kept for loans only (never a base split). With
+iteration. ``loan_fractions`` are the two planned splits that loans move to (default: the
+extremes of the base splits). ``base_fractions`` are the splits the SLO policy may choose as
+its base (default: every planned split but the loan fractions); a loan fraction may be one of
+them (``--idle-loan most`` when the decode side's extreme is the top base split). With
 ``--partition-policy static`` it only measures (the static policy never moves).
 No torch, no sockets: the caller applies decisions (``Coordinator.resize_to_share``).
 """
@@ -38,7 +41,8 @@ class PartitionController:
     def __init__(self, fractions: Sequence[float], start: int, policy: str = "slo",
                  ttft_s: float = 1.0, tpot_s: float = 0.1, attainment: float = 0.9,
                  window_s: float = 1.0, now: float = 0.0, warmup_iters: int = 3,
-                 loan_fractions: Sequence[float] = (), **policy_kwargs: Any) -> None:
+                 loan_fractions: Sequence[float] = (),
+                 base_fractions: Optional[Sequence[float]] = None, **policy_kwargs: Any) -> None:
         if not fractions or not 0 <= start < len(fractions):
             raise ValueError("need the planned splits and a start split among them")
         self.fractions = tuple(fractions)
@@ -46,6 +50,11 @@ class PartitionController:
         if self.loan_fractions and (len(self.loan_fractions) != 2 or not set(
                 self.loan_fractions) <= set(self.fractions)):
             raise ValueError(f"loan fractions {loan_fractions}: two of the planned splits")
+        self.base_fractions = tuple(sorted(
+            [f for f in self.fractions if f not in self.loan_fractions]
+            if base_fractions is None else base_fractions))
+        if not self.base_fractions or not set(self.base_fractions) <= set(self.fractions):
+            raise ValueError(f"base fractions {base_fractions}: some of the planned splits")
         self.split = start
         self.ttft_s, self.tpot_s = ttft_s, tpot_s
         self._targets = SLOTargets(ttft_s, tpot_s, attainment)
@@ -69,9 +78,8 @@ class PartitionController:
         if not 0 <= split < len(self.fractions):
             raise ValueError(f"no planned split {split}")
         if policy == "slo":
-            base = [f for f in self.fractions if f not in self.loan_fractions]
             self.policy: Any = SLOPolicy(
-                self._targets, base, initial_share=self.fractions[split],
+                self._targets, self.base_fractions, initial_share=self.fractions[split],
                 loan_shares=self.loan_fractions or None, **self._policy_kwargs)
         elif policy == "static":
             self.policy = StaticPolicy(self.fractions[split])

@@ -5,10 +5,16 @@ Green contexts take SMs in the driver's granularity (measured on the H100, 132 S
 group of ``cuDevSmResourceSplitByCount`` and the decode worker the *remainder*, so the two
 sets are complementary (ARCHITECTURE.md section 3). :func:`plan_splits` turns shares into
 such pairs: prefill gets ``ceil(share * total / g) * g`` SMs, decode what is left; shares that
-land on the same pair collapse to one, and every side keeps at least one group. Prefill's
-count stays a whole number of groups: when ``total`` is not one (132 = 16 x 8 + 4), the
-remainder goes to decode -- a prefill request of 124 is granted 128 and would leave decode 4
-SMs (on the H100 cuBLAS then failed in decode-graph capture).
+land on the same pair collapse to one. Prefill keeps at least one group, decode at least
+:data:`MIN_DECODE_GROUPS`. Prefill's count stays a whole number of groups: when ``total`` is
+not one (132 = 16 x 8 + 4), the remainder goes to decode -- a prefill request of 124 is granted
+128 and would leave decode 4 SMs.
+
+Why decode keeps three groups: the decode worker captures its CUDA graphs on every planned
+split, and on the H100 that capture failed in cuBLAS (``CUBLAS_STATUS_EXECUTION_FAILED`` in
+``cublasGemmEx``, Llama-3.1-8B shape) with decode confined to 4 SMs (124/8, the first
+``--idle-loan most`` start) and to 12 SMs (120/12, 2026-12-07, at batch 248); 28 SMs (104/28, three groups and the remainder) has
+served every benchmark. Two groups (112/20) have not been tried.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Sequence
+
+
+MIN_DECODE_GROUPS = 3  # the fewest green-context groups a decode worker is left (see above)
 
 
 class SplitError(ValueError):
@@ -39,12 +48,16 @@ class SMSplit:
         return self.prefill_sms / self.total_sms
 
 
-def plan_splits(shares: Sequence[float], total_sms: int, granularity: int = 8
-                ) -> tuple[SMSplit, ...]:
-    """The distinct realisable splits for ``shares``, ordered by prefill SMs."""
-    if total_sms < 2 * granularity or granularity < 1:
-        raise SplitError(f"{total_sms} SMs cannot hold two groups of {granularity}")
-    most_prefill = (total_sms - granularity) // granularity * granularity
+def plan_splits(shares: Sequence[float], total_sms: int, granularity: int = 8,
+                min_decode_groups: int = MIN_DECODE_GROUPS) -> tuple[SMSplit, ...]:
+    """The distinct realisable splits for ``shares``, ordered by prefill SMs. A share that
+    would leave decode fewer than ``min_decode_groups`` groups gets the most prefill-heavy
+    split that does not (on an H100: 104/28)."""
+    if granularity < 1 or min_decode_groups < 1 \
+            or total_sms < (1 + min_decode_groups) * granularity:
+        raise SplitError(f"{total_sms} SMs cannot hold one prefill group and "
+                         f"{min_decode_groups} decode groups of {granularity}")
+    most_prefill = (total_sms - min_decode_groups * granularity) // granularity * granularity
     out: dict[int, SMSplit] = {}
     for share in sorted(shares):
         if not 0.0 < share < 1.0:
@@ -56,13 +69,15 @@ def plan_splits(shares: Sequence[float], total_sms: int, granularity: int = 8
 
 
 def check_grant(role: str, split: SMSplit, granted: int, granularity: int = 8) -> None:
-    """Raise :class:`SplitError` when the driver granted ``role`` less than one group for
-    ``split`` (a worker confined to fewer SMs than that failed its decode-graph capture in
-    cuBLAS on the H100; :func:`plan_splits` does not plan such a split)."""
-    if granted < granularity:
+    """Raise :class:`SplitError` when the driver granted ``role`` fewer SMs for ``split`` than
+    :func:`plan_splits` leaves it: one group for prefill, :data:`MIN_DECODE_GROUPS` groups for
+    decode (a decode worker confined to fewer failed its decode-graph capture in cuBLAS on the
+    H100)."""
+    groups = MIN_DECODE_GROUPS if role == "decode" else 1
+    if granted < groups * granularity:
         raise SplitError(f"{role} split {split.prefill_sms}/{split.decode_sms}: the driver "
-                         f"granted {granted} SMs, less than one group of {granularity}; "
-                         "plan_splits should not have planned it")
+                         f"granted {granted} SMs, fewer than {groups} group(s) of "
+                         f"{granularity}; plan_splits should not have planned it")
 
 
 def nearest_split(splits: Sequence[SMSplit], share: float) -> int:
@@ -71,3 +86,25 @@ def nearest_split(splits: Sequence[SMSplit], share: float) -> int:
         raise SplitError("no splits planned")
     return min(range(len(splits)),
                key=lambda i: (abs(splits[i].prefill_fraction - share), splits[i].prefill_sms))
+
+
+def loan_and_base_fractions(splits: Sequence[SMSplit], base_shares: Sequence[float],
+                            lend_most: bool, granularity: int = 8
+                            ) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
+    """(loan fractions, base fractions) for the partition controller from the planned
+    ``splits`` (prefill fraction ``p / (p + d)`` each).
+
+    Without ``lend_most`` (``--idle-loan splits``): ``((), None)``, the controller's default
+    (loans go to the extreme base splits). With it (``--idle-loan most``) the loans go to the
+    extreme planned splits and the base splits are those ``base_shares`` (``--sm-splits``)
+    plan to; a loan split that is also a base split stays a base split (on an H100 the loan to
+    prefill, 104/28, is the top base split, since decode keeps :data:`MIN_DECODE_GROUPS`)."""
+    if not lend_most or not splits:
+        return (), None
+    fractions = [s.prefill_sms / s.total_sms for s in splits]
+    planned = {s.prefill_sms for s in plan_splits(base_shares, splits[0].total_sms,
+                                                  granularity)}
+    base = tuple(f for s, f in zip(splits, fractions) if s.prefill_sms in planned)
+    if not base or len(base) == len(fractions):
+        return (), None
+    return (fractions[0], fractions[-1]), base

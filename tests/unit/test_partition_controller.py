@@ -106,6 +106,25 @@ def test_loan_only_splits_serve_loans_and_never_the_base():
         PartitionController(fractions, 2, loan_fractions=(0.01,))
 
 
+def test_a_loan_split_that_is_also_a_base_split_stays_a_base_split():
+    """``--idle-loan most`` on an H100: decode keeps 28 SMs, so the loan to prefill is 104/28,
+    the top of ``--sm-splits``; the SLO policy may still choose it as its base split."""
+    fractions = (8 / 132, *FRACTIONS)
+    c = PartitionController(fractions, 2, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0,
+                            warmup_iters=0, loan_fractions=(fractions[0], fractions[-1]),
+                            base_fractions=FRACTIONS)
+    assert c.policy.shares == tuple(sorted(FRACTIONS))
+    assert c.policy.loan_shares == (8 / 132, FRACTIONS[-1])
+    c.on_request("a", 0.1)  # only prefill has work: decode's SMs are lent (to the top split)
+    d = c.tick(1.0)
+    assert d.loan == "decode" and d.share == pytest.approx(FRACTIONS[-1])
+    with pytest.raises(ValueError, match="base fractions"):
+        PartitionController(fractions, 2, loan_fractions=(fractions[0], fractions[-1]),
+                            base_fractions=(0.3,))
+    with pytest.raises(ValueError, match="base fractions"):
+        PartitionController(fractions, 2, base_fractions=())
+
+
 def test_steady_arrivals_never_lend_the_prefill_side():
     c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0)
     t, k, loans = 0.0, 0, 0
