@@ -130,12 +130,13 @@ def details_markdown(details: Mapping[str, Any]) -> str:
             f"{n} = TTFT {s['ttft_s']:g} s / {'P99 ITL' if s['itl_p99'] else 'TPOT'} "
             f"{s['tpot_s']:g} s" for n, s in w["slo_sets"].items()), ""]
         head = ["run", "rate", *(f"att. {n}" for n in sets), "TTFT mean/P90/P99 (ms)",
-                "TPOT mean/P90/P99 (ms)", "ITL P99/max (ms)", "E2E P90 (s)", "req/s", "peak GPU MiB"]
+                "TPOT mean/P90/P99 (ms)", "ITL P99/max (ms)", "E2E P90 (s)", "req/s", "req/s from 1st token", "peak GPU MiB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for run, rd in w["runs"].items():
             for row in rd["curve"]:
                 e2e = row["e2e"].get("p90")
                 tput = row.get("request_throughput")
+                tput_first = row.get("request_throughput_from_first_token")
                 lines.append("| " + " | ".join([
                     run, _rate(row["rate"]), *(f"{row['attainment'][n]:.2f}" for n in sets),
                     "/".join(_ms(row["ttft"], k) for k in ("mean", "p90", "p99")),
@@ -143,6 +144,7 @@ def details_markdown(details: Mapping[str, Any]) -> str:
                     "/".join(_ms(row["itl"], k) for k in ("p99", "max")),
                     "n/a" if e2e is None else f"{e2e:.2f}",
                     "n/a" if tput is None else f"{tput:.2f}",
+                    "n/a" if tput_first is None else f"{tput_first:.2f}",
                     "n/a" if rd["peak_gpu_mib"] is None else str(rd["peak_gpu_mib"])]) + " |")
         lines.append("")
         lines += _profile_table(w)

@@ -43,7 +43,22 @@ def test_attainment_and_summary() -> None:
     assert s["e2e"]["mean"] == pytest.approx(0.4)
     assert s["request_throughput"] == pytest.approx(2.5)
     assert s["output_throughput_tok_s"] == pytest.approx(27.5)
+    assert s["request_throughput_from_first_token"] == pytest.approx(5 / 1.9)  # 2.0 - 0.1
     assert M.latency_summary([])["ttft"]["mean"] is None
+    assert M.latency_summary([])["request_throughput_from_first_token"] is None
+
+
+def test_throughput_from_the_first_token_leaves_out_a_shared_wait() -> None:
+    """An ``inf`` run whose first tokens all waited 12 s (as one of stock SGLang's did on the
+    DeepSeek-V2-Lite shape, before any request reached its scheduler): bench_serving's
+    throughput counts the wait, the figure from the first token does not; a failed
+    request's TTFT does not count."""
+    stalled = [_req(12.0 + 0.01 * i, 0.05) for i in range(40)] + [_req(0.0, 0.05, ok=False)]
+    s = M.latency_summary(stalled, duration_s=20.0)
+    assert s["request_throughput"] == pytest.approx(2.0)
+    assert s["request_throughput_from_first_token"] == pytest.approx(40 / 8.0)
+    assert M.latency_summary(stalled, duration_s=11.0)["request_throughput_from_first_token"] \
+        is None  # a duration shorter than the first TTFT: no span to count over
 
 
 def test_goodput() -> None:
