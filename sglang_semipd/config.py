@@ -234,7 +234,9 @@ class SemiPDConfig:
 
     @property
     def plans_loan_splits(self) -> bool:
-        """``--idle-loan most`` under green: the two extreme planned splits serve loans only."""
+        """``--idle-loan most`` under green: the loans go to the extreme planned splits, those
+        that are no ``--sm-splits`` split serve loans only
+        (:func:`~sglang_semipd.partition.splits.loan_and_base_fractions`)."""
         return self.idle_loan == "most" and self.sm_partition == "green"
 
     @property
