@@ -130,7 +130,8 @@ def details_markdown(details: Mapping[str, Any]) -> str:
             f"{n} = TTFT {s['ttft_s']:g} s / {'P99 ITL' if s['itl_p99'] else 'TPOT'} "
             f"{s['tpot_s']:g} s" for n, s in w["slo_sets"].items()), ""]
         head = ["run", "rate", *(f"att. {n}" for n in sets), "TTFT mean/P90/P99 (ms)",
-                "TPOT mean/P90/P99 (ms)", "ITL P99/max (ms)", "E2E P90 (s)", "req/s", "req/s from 1st token", "peak GPU MiB"]
+                "TPOT mean/P90/P99 (ms)", "ITL P99/max (ms)", "E2E P90 (s)", "req/s",
+                "req/s from 1st token", "peak GPU MiB"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for run, rd in w["runs"].items():
             for row in rd["curve"]:

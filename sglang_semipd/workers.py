@@ -108,6 +108,7 @@ class _SharedPoolChecks:
 STALL_REPORT_S = 30.0  # a worker holding requests this long without a batch logs them
 ADMISSION_RETRY_S = 0.01  # the prefill worker re-tries a blocked admission this often
 PREFILL_OOM_WAIT_S = 30.0  # a refused prefill allocation waits this long for decode to free
+SHUTDOWN_GOODBYE_TIMEOUT_S = 2.0  # a worker's goodbye at shutdown waits this long for a reply
 
 
 def reprefill_bound(waiting: Any, chunked_prefill_size: Optional[int], page_size: int) -> int:
@@ -290,6 +291,30 @@ class _SemiPDMixin:
         return not self.waiting_queue and (running_batch is None or running_batch.is_empty()) \
             and getattr(self, "chunked_req", None) is None \
             and not getattr(self, "result_queue", None)  # overlap: a result still to process
+
+    def semipd_shutdown_report(self) -> None:
+        """After SGLang's ``ShutdownReq`` (its drain has finished the requests): give back what
+        this worker holds and say goodbye, so that the memory manager logs what each worker
+        still held ("client N released: ..."). A worker that holds no request should hold no
+        slot, row or lock by then: if it does, that is a leak, logged here as a warning.
+        Best effort: a manager that is already gone only costs a warning."""
+        client = getattr(self, "semipd_client", None)
+        if client is None:
+            return
+        try:
+            requests = {k: v for k, v in self.semipd_held().items() if v}
+            self._release_idle()
+            bye = client.goodbye(timeout_s=SHUTDOWN_GOODBYE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - shutting down either way
+            logger.warning("semi-PD %s worker: no goodbye to the memory manager at shutdown "
+                           "(%s)", self.semipd_role, exc)
+            return
+        held = bye.freed_tokens or bye.dropped_locks or bye.freed_rows
+        level = logging.WARNING if held and not requests else logging.INFO
+        logger.log(level, "semi-PD %s worker at shutdown: gave back %d slots, %d locks, %d rows%s",
+                   self.semipd_role, bye.freed_tokens, bye.dropped_locks, bye.freed_rows,
+                   f" held by {sum(map(len, requests.values()))} request(s) still here"
+                   if requests else (" with no request left: leaked" if held else ""))
 
     def _retire(self) -> None:
         """Give everything back to the memory manager and leave SGLang's event loop."""
@@ -959,7 +984,8 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
 
 
 def run_event_loop_to_exit(scheduler: Any, role: str, generation: int) -> None:
-    """Run a started worker's SGLang event loop. It returns after SGLang's ``ShutdownReq``.
+    """Run a started worker's SGLang event loop. It returns after SGLang's ``ShutdownReq``,
+    once the worker has said goodbye to the memory manager (``semipd_shutdown_report``).
     A retire (``WorkerRetired``) ends the process with code 0; an exception out of the loop
     ends it with :data:`WORKER_CRASH_EXIT_CODE`, at once: SGLang's helper threads (and CUDA
     teardown) could otherwise keep a crashed worker's process alive, and the semi-PD
@@ -967,6 +993,9 @@ def run_event_loop_to_exit(scheduler: Any, role: str, generation: int) -> None:
     the worker's requests hung."""
     try:
         scheduler.run_event_loop()
+        report = getattr(scheduler, "semipd_shutdown_report", None)
+        if report is not None:
+            report()
     except WorkerRetired:  # an --sm-partition mps resize swapped this generation out
         logger.info("semi-PD %s worker (generation %d) retired", role, generation)
         logging.shutdown()

@@ -190,8 +190,9 @@ class KVStateClient:
         """Supervisor call: release a (dead) client's holdings."""
         return self.call(P.ReleaseClient(client_id=client_id))[0]
 
-    def goodbye(self) -> P.ReleaseReply:
-        reply = self.call(P.Goodbye())[0]
+    def goodbye(self, timeout_s: Optional[float] = None) -> P.ReleaseReply:
+        """Hand back everything this client holds and unregister (the reply says what)."""
+        reply = self.call(P.Goodbye(), timeout_s=timeout_s)[0]
         self.client_id = 0
         return reply
 

@@ -13,8 +13,9 @@ not one (132 = 16 x 8 + 4), the remainder goes to decode -- a prefill request of
 Why decode keeps three groups: the decode worker captures its CUDA graphs on every planned
 split, and on the H100 that capture failed in cuBLAS (``CUBLAS_STATUS_EXECUTION_FAILED`` in
 ``cublasGemmEx``, Llama-3.1-8B shape) with decode confined to 4 SMs (124/8, the first
-``--idle-loan most`` start) and to 12 SMs (120/12, 2026-12-07, at batch 248); 28 SMs (104/28, three groups and the remainder) has
-served every benchmark. Two groups (112/20) have not been tried.
+``--idle-loan most`` start) and to 12 SMs (120/12, 2026-12-07, at batch 248); 28 SMs (104/28,
+three groups and the remainder) has served every benchmark. Two groups (112/20) have not been
+tried.
 """
 
 from __future__ import annotations

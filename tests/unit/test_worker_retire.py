@@ -203,3 +203,83 @@ def test_a_worker_whose_loop_ends_exits_though_a_helper_thread_lives_on(outcome,
         proc.join(5)
     assert not alive, "the worker process outlived its event loop"
     assert proc.exitcode == (WORKER_CRASH_EXIT_CODE if code is None else code)
+
+
+def _shutdown_worker(endpoint: str) -> Worker:
+    client = KVStateClient(endpoint, "decode-0", "decode", timeout_s=15)
+    w = Worker()
+    w.semipd_client = client
+    w.running_batch = _Batch(0)
+    w.token_to_kv_pool_allocator = RemoteTokenAllocator(client, lease_block=64)
+    return w
+
+
+def _shutdown_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "at shutdown" in r.getMessage()]
+
+
+def test_at_a_drained_shutdown_a_worker_gives_everything_back_and_says_what(manager, caplog):
+    """After SGLang's ShutdownReq the worker's goodbye reaches the memory manager (which then
+    logs what it held): a worker whose requests all finished reports nothing held, at INFO."""
+    endpoint, sup = manager
+    w = _shutdown_worker(endpoint)
+    done = w.token_to_kv_pool_allocator.alloc(10)  # a finished request's slots, freed
+    w.token_to_kv_pool_allocator.free(done)
+    assert sup.check_invariant().client_held  # its slot lease is still open
+    with caplog.at_level("INFO", logger="sglang_semipd.workers"):
+        w.semipd_shutdown_report()
+    report = sup.check_invariant()
+    assert report.ok and report.client_held == {} and report.leased == 0, report
+    assert _shutdown_lines(caplog) == [
+        "semi-PD decode worker at shutdown: gave back 0 slots, 0 locks, 0 rows"]
+    assert all(r.levelname == "INFO" for r in caplog.records if "at shutdown" in r.getMessage())
+
+
+@pytest.mark.parametrize("with_request", [False, True], ids=["leaked", "request-left"])
+def test_at_shutdown_slots_held_without_a_request_are_reported_as_a_leak(
+        manager, caplog, with_request):
+    endpoint, sup = manager
+    w = _shutdown_worker(endpoint)
+    w.token_to_kv_pool_allocator.alloc(10)  # never freed
+    if with_request:  # ... because a request still runs (the drain left it)
+        w.running_batch = _Batch(1, ("r7",))
+    with caplog.at_level("INFO", logger="sglang_semipd.workers"):
+        w.semipd_shutdown_report()
+    assert sup.check_invariant().client_held == {}  # the goodbye gave them back either way
+    [line] = _shutdown_lines(caplog)
+    [rec] = [r for r in caplog.records if "at shutdown" in r.getMessage()]
+    if with_request:
+        assert line.endswith(
+            "gave back 10 slots, 0 locks, 0 rows held by 1 request(s) still here")
+        assert rec.levelname == "INFO"
+    else:
+        assert line.endswith("gave back 10 slots, 0 locks, 0 rows with no request left: leaked")
+        assert rec.levelname == "WARNING"
+
+
+def test_a_shutdown_goodbye_to_a_manager_already_gone_only_warns(tmp_path, caplog, monkeypatch):
+    import sglang_semipd.workers as W
+
+    monkeypatch.setattr(W, "SHUTDOWN_GOODBYE_TIMEOUT_S", 0.2)
+    w = Worker()
+    w.running_batch = _Batch(0)
+    w.semipd_client = KVStateClient(f"ipc://{tmp_path}/nobody.sock", "decode-0", "decode",
+                                    timeout_s=0.2, register=False)
+    w._release_idle = lambda: None  # nothing leased: no allocator needed
+    t0 = time.monotonic()
+    w.semipd_shutdown_report()
+    assert time.monotonic() - t0 < 5
+    assert any("no goodbye to the memory manager at shutdown" in m
+               for m in [r.getMessage() for r in caplog.records if r.levelname == "WARNING"])
+
+
+def test_a_worker_whose_loop_returns_reports_before_it_exits():
+    """``run_event_loop_to_exit`` calls the worker's shutdown report after SGLang's loop
+    returns (ShutdownReq), and not after a crash or a retire."""
+    from sglang_semipd.workers import run_event_loop_to_exit
+
+    calls: list[str] = []
+    loop = SimpleNamespace(run_event_loop=lambda: calls.append("loop"),
+                           semipd_shutdown_report=lambda: calls.append("report"))
+    run_event_loop_to_exit(loop, "decode", 0)
+    assert calls == ["loop", "report"]
