@@ -298,13 +298,11 @@ class _SemiPDMixin:
         still held ("client N released: ..."). A worker that holds no request should hold no
         slot, row or lock by then: if it does, that is a leak, logged here as a warning.
         Best effort: a manager that is already gone only costs a warning."""
-        client = getattr(self, "semipd_client", None)
-        if client is None:
+        if getattr(self, "semipd_client", None) is None:
             return
         try:
             requests = {k: v for k, v in self.semipd_held().items() if v}
-            self._release_idle()
-            bye = client.goodbye(timeout_s=SHUTDOWN_GOODBYE_TIMEOUT_S)
+            bye = self._hand_back(SHUTDOWN_GOODBYE_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - shutting down either way
             logger.warning("semi-PD %s worker: no goodbye to the memory manager at shutdown "
                            "(%s)", self.semipd_role, exc)
@@ -316,10 +314,14 @@ class _SemiPDMixin:
                    f" held by {sum(map(len, requests.values()))} request(s) still here"
                    if requests else (" with no request left: leaked" if held else ""))
 
+    def _hand_back(self, timeout_s: Optional[float] = None) -> Any:
+        """Give everything back to the memory manager and unregister (``ReleaseReply``)."""
+        self._release_idle()
+        return self.semipd_client.goodbye(timeout_s=timeout_s)
+
     def _retire(self) -> None:
         """Give everything back to the memory manager and leave SGLang's event loop."""
-        self._release_idle()
-        bye = self.semipd_client.goodbye()
+        bye = self._hand_back()
         logger.info("retired: gave back %d slots, %d locks, %d rows", bye.freed_tokens,
                     bye.dropped_locks, bye.freed_rows)
         raise WorkerRetired()
@@ -993,9 +995,7 @@ def run_event_loop_to_exit(scheduler: Any, role: str, generation: int) -> None:
     the worker's requests hung."""
     try:
         scheduler.run_event_loop()
-        report = getattr(scheduler, "semipd_shutdown_report", None)
-        if report is not None:
-            report()
+        scheduler.semipd_shutdown_report()
     except WorkerRetired:  # an --sm-partition mps resize swapped this generation out
         logger.info("semi-PD %s worker (generation %d) retired", role, generation)
         logging.shutdown()

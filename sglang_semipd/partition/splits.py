@@ -106,6 +106,6 @@ def loan_and_base_fractions(splits: Sequence[SMSplit], base_shares: Sequence[flo
     planned = {s.prefill_sms for s in plan_splits(base_shares, splits[0].total_sms,
                                                   granularity)}
     base = tuple(f for s, f in zip(splits, fractions) if s.prefill_sms in planned)
-    if not base or len(base) == len(fractions):
+    if len(base) == len(fractions):
         return (), None
     return (fractions[0], fractions[-1]), base
