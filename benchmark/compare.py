@@ -127,6 +127,11 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # chunked one (--prefill-chunk-reserve; session 14's TTFT tails were such waits)
     "diag_semipd_green_slo_chunk_reserve": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--prefill-chunk-reserve", "0.5")),
+    # diagnostic: the prefill worker replays SGLang's prefill CUDA graphs, one set per split
+    # (--prefill-graphs); stock SGLang replays them for the Llama shape by default, semi-PD's
+    # prefill worker otherwise runs eagerly
+    "diag_semipd_green_slo_prefill_graphs": ("sglang_semipd.launch_server", (
+        *GREEN_SLO, "--prefill-graphs")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none")

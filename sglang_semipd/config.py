@@ -190,6 +190,11 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "prefill batch is launched before the last one's results are handled "
                         "(its hand-off, first tokens, memory-manager calls). Default off: its "
                         "first H100 benchmark run crashed (fixed since, not yet rerun).")
+    g.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="Let the prefill worker replay SGLang's prefill CUDA graphs (SGLang's "
+                        "own default for stock Llama-type models, off for MLA), captured once "
+                        "per split on its green stream as decode's are. Default off: it has "
+                        "not run on a GPU yet, and without it prefills run eagerly.")
     g.add_argument("--batch-handoff", action=argparse.BooleanOptionalAction, default=False,
                    help="Hand each prefill batch to the decode worker in one memory-manager "
                         "call (its prompts cached, locks and rows moved) instead of 2-4 calls "
@@ -227,6 +232,7 @@ class SemiPDConfig:
     batch_handoff: bool = False
     prefill_chunk_reserve: float = 0.0
     prefill_overlap: bool = False
+    prefill_graphs: bool = False
 
     @property
     def decode_sm_share(self) -> float:
@@ -265,6 +271,7 @@ class SemiPDConfig:
                   idle_loan=getattr(ns, "idle_loan", "splits"),
                   batch_handoff=bool(getattr(ns, "batch_handoff", False)),
                   prefill_overlap=bool(getattr(ns, "prefill_overlap", False)),
+                  prefill_graphs=bool(getattr(ns, "prefill_graphs", False)),
                   prefill_chunk_reserve=float(getattr(ns, "prefill_chunk_reserve", 0.0)))
         cfg.validate(ns, which)
         return cfg

@@ -184,6 +184,11 @@ WORKER_PATCHES: tuple[Patch, ...] = (
           "decode worker: capture each split's decode CUDA graphs on that split's green "
           "stream (a graph keeps the SM set of its capture stream; SGLang would capture on a "
           "fresh ordinary stream, whose replay escapes the partition)"),
+    Patch("sglang.srt.model_executor.runner.prefill_cuda_graph_runner", "graph_capture",
+          _capture_on_split_stream,
+          "prefill worker with --prefill-graphs: capture each split's prefill CUDA graphs on "
+          "that split's green stream, as the decode worker's (without the flag the prefill "
+          "worker captures none and SGLang's own function would run)"),
     Patch("sglang.srt.managers.schedule_policy", "PrefillAdder.add_chunked_req",
           _chunk_after_reserve,
           "prefill worker with --prefill-chunk-reserve: a long prompt's next chunk leaves "

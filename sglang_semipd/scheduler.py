@@ -241,7 +241,8 @@ class Coordinator:
                           decode_overlap=self.cfg.decode_overlap,
                           batch_handoff=self.cfg.batch_handoff,
                           prefill_overlap=self.cfg.prefill_overlap,
-                          prefill_chunk_reserve=self.cfg.prefill_chunk_reserve)
+                          prefill_chunk_reserve=self.cfg.prefill_chunk_reserve,
+                          prefill_graphs=self.cfg.prefill_graphs)
         args = (plan, self.server_args, worker_port_args(self.port_args, ep),
                 self._manager_ready)
         return self._spawn(role if gen_id == 0 else f"{role}@{gen_id}", run_worker_process,

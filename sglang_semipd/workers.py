@@ -242,10 +242,54 @@ class _SemiPDMixin:
 
     def semipd_activate(self, split: int) -> None:
         """Make ``split`` the one the next iteration runs on (the stream is looked up per
-        iteration; under SGLang's overlap loop it becomes the forward stream; the decode
-        worker also swaps its decode CUDA graphs)."""
+        iteration; under SGLang's overlap loop it becomes the forward stream) and swap in the
+        CUDA graphs captured on it (the decode worker's decode graphs; the prefill worker's
+        prefill graphs with ``--prefill-graphs``)."""
+        runner = getattr(self, "semipd_graph_runners", {}).get(split)
+        if runner is not None:
+            setattr(self.tp_worker.model_runner, self.semipd_graph_attr, runner)
         if getattr(self, "enable_overlap", False):
             self._semipd_use_stream(self.semipd_streams.streams[split])
+
+    semipd_graph_attr = ""  # the ModelRunner attribute of this role's graph runner
+
+    def semipd_capture_split_graphs(self, start: int, phase: str) -> None:
+        """SGLang's ``phase`` (``decode`` | ``prefill``) CUDA graphs for every split, each
+        captured on its split's stream: SGLang's init captured the start split's, on its
+        stream (``capture_stream``); a graph keeps the SMs of its capture stream, so each
+        split needs its own. Decode runners get an attention backend each (a decode runner
+        keeps the backend whose graph buffers it captured); prefill runners share the
+        model runner's, which SGLang's prefill runner reads at every replay (its attention
+        runs eagerly, between the captured pieces). Nothing to do without a graph runner
+        (SGLang's own rules may have turned the phase's graphs off) or outside ``green``."""
+        from sglang.srt.model_executor.runner.eager_runner import EagerRunner
+
+        from sglang_semipd.partition.streams import capture_stream
+
+        mr = self.tp_worker.model_runner
+        self.semipd_graph_attr = attr = f"{phase}_cuda_graph_runner"
+        first = getattr(mr, attr, None)
+        self.semipd_graph_runners = runners = {start: first}
+        if first is None or isinstance(first, EagerRunner) \
+                or self.semipd_streams.mode != "green":
+            return
+        init = getattr(mr, f"init_{phase}_cuda_graph")
+        original = mr.attn_backend
+        t0 = time.monotonic()
+        try:
+            for i, stream in enumerate(self.semipd_streams.streams):
+                if i == start:
+                    continue
+                if phase == "decode":
+                    mr.attn_backend = mr._get_attention_backend()
+                with capture_stream(stream):
+                    init()
+                runners[i] = getattr(mr, attr)
+        finally:
+            mr.attn_backend = original
+            setattr(mr, attr, first)
+        logger.info("%s CUDA graphs captured for %d splits (%.1f s for the extra %d)", phase,
+                    len(runners), time.monotonic() - t0, len(runners) - 1)
 
     # -------------------------------------------------------------- SGLang seams
     def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
@@ -459,6 +503,8 @@ def make_prefill_scheduler_cls() -> type:
                         start_split: int) -> None:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_peer = plan.kv_role("decode")  # hand-offs go to this decode client
+            if plan.prefill_graphs:
+                self.semipd_capture_split_graphs(start_split, "prefill")
             self.semipd_batch_handoff = plan.batch_handoff
             if plan.batch_handoff:
                 logger.info(BATCH_HANDOFF_LOG)
@@ -658,45 +704,12 @@ def make_decode_scheduler_cls() -> type:
                         start_split: int) -> None:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_stop_load_snapshots()  # the prefill worker's snapshot stands alone
-            self.semipd_graph_runners = self._capture_split_graphs(start_split)
+            self.semipd_capture_split_graphs(start_split, "decode")
             self.inbox: DecodeInbox[Any, P.HandOff] = DecodeInbox()
             self.handoff_sock = zmq.Context.instance().socket(zmq.PULL)
             self.handoff_sock.connect(plan.handoff_endpoint)
             if self.enable_overlap:
                 self.semipd_overlap_init(start_split)
-
-        def _capture_split_graphs(self, start: int) -> dict[int, Any]:
-            """Decode CUDA graphs for every split, each captured on its split's stream (the
-            start split's were captured by SGLang's init, on its stream), each with its own
-            attention backend (a runner keeps the backend whose graph buffers it captured)."""
-            from sglang_semipd.partition.streams import capture_stream
-
-            mr = self.tp_worker.model_runner
-            runners = {start: mr.decode_cuda_graph_runner}
-            if mr.decode_cuda_graph_runner is None or self.semipd_streams.mode != "green":
-                return runners
-            original = mr.attn_backend
-            t0 = time.monotonic()
-            try:
-                for i, stream in enumerate(self.semipd_streams.streams):
-                    if i == start:
-                        continue
-                    mr.attn_backend = mr._get_attention_backend()
-                    with capture_stream(stream):
-                        mr.init_decode_cuda_graph()
-                    runners[i] = mr.decode_cuda_graph_runner
-            finally:
-                mr.attn_backend = original
-                mr.decode_cuda_graph_runner = runners[start]
-            logger.info("decode CUDA graphs captured for %d splits (%.1f s for the extra %d)",
-                        len(runners), time.monotonic() - t0, len(runners) - 1)
-            return runners
-
-        def semipd_activate(self, split: int) -> None:
-            runner = self.semipd_graph_runners.get(split)
-            if runner is not None:
-                self.tp_worker.model_runner.decode_cuda_graph_runner = runner
-            super().semipd_activate(split)
 
         def update_running_batch(self, batch: Any) -> Any:
             """SGLang's, after securing the next decode step's KV slots in this worker's
@@ -856,20 +869,22 @@ def make_decode_scheduler_cls() -> type:
 
 
 def role_server_args(role: str, sa: Any, decode_overlap: bool = False,
-                     prefill_overlap: bool = False) -> Any:
+                     prefill_overlap: bool = False, prefill_graphs: bool = False) -> Any:
     """What a worker's ServerArgs change for its role (``sa`` is already a private copy):
     the ``semipd`` radix backend and SGLang's non-overlapped loop, except the decode worker's
     with ``decode_overlap`` and the prefill worker's with ``prefill_overlap`` (unless SGLang
-    itself turned overlap off for these arguments: then it stays off, with a warning). No worker captures
-    prefill CUDA graphs (the decode worker never prefills; in the prefill worker a graph
-    captured off its split's stream would escape the partition), and the prefill worker, which
-    never runs a decode batch, captures no decode graphs either."""
+    itself turned overlap off for these arguments: then it stays off, with a warning). The
+    decode worker captures no prefill CUDA graphs (it never prefills), and the prefill worker,
+    which never runs a decode batch, no decode graphs. The prefill worker keeps SGLang's own
+    prefill-graph setting with ``prefill_graphs`` (``--prefill-graphs``; captured once per
+    split, on the split's stream, as decode's are) and runs its prefills eagerly without."""
     import copy
 
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
     graphs = copy.deepcopy(sa.cuda_graph_config)
-    graphs.prefill = dataclasses.replace(graphs.prefill, backend=Backend.DISABLED)
+    if not (role == "prefill" and prefill_graphs):
+        graphs.prefill = dataclasses.replace(graphs.prefill, backend=Backend.DISABLED)
     if role == "prefill":
         graphs.decode = dataclasses.replace(graphs.decode, backend=Backend.DISABLED)
     overlap = decode_overlap if role == "decode" else prefill_overlap
@@ -911,6 +926,7 @@ class WorkerPlan:
     batch_handoff: bool = False  # --batch-handoff
     prefill_overlap: bool = False  # --prefill-overlap
     prefill_chunk_reserve: float = 0.0  # --prefill-chunk-reserve
+    prefill_graphs: bool = False  # --prefill-graphs
 
     def kv_role(self, role: str = "") -> str:
         """The memory-manager client role of ``role`` (default: this worker's) in this
@@ -959,7 +975,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
                                timeout_s=60.0)
         manifest = client.pool_manifest()
         sa = role_server_args(role, worker_server_args(server_args, manifest),
-                              plan.decode_overlap, plan.prefill_overlap)
+                              plan.decode_overlap, plan.prefill_overlap, plan.prefill_graphs)
         register_semipd_radix_backend(lambda ctx: client)
         publish_server_args(sa)
         import torch

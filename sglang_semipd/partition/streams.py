@@ -28,13 +28,14 @@ from sglang_semipd.partition.splits import SMSplit, check_grant, plan_splits
 
 logger = logging.getLogger(__name__)
 
-# The stream the next decode-graph capture must run on (None: SGLang's own choice).
+# The stream the next CUDA-graph capture (decode, or prefill with --prefill-graphs) must run
+# on (None: SGLang's own choice).
 _capture_stream: Optional[Any] = None
 
 
 @contextlib.contextmanager
 def capture_stream(stream: Optional[Any]) -> Iterator[None]:
-    """Within the block, SGLang's decode-graph capture runs on ``stream``."""
+    """Within the block, SGLang's CUDA-graph captures (decode, prefill) run on ``stream``."""
     global _capture_stream
     previous, _capture_stream = _capture_stream, stream
     try:

@@ -125,6 +125,8 @@ def test_batch_handoff_and_prefill_overlap_are_off_unless_asked():
     assert not parse().batch_handoff and parse("--batch-handoff").batch_handoff
     assert not parse("--no-batch-handoff").batch_handoff
     assert not parse().prefill_overlap and parse("--prefill-overlap").prefill_overlap
+    assert not parse().prefill_graphs and parse("--prefill-graphs").prefill_graphs
+    assert not parse("--no-prefill-graphs").prefill_graphs
     with pytest.raises(SemiPDConfigError, match="--prefill-overlap.*--disable-overlap"):
         parse("--prefill-overlap", disable_overlap_schedule=True)
 

@@ -44,3 +44,35 @@ def test_patch_replaces_nested_symbol_once(monkeypatch):
 
 def test_apply_unknown_role_only_checks_version():
     patches.apply("no-such-role")
+
+
+def test_every_registered_patch_names_a_symbol_of_the_pinned_sglang():
+    """Resolved without applying: a renamed or moved SGLang symbol fails here, not at a
+    worker's start on the GPU host."""
+    import importlib
+
+    for role, role_patches in patches.PATCHES.items():
+        for patch in role_patches:
+            owner = importlib.import_module(patch.module)
+            for part in patch.qualname.split("."):
+                assert hasattr(owner, part), f"{role}: {patch.module}.{patch.qualname}"
+                owner = getattr(owner, part)
+            assert callable(owner), f"{role}: {patch.module}.{patch.qualname}"
+
+
+@pytest.mark.parametrize("module", ["decode_cuda_graph_runner", "prefill_cuda_graph_runner"])
+def test_both_graph_runners_capture_on_the_split_stream_named_by_capture_stream(module):
+    """The workers' graph_capture patches (decode graphs; prefill graphs with
+    --prefill-graphs) hand SGLang's graph_capture the split's stream, or SGLang's own choice
+    (None) outside a ``capture_stream`` block; a stream passed explicitly wins."""
+    from sglang_semipd.partition.streams import capture_stream
+
+    [patch] = [p for p in patches.WORKER_PATCHES
+               if p.qualname == "graph_capture" and p.module.endswith(module)]
+    seen = []
+    graph_capture = patch.make(lambda stream=None: seen.append(stream))
+    graph_capture()
+    with capture_stream("split-3"):
+        graph_capture()
+        graph_capture(stream="explicit")
+    assert seen == [None, "split-3", "explicit"]

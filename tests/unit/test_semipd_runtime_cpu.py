@@ -167,6 +167,38 @@ def test_role_server_args_graphs_decode_worker_decode_only(tmp_path):
     assert sa.radix_cache_backend != "semipd"
 
 
+def test_role_server_args_prefill_graphs_only_for_the_prefill_worker_and_only_if_asked(
+        tmp_path):
+    """``--prefill-graphs``: the prefill worker keeps SGLang's own prefill-graph setting (and
+    still captures no decode graphs); the decode worker never captures prefill graphs."""
+    import copy
+
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_semipd.testing.model_maker import make_model
+    from sglang_semipd.workers import role_server_args
+
+    model = make_model(tmp_path / "tiny", "tiny", "bfloat16", seed=0)
+    sa = ServerArgs(model_path=str(model), device="cpu", attention_backend="triton",
+                    sampling_backend="pytorch", grammar_backend="none")
+    sglang_prefill = sa.cuda_graph_config.prefill.backend
+    assert sglang_prefill != Backend.DISABLED  # SGLang's default for a Llama-type model
+
+    def backends(role: str, graphs: bool) -> tuple:
+        w = role_server_args(role, copy.deepcopy(sa), prefill_graphs=graphs)
+        return w.cuda_graph_config.prefill.backend, w.cuda_graph_config.decode.backend
+
+    assert backends("prefill", True) == (sglang_prefill, Backend.DISABLED)
+    assert backends("prefill", False) == (Backend.DISABLED, Backend.DISABLED)
+    assert backends("decode", True)[0] == Backend.DISABLED
+    assert backends("decode", True)[1] == sa.cuda_graph_config.decode.backend
+    mla_like = copy.deepcopy(sa)  # SGLang's own rules turned them off (as for MLA)
+    mla_like.cuda_graph_config.prefill.backend = Backend.DISABLED
+    assert role_server_args("prefill", mla_like, prefill_graphs=True) \
+        .cuda_graph_config.prefill.backend == Backend.DISABLED
+
+
 def test_role_server_args_overlap_per_worker_as_asked_and_only_if_sglang_allows(
         tmp_path, caplog):
     import copy

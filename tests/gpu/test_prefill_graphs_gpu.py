@@ -1,0 +1,92 @@
+"""On the GPU host: ``--prefill-graphs`` (the prefill worker replays SGLang's prefill CUDA
+graphs, captured once per split on the split's green stream) changes no output and leaks
+nothing.
+
+Stock SGLang 0.5.17 replays prefill CUDA graphs for a Llama-type model by default (its
+"breakable" graphs, up to 2,048 tokens); without the flag semi-PD's prefill worker runs every
+prefill eagerly. The risks of the flag: a graph captured on one split's stream runs on that
+split's SMs only, so a resize must swap in the runner captured on the new split; and the
+worker's memory must hold a set of prefill graphs per split. Required:
+
+* the server log says the prefill worker captured prefill graphs for all five default splits,
+  and SGLang logged a prefill batch that ran on a graph;
+* 24 concurrent prompts of 20-400 tokens, with the split flipped every 0.3 s, return exactly
+  ``max_new_tokens`` tokens each, equal to stock SGLang's for the same prompt sent alone
+  (the same flags on ``--no-semi-pd``, started first);
+* the split changed under load; at idle the shared pool holds nothing."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, greedy_generate,
+                                          http_json, pool_leaks, python_module_cmd,
+                                          semipd_pool_report, stock_greedy_outputs)
+
+pytestmark = pytest.mark.gpu
+
+PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 41
+FLAGS = SMALL_POOL_FLAGS
+N, OUT = 24, 32
+SHARES = (0.25, 0.75)
+CAPTURED_LOG = "prefill CUDA graphs captured for 5 splits"  # semipd_capture_split_graphs
+GRAPH_PREFILL = "cuda graph: True"  # in SGLang's "Prefill batch, ..." line
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(17)
+    return [[rng.randrange(100, 40000) for _ in range(20 + 16 * k)] for k in range(N)]
+
+
+@pytest.fixture(scope="module")
+def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
+    return stock_greedy_outputs(str(tiny_bf16), PORT, FLAGS,
+                                os.path.join(gpu_log_dir, "server_stock_graphs_ref.log"),
+                                _prompts(), OUT)
+
+
+def _flip_splits(url: str, stop: threading.Event, seen: set) -> None:
+    i = 0
+    while not stop.is_set():
+        http_json(url + "/set_internal_state", {"server_args": {
+            "semipd_slo_policy": 0, "semipd_prefill_sm_share": SHARES[i % 2]}})
+        seen.add(http_json(url + "/server_info")["internal_states"][0]["semipd"]["split"])
+        i += 1
+        stop.wait(0.3)
+
+
+def test_prefill_graphs_per_split_match_stock_and_leak_nothing(stock_outputs, tiny_bf16,
+                                                                gpu_log_dir):
+    cmd = python_module_cmd("sglang_semipd.launch_server", "--model-path", str(tiny_bf16),
+                            "--port", str(PORT), "--prefill-graphs",
+                            "--partition-policy", "static", *FLAGS)
+    with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_semipd_graphs.log")) as s:
+        text = s.log_path.read_text(errors="replace")
+        assert CAPTURED_LOG in text, "the prefill worker did not capture graphs per split"
+        stop, seen = threading.Event(), set()
+        flipper = threading.Thread(target=_flip_splits, args=(s.url, stop, seen))
+        flipper.start()
+        try:
+            with ThreadPoolExecutor(N) as pool:
+                outs = list(pool.map(lambda p: greedy_generate(s.url, p, OUT), _prompts()))
+        finally:
+            stop.set()
+            flipper.join(30)
+        assert len(seen) >= 2, f"the split never changed under load: {seen}"
+        for k, (out, stock) in enumerate(zip(outs, stock_outputs)):
+            assert out["meta_info"]["completion_tokens"] == OUT, (k, out["meta_info"])
+            assert out["output_ids"] == stock, f"prompt {k}: output differs from stock"
+        text = s.log_path.read_text(errors="replace")
+        assert any("Prefill batch" in line and GRAPH_PREFILL in line
+                   for line in text.splitlines()), "no prefill batch ran on a CUDA graph"
+        time.sleep(0.5)
+        report = semipd_pool_report(s.url)
+        assert report["ok"] and not report["errors"], report
+        assert pool_leaks(report) == {"leaked_slots": 0, "lock_refs_left": 0,
+                                      "req_rows_left": 0}
