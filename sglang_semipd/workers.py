@@ -247,14 +247,13 @@ class _SemiPDMixin:
         prefill graphs with ``--prefill-graphs``)."""
         runner = getattr(self, "semipd_graph_runners", {}).get(split)
         if runner is not None:
-            setattr(self.tp_worker.model_runner, self.semipd_graph_attr, runner)
+            setattr(self.tp_worker.model_runner, f"{self.semipd_role}_cuda_graph_runner",
+                    runner)
         if getattr(self, "enable_overlap", False):
             self._semipd_use_stream(self.semipd_streams.streams[split])
 
-    semipd_graph_attr = ""  # the ModelRunner attribute of this role's graph runner
-
-    def semipd_capture_split_graphs(self, start: int, phase: str) -> None:
-        """SGLang's ``phase`` (``decode`` | ``prefill``) CUDA graphs for every split, each
+    def semipd_capture_split_graphs(self, start: int) -> None:
+        """SGLang's CUDA graphs of this worker's phase (decode | prefill) for every split, each
         captured on its split's stream: SGLang's init captured the start split's, on its
         stream (``capture_stream``); a graph keeps the SMs of its capture stream, so each
         split needs its own. Decode runners get an attention backend each (a decode runner
@@ -266,8 +265,8 @@ class _SemiPDMixin:
 
         from sglang_semipd.partition.streams import capture_stream
 
-        mr = self.tp_worker.model_runner
-        self.semipd_graph_attr = attr = f"{phase}_cuda_graph_runner"
+        mr, phase = self.tp_worker.model_runner, self.semipd_role
+        attr = f"{phase}_cuda_graph_runner"
         first = getattr(mr, attr, None)
         self.semipd_graph_runners = runners = {start: first}
         if first is None or isinstance(first, EagerRunner) \
@@ -504,7 +503,7 @@ def make_prefill_scheduler_cls() -> type:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_peer = plan.kv_role("decode")  # hand-offs go to this decode client
             if plan.prefill_graphs:
-                self.semipd_capture_split_graphs(start_split, "prefill")
+                self.semipd_capture_split_graphs(start_split)
             self.semipd_batch_handoff = plan.batch_handoff
             if plan.batch_handoff:
                 logger.info(BATCH_HANDOFF_LOG)
@@ -704,7 +703,7 @@ def make_decode_scheduler_cls() -> type:
                         start_split: int) -> None:
             self.semipd_common_init(client, streams, start_split, plan.control_endpoint)
             self.semipd_stop_load_snapshots()  # the prefill worker's snapshot stands alone
-            self.semipd_capture_split_graphs(start_split, "decode")
+            self.semipd_capture_split_graphs(start_split)
             self.inbox: DecodeInbox[Any, P.HandOff] = DecodeInbox()
             self.handoff_sock = zmq.Context.instance().socket(zmq.PULL)
             self.handoff_sock.connect(plan.handoff_endpoint)

@@ -47,7 +47,9 @@ class _ModelRunnerStandIn:
 class Worker(_SemiPDMixin):
     semipd_role = "prefill"
 
-    def __init__(self, mode: str = "green", n: int = 4, start: int = 2) -> None:
+    def __init__(self, mode: str = "green", n: int = 4, start: int = 2,
+                 role: str = "prefill") -> None:
+        self.semipd_role = role
         self.streams = [f"stream-{i}" for i in range(n)]
         self.semipd_streams = SimpleNamespace(mode=mode, streams=self.streams)
         self.tp_worker = SimpleNamespace(model_runner=_ModelRunnerStandIn(self.streams[start]))
@@ -55,10 +57,10 @@ class Worker(_SemiPDMixin):
 
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_each_split_gets_graphs_captured_on_its_own_stream(phase):
-    w = Worker()
+    w = Worker(role=phase)
     mr = w.tp_worker.model_runner
     first = getattr(mr, f"{phase}_cuda_graph_runner")
-    w.semipd_capture_split_graphs(2, phase)
+    w.semipd_capture_split_graphs(2)
     runners = w.semipd_graph_runners
     assert sorted(runners) == [0, 1, 2, 3] and runners[2] is first
     assert all(r.stream == f"stream-{i}" and r.phase == phase for i, r in runners.items())
@@ -85,19 +87,19 @@ def test_no_graphs_to_multiply_outside_green_or_without_a_graph_runner():
     from sglang.srt.model_executor.runner.eager_runner import EagerRunner
 
     for mode in ("mps", "none"):
-        w = Worker(mode=mode)
-        w.semipd_capture_split_graphs(2, "decode")
+        w = Worker(mode=mode, role="decode")
+        w.semipd_capture_split_graphs(2)
         assert list(w.semipd_graph_runners) == [2]
     w = Worker()
     w.tp_worker.model_runner.prefill_cuda_graph_runner = None  # SGLang turned them off
-    w.semipd_capture_split_graphs(2, "prefill")
+    w.semipd_capture_split_graphs(2)
     assert w.semipd_graph_runners == {2: None}
     w.semipd_activate(1)  # nothing to swap in: the model runner keeps what it has
     assert w.tp_worker.model_runner.prefill_cuda_graph_runner is None
     w = Worker()
     eager = EagerRunner.__new__(EagerRunner)  # SGLang's stand-in when graphs are off
     w.tp_worker.model_runner.prefill_cuda_graph_runner = eager
-    w.semipd_capture_split_graphs(2, "prefill")
+    w.semipd_capture_split_graphs(2)
     assert w.semipd_graph_runners == {2: eager}
 
 
