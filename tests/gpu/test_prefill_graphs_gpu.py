@@ -10,24 +10,31 @@ worker's memory must hold a set of prefill graphs per split. Required:
 
 * the server log says the prefill worker captured prefill graphs for all five default splits,
   and SGLang logged a prefill batch that ran on a graph;
-* 24 concurrent prompts of 20-400 tokens, with the split flipped every 0.3 s, return exactly
-  ``max_new_tokens`` tokens each, equal to stock SGLang's for the same prompt sent alone
-  (the same flags on ``--no-semi-pd``, started first);
-* the split changed under load; at idle the shared pool holds nothing."""
+* two waves (the cache flushed before each) of 24 concurrent prompts of 20-400 tokens, the first started on a 25% prefill
+  share and the second on 75%, with the split also flipped every 0.1 s during each wave,
+  return exactly ``max_new_tokens`` tokens each, equal to stock SGLang's for the same prompt
+  sent alone (the same flags on ``--no-semi-pd``, started first);
+* the prefill worker logged running on at least two splits; at idle the shared pool holds
+  nothing.
+
+(The first GPU run, session 19, flipped only in the background every 0.3 s: the tiny model
+finished the whole load within one flip, so the split never changed under load.)"""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, greedy_generate,
-                                          http_json, pool_leaks, python_module_cmd,
-                                          semipd_pool_report, stock_greedy_outputs)
+from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, flush_cache,
+                                          greedy_generate, http_json, pool_leaks,
+                                          python_module_cmd, semipd_pool_report,
+                                          stock_greedy_outputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -37,6 +44,7 @@ N, OUT = 24, 32
 SHARES = (0.25, 0.75)
 CAPTURED_LOG = "prefill CUDA graphs captured for 5 splits"  # semipd_capture_split_graphs
 GRAPH_PREFILL = "cuda graph: True"  # in SGLang's "Prefill batch, ..." line
+PREFILL_RESIZED = re.compile(r"resize #\d+: prefill runs (\d+/\d+) from iteration")
 
 
 def _prompts() -> list[list[int]]:
@@ -51,14 +59,35 @@ def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
                                 _prompts(), OUT)
 
 
-def _flip_splits(url: str, stop: threading.Event, seen: set) -> None:
-    i = 0
-    while not stop.is_set():
-        http_json(url + "/set_internal_state", {"server_args": {
-            "semipd_slo_policy": 0, "semipd_prefill_sm_share": SHARES[i % 2]}})
-        seen.add(http_json(url + "/server_info")["internal_states"][0]["semipd"]["split"])
+def _set_share(url: str, share: float) -> int:
+    http_json(url + "/set_internal_state", {"server_args": {
+        "semipd_slo_policy": 0, "semipd_prefill_sm_share": share}})
+    return http_json(url + "/server_info")["internal_states"][0]["semipd"]["split"]
+
+
+def _flip_splits(url: str, stop: threading.Event, first: int) -> None:
+    i = first + 1
+    while not stop.wait(0.1):
+        _set_share(url, SHARES[i % 2])
         i += 1
-        stop.wait(0.3)
+
+
+def _wave(url: str, first: int) -> tuple[int, list[dict]]:
+    """One wave of the load on an empty cache (so every prompt is prefilled in full), started
+    on ``SHARES[first]`` and flipped in the background."""
+    time.sleep(0.5)  # the decode worker frees a finished request just after its answer
+    flush_cache(url)
+    split = _set_share(url, SHARES[first])
+    stop = threading.Event()
+    flipper = threading.Thread(target=_flip_splits, args=(url, stop, first))
+    flipper.start()
+    try:
+        with ThreadPoolExecutor(N) as pool:
+            outs = list(pool.map(lambda p: greedy_generate(url, p, OUT), _prompts()))
+    finally:
+        stop.set()
+        flipper.join(30)
+    return split, outs
 
 
 def test_prefill_graphs_per_split_match_stock_and_leak_nothing(stock_outputs, tiny_bf16,
@@ -69,20 +98,15 @@ def test_prefill_graphs_per_split_match_stock_and_leak_nothing(stock_outputs, ti
     with ServerProcess(cmd, PORT, os.path.join(gpu_log_dir, "server_semipd_graphs.log")) as s:
         text = s.log_path.read_text(errors="replace")
         assert CAPTURED_LOG in text, "the prefill worker did not capture graphs per split"
-        stop, seen = threading.Event(), set()
-        flipper = threading.Thread(target=_flip_splits, args=(s.url, stop, seen))
-        flipper.start()
-        try:
-            with ThreadPoolExecutor(N) as pool:
-                outs = list(pool.map(lambda p: greedy_generate(s.url, p, OUT), _prompts()))
-        finally:
-            stop.set()
-            flipper.join(30)
-        assert len(seen) >= 2, f"the split never changed under load: {seen}"
-        for k, (out, stock) in enumerate(zip(outs, stock_outputs)):
-            assert out["meta_info"]["completion_tokens"] == OUT, (k, out["meta_info"])
-            assert out["output_ids"] == stock, f"prompt {k}: output differs from stock"
+        waves = [_wave(s.url, first) for first in range(len(SHARES))]
+        assert len({split for split, _ in waves}) == 2, f"both waves began on one split: {waves}"
+        for wave, (_, outs) in enumerate(waves):
+            for k, (out, stock) in enumerate(zip(outs, stock_outputs)):
+                assert out["meta_info"]["completion_tokens"] == OUT, (wave, k, out["meta_info"])
+                assert out["output_ids"] == stock, f"wave {wave}, prompt {k}: differs from stock"
         text = s.log_path.read_text(errors="replace")
+        prefill_splits = set(PREFILL_RESIZED.findall(text))
+        assert len(prefill_splits) >= 2, f"the prefill worker ran on {prefill_splits} only"
         assert any("Prefill batch" in line and GRAPH_PREFILL in line
                    for line in text.splitlines()), "no prefill batch ran on a CUDA graph"
         time.sleep(0.5)
