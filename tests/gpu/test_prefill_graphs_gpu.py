@@ -10,9 +10,9 @@ worker's memory must hold a set of prefill graphs per split. Required:
 
 * the server log says the prefill worker captured prefill graphs for all five default splits,
   and SGLang logged a prefill batch that ran on a graph;
-* two waves (the cache flushed before each) of 24 concurrent prompts of 20-400 tokens, the first started on a 25% prefill
-  share and the second on 75%, with the split also flipped every 0.1 s during each wave,
-  return exactly ``max_new_tokens`` tokens each, equal to stock SGLang's for the same prompt
+* two waves (the cache flushed before each) of 24 concurrent prompts of 20-400 tokens, the
+  first started on a 25% prefill share and the second on 75%, with the split also flipped
+  every 0.1 s during each wave, return exactly ``max_new_tokens`` tokens each, equal to stock SGLang's for the same prompt
   sent alone (the same flags on ``--no-semi-pd``, started first);
 * the prefill worker logged running on at least two splits; at idle the shared pool holds
   nothing.
