@@ -132,6 +132,12 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # prefill worker otherwise runs eagerly
     "diag_semipd_green_slo_prefill_graphs": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--prefill-graphs")),
+    # diagnostic: while a request waits for its first token past half the TTFT target, the
+    # prefill worker runs on all SMs (--burst-unconfined); the ShareGPT TTFT misses were
+    # bursts of long prompts on the prefill worker's 72-104 SMs, and `none` met the tight SLO
+    # where green did not
+    "diag_semipd_green_slo_burst_unconfined": ("sglang_semipd.launch_server", (
+        *GREEN_SLO, "--burst-unconfined")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none")

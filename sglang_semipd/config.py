@@ -193,8 +193,15 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="Let the prefill worker replay SGLang's prefill CUDA graphs (SGLang's "
                         "own default for stock Llama-type models, off for MLA), captured once "
-                        "per split on its green stream as decode's are. Default off: it has "
-                        "not run on a GPU yet, and without it prefills run eagerly.")
+                        "per split on its green stream as decode's are. Default off: its GPU "
+                        "test has not passed yet; without it prefills run eagerly.")
+    g.add_argument("--burst-unconfined", action=argparse.BooleanOptionalAction, default=False,
+                   help="Under the SLO policy (green): once a request has waited half the "
+                        "TTFT target for its first token, let the prefill worker run on all "
+                        "SMs (sharing the decode worker's, as --sm-partition none does; decode "
+                        "stays on the most prefill-heavy split's SMs) until no request has "
+                        "waited a quarter of it, for at most 2 s, then return to the policy's "
+                        "split. Default off: not yet run on a GPU.")
     g.add_argument("--batch-handoff", action=argparse.BooleanOptionalAction, default=False,
                    help="Hand each prefill batch to the decode worker in one memory-manager "
                         "call (its prompts cached, locks and rows moved) instead of 2-4 calls "
@@ -233,6 +240,7 @@ class SemiPDConfig:
     prefill_chunk_reserve: float = 0.0
     prefill_overlap: bool = False
     prefill_graphs: bool = False
+    burst_unconfined: bool = False
 
     @property
     def decode_sm_share(self) -> float:
@@ -272,6 +280,7 @@ class SemiPDConfig:
                   batch_handoff=bool(getattr(ns, "batch_handoff", False)),
                   prefill_overlap=bool(getattr(ns, "prefill_overlap", False)),
                   prefill_graphs=bool(getattr(ns, "prefill_graphs", False)),
+                  burst_unconfined=bool(getattr(ns, "burst_unconfined", False)),
                   prefill_chunk_reserve=float(getattr(ns, "prefill_chunk_reserve", 0.0)))
         cfg.validate(ns, which)
         return cfg
@@ -296,6 +305,12 @@ class SemiPDConfig:
             raise SemiPDConfigError(problem)
         if not self.enabled:
             return
+        if self.burst_unconfined and (self.sm_partition != "green"
+                                      or self.partition_policy != "slo"):
+            raise SemiPDConfigError(
+                "--burst-unconfined needs --sm-partition green and --partition-policy slo (the "
+                f"SLO controller moves the prefill worker off its green context), not "
+                f"--sm-partition {self.sm_partition} --partition-policy {self.partition_policy}")
         self._check_mps(which)
         if ns is not None:
             for flag, bad, why in _INCOMPATIBLE:

@@ -29,6 +29,7 @@ class LatencyTracker:
 
     def __init__(self, start: float) -> None:
         self._live: dict[str, _Live] = {}
+        self._waiting: dict[str, float] = {}  # rid -> arrival, no first token yet (in order)
         self._ttfts: list[float] = []
         self._tpots: list[float] = []
         self._arrivals = 0
@@ -39,6 +40,7 @@ class LatencyTracker:
     def on_request(self, rid: str, t: float) -> None:
         if rid not in self._live:
             self._live[rid] = _Live(arrival=t)
+            self._waiting[rid] = t
             self._arrivals += 1
 
     def on_outputs(self, rids: Iterable[str], completion_tokens: Iterable[int],
@@ -51,10 +53,12 @@ class LatencyTracker:
                 continue  # e.g. a health check sent before we saw it, or already aborted
             if live.first is None and tokens > 0:
                 live.first = t
+                self._waiting.pop(rid, None)
                 self._ttfts.append(t - live.arrival)
             live.tokens = max(live.tokens, int(tokens))
             if done:
                 del self._live[rid]
+                self._waiting.pop(rid, None)
                 self.finished += 1
                 if live.first is not None and live.tokens > 1:
                     self._tpots.append((t - live.first) / (live.tokens - 1))
@@ -64,6 +68,14 @@ class LatencyTracker:
 
     def on_abort(self, rid: str) -> None:
         self._live.pop(rid, None)
+        self._waiting.pop(rid, None)
+
+    def oldest_wait(self, t: float) -> float:
+        """How long the longest-waiting request without a first token has waited at ``t``
+        (0 when none waits). O(1): requests are kept in arrival order."""
+        for arrival in self._waiting.values():
+            return max(0.0, t - arrival)
+        return 0.0
 
     @property
     def in_flight(self) -> int:
@@ -71,7 +83,7 @@ class LatencyTracker:
 
     @property
     def waiting_first_token(self) -> int:
-        return sum(1 for v in self._live.values() if v.first is None)
+        return len(self._waiting)
 
     def window(self, t: float, share: float) -> WindowStats:
         """What completed since the last window (then forgotten)."""

@@ -115,7 +115,7 @@ class Generation:
 
 
 def _sms(split: SMSplit) -> str:
-    return f"{split.prefill_sms}/{split.decode_sms}"
+    return split.describe()
 
 
 def worker_port_args(port_args: Any, ep: WorkerEndpoints) -> Any:
@@ -175,7 +175,9 @@ class Coordinator:
         self._bind_sockets()
         self._manager_ready.set()
         ready = {role: self._wait_ready(role, pipes[role]) for role in self.endpoints}
-        self.splits = [SMSplit(p, d, p / (p + d)) for p, d in ready["prefill"]["semipd_splits"]]
+        burst = ready["prefill"].get("semipd_burst_split")
+        self.splits = [SMSplit(p, d, 1.0 if i == burst else p / (p + d), unconfined=i == burst)
+                       for i, (p, d) in enumerate(ready["prefill"]["semipd_splits"])]
         start = ready["prefill"]["semipd_start_split"]
         self.resizes = ResizeTracker(start)
         cfg = self.cfg
@@ -186,7 +188,7 @@ class Coordinator:
             policy=cfg.partition_policy if cfg.sm_partition == "green" else "static",
             ttft_s=cfg.slo_ttft_ms / 1e3, tpot_s=cfg.slo_tpot_ms / 1e3,
             attainment=cfg.slo_attainment, now=time.monotonic(), loan_fractions=loans,
-            base_fractions=base)
+            base_fractions=base, burst_split=burst)
         if getattr(self.server_args, "enable_metrics", False):
             from sglang_semipd.partition.metrics import PartitionMetrics
 
@@ -242,7 +244,8 @@ class Coordinator:
                           batch_handoff=self.cfg.batch_handoff,
                           prefill_overlap=self.cfg.prefill_overlap,
                           prefill_chunk_reserve=self.cfg.prefill_chunk_reserve,
-                          prefill_graphs=self.cfg.prefill_graphs)
+                          prefill_graphs=self.cfg.prefill_graphs,
+                          burst_unconfined=self.cfg.burst_unconfined)
         args = (plan, self.server_args, worker_port_args(self.port_args, ep),
                 self._manager_ready)
         return self._spawn(role if gen_id == 0 else f"{role}@{gen_id}", run_worker_process,
@@ -418,7 +421,9 @@ class Coordinator:
             "t": decision.t, "share": decision.share, "previous": decision.previous_share,
             "target": decision.target_share, "mode": decision.mode, "reason": decision.reason,
             "loan": decision.loan, "inputs": dict(decision.inputs)})
-        if decision.changed:
+        if decision.split is not None:  # a burst move names its split
+            self.resize(decision.split, reason=f"{decision.mode}: {decision.reason}")
+        elif decision.changed:
             self.resize_to_share(decision.share, reason=f"{decision.mode}: {decision.reason}")
 
     def _release_held(self) -> None:

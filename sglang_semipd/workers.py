@@ -256,7 +256,8 @@ class _SemiPDMixin:
         """SGLang's CUDA graphs of this worker's phase (decode | prefill) for every split, each
         captured on its split's stream: SGLang's init captured the start split's, on its
         stream (``capture_stream``); a graph keeps the SMs of its capture stream, so each
-        split needs its own. Decode runners get an attention backend each (a decode runner
+        split needs its own; splits that share a stream (the burst split's decode side) share
+        its runner. Decode runners get an attention backend each (a decode runner
         keeps the backend whose graph buffers it captured); prefill runners share the
         model runner's, which SGLang's prefill runner reads at every replay (its attention
         runs eagerly, between the captured pieces). Nothing to do without a graph runner
@@ -275,10 +276,15 @@ class _SemiPDMixin:
         init = getattr(mr, f"init_{phase}_cuda_graph")
         original = mr.attn_backend
         t0 = time.monotonic()
+        owner = {id(self.semipd_streams.streams[start]): start}  # stream -> its runner's split
         try:
             for i, stream in enumerate(self.semipd_streams.streams):
                 if i == start:
                     continue
+                if id(stream) in owner:  # the decode side of the burst split: same stream
+                    runners[i] = runners[owner[id(stream)]]
+                    continue
+                owner[id(stream)] = i
                 if phase == "decode":
                     mr.attn_backend = mr._get_attention_backend()
                 with capture_stream(stream):
@@ -287,8 +293,9 @@ class _SemiPDMixin:
         finally:
             mr.attn_backend = original
             setattr(mr, attr, first)
+        captured = len({id(r) for r in runners.values()})
         logger.info("%s CUDA graphs captured for %d splits (%.1f s for the extra %d)", phase,
-                    len(runners), time.monotonic() - t0, len(runners) - 1)
+                    captured, time.monotonic() - t0, captured - 1)
 
     # -------------------------------------------------------------- SGLang seams
     def get_next_batch_to_run(self, running_batch: Any, last_batch: Any) -> Any:
@@ -926,6 +933,7 @@ class WorkerPlan:
     prefill_overlap: bool = False  # --prefill-overlap
     prefill_chunk_reserve: float = 0.0  # --prefill-chunk-reserve
     prefill_graphs: bool = False  # --prefill-graphs
+    burst_unconfined: bool = False  # --burst-unconfined: one more split (partition.splits)
 
     def kv_role(self, role: str = "") -> str:
         """The memory-manager client role of ``role`` (default: this worker's) in this
@@ -953,7 +961,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
     from sglang_semipd.memory.backend import register_semipd_radix_backend
     from sglang_semipd.memory.client import KVStateClient
     from sglang_semipd.memory_manager import set_process_title
-    from sglang_semipd.partition.splits import nearest_split
+    from sglang_semipd.partition.splits import burst_index, nearest_split
     from sglang_semipd.partition.streams import build_split_streams, capture_stream
     from sglang_semipd.runner import publish_server_args
     from sglang_semipd.worker_attach import attached_pools, worker_server_args
@@ -980,7 +988,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
         import torch
 
         streams = build_split_streams(role, plan.sm_partition, plan.shares,
-                                      torch.cuda.current_device())
+                                      torch.cuda.current_device(), plan.burst_unconfined)
         start = nearest_split(streams.splits, plan.start_share)
         with attached_pools(client, manifest), capture_stream(streams.streams[start]):
             scheduler = cls(sa, port_args, plan.gpu_id, plan.tp_rank, 0, 0, 0, 0, None)
@@ -988,6 +996,7 @@ def run_worker_process(plan: WorkerPlan, server_args: Any, port_args: Any,
         info = scheduler.get_init_info()
         info["semipd_splits"] = [[s.prefill_sms, s.decode_sms] for s in streams.splits]
         info["semipd_start_split"] = start
+        info["semipd_burst_split"] = burst_index(streams.splits)
         pipe_writer.send(info)
     except BaseException as exc:
         logger.exception("semi-PD %s worker failed to start", role)

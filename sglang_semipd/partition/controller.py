@@ -16,9 +16,19 @@ request for a lent prefill side; for a lent decode side a hand-off on its way to
 (:meth:`on_handoff`, so that its first step runs on the base split), or else a decode
 iteration. ``loan_fractions`` are the two planned splits that loans move to (default: the
 extremes of the base splits). ``base_fractions`` are the splits the SLO policy may choose as
-its base (default: every planned split but the loan fractions); a loan fraction may be one of
-them (``--idle-loan most`` when the decode side's extreme is the top base split). With
-``--partition-policy static`` it only measures (the static policy never moves).
+its base (default: every planned split but the loan fractions and the burst split); a loan
+fraction may be one of them (``--idle-loan most`` when the decode side's extreme is the top
+base split). With ``--partition-policy static`` it only measures (the static policy never
+moves).
+
+With ``burst_split`` (``--burst-unconfined``) :meth:`tick` also watches, on every loop pass,
+how long the oldest request without a first token has waited: from ``burst_after_s`` (default
+half the TTFT target) it moves to the burst split (the prefill worker unconfined, see
+:mod:`sglang_semipd.partition.splits`) and back to the SLO policy's split once no request has
+waited ``burst_after_s / 2``, or after ``burst_max_s`` (then not again for as long). Windows
+that end during a burst are measured but not judged by the SLO policy, no burst starts during
+an idle loan, and none under the static policy. Burst decisions name the split by index
+(``PartitionDecision.split``).
 No torch, no sockets: the caller applies decisions (``Coordinator.resize_to_share``).
 """
 
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Iterable, Optional, Sequence
 
 from sglang_semipd.latency import LatencyTracker
@@ -42,7 +53,9 @@ class PartitionController:
                  ttft_s: float = 1.0, tpot_s: float = 0.1, attainment: float = 0.9,
                  window_s: float = 1.0, now: float = 0.0, warmup_iters: int = 3,
                  loan_fractions: Sequence[float] = (),
-                 base_fractions: Optional[Sequence[float]] = None, **policy_kwargs: Any) -> None:
+                 base_fractions: Optional[Sequence[float]] = None,
+                 burst_split: Optional[int] = None, burst_after_s: Optional[float] = None,
+                 burst_max_s: float = 2.0, **policy_kwargs: Any) -> None:
         if not fractions or not 0 <= start < len(fractions):
             raise ValueError("need the planned splits and a start split among them")
         self.fractions = tuple(fractions)
@@ -50,11 +63,27 @@ class PartitionController:
         if self.loan_fractions and (len(self.loan_fractions) != 2 or not set(
                 self.loan_fractions) <= set(self.fractions)):
             raise ValueError(f"loan fractions {loan_fractions}: two of the planned splits")
+        burst = () if burst_split is None or not 0 <= burst_split < len(self.fractions) \
+            else (self.fractions[burst_split],)
         self.base_fractions = tuple(sorted(
-            [f for f in self.fractions if f not in self.loan_fractions]
+            [f for f in self.fractions if f not in self.loan_fractions and f not in burst]
             if base_fractions is None else base_fractions))
         if not self.base_fractions or not set(self.base_fractions) <= set(self.fractions):
             raise ValueError(f"base fractions {base_fractions}: some of the planned splits")
+        if burst_split is not None and (not 0 <= burst_split < len(self.fractions) or self
+                                        .fractions[burst_split] in self.base_fractions
+                                        or burst_split == start):
+            raise ValueError(f"burst split {burst_split}: a planned split that is no base "
+                             "split and not the start")
+        self.burst_split = burst_split
+        self.burst_after_s = 0.5 * ttft_s if burst_after_s is None else burst_after_s
+        self.burst_max_s = burst_max_s
+        if self.burst_after_s <= 0 or burst_max_s <= 0:
+            raise ValueError("burst_after_s and burst_max_s must be positive")
+        self._burst_from: Optional[int] = None  # the split a burst left (None: no burst)
+        self._burst_since = 0.0
+        self._burst_calm_until = -math.inf  # no burst before (after one cut at burst_max_s)
+        self.bursts = 0
         self.split = start
         self.ttft_s, self.tpot_s = ttft_s, tpot_s
         self._targets = SLOTargets(ttft_s, tpot_s, attainment)
@@ -86,6 +115,7 @@ class PartitionController:
         else:
             raise ValueError(f"unknown partition policy {policy!r}")
         self.kind = policy
+        self._burst_from = None  # a burst in force ends: the caller resizes to ``split``
 
     # ---------------------------------------------------------------- events
     def on_request(self, rid: str, t: float) -> Optional[PartitionDecision]:
@@ -122,13 +152,53 @@ class PartitionController:
 
     # ---------------------------------------------------------------- windows
     def tick(self, t: float) -> Optional[PartitionDecision]:
-        """The policy's decision once per ``window_s`` (None in between)."""
+        """A burst move (any pass), else the policy's decision once per ``window_s`` (None in
+        between, and for windows that end during a burst)."""
+        burst = self._burst_step(t)
+        if burst is not None:
+            return burst
         if t - self._last_tick < self.window_s:
             return None
         self._last_tick = t
         stats = self.window(t)
+        if self._burst_from is not None:
+            return None
         self.decisions += 1
         return self.policy.observe(stats)
+
+    @property
+    def in_burst(self) -> bool:
+        return self._burst_from is not None
+
+    def _burst_step(self, t: float) -> Optional[PartitionDecision]:
+        if self.burst_split is None or self.kind != "slo":
+            return None
+        wait = self.latency.oldest_wait(t)
+        if self._burst_from is None:
+            if wait < self.burst_after_s or t < self._burst_calm_until \
+                    or getattr(self.policy, "loan", None) is not None:
+                return None
+            base = self.policy.share
+            self._burst_from = min(
+                (i for i in range(len(self.fractions)) if i != self.burst_split),
+                key=lambda i: abs(self.fractions[i] - base))
+            self._burst_since = t
+            self.bursts += 1
+            return PartitionDecision(
+                t, 1.0, self.fractions[self.split], 1.0, "burst",
+                f"a request has waited {wait:.3f}s for its first token (from "
+                f"{self.burst_after_s:.3f}s): prefill unconfined", split=self.burst_split)
+        ran = t - self._burst_since
+        if wait >= self.burst_after_s / 2 and ran < self.burst_max_s:
+            return None
+        back, self._burst_from = self._burst_from, None
+        if ran >= self.burst_max_s:
+            self._burst_calm_until = t + self.burst_max_s
+            why = f"cut after {ran:.2f}s (none for the next {self.burst_max_s:.1f}s)"
+        else:
+            why = f"the oldest wait for a first token is down to {wait:.3f}s after {ran:.2f}s"
+        return PartitionDecision(t, self.fractions[back], 1.0, self.fractions[back],
+                                 "burst-end", why, split=back)
 
     def window(self, t: float) -> WindowStats:
         """Latencies since the last window plus the iteration times at the split in force.

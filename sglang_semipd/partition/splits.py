@@ -16,6 +16,13 @@ split, and on the H100 that capture failed in cuBLAS (``CUBLAS_STATUS_EXECUTION_
 ``--idle-loan most`` start) and to 12 SMs (120/12, 2026-12-07, at batch 248); 28 SMs (104/28,
 three groups and the remainder) has served every benchmark. Two groups (112/20) have not been
 tried.
+
+``--burst-unconfined`` adds one split past the planned ones (:func:`with_burst_split`): the
+most prefill-heavy split with the prefill worker *unconfined* (an ordinary stream on all SMs,
+sharing decode's under MPS as ``--sm-partition none`` does; decode keeps its SMs and graphs of
+that split). It has no prefill share of its own: the SLO policy never picks it and
+:func:`nearest_split` never returns it; the partition controller moves there while requests
+wait too long for their first token.
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ class SplitError(ValueError):
 
 @dataclasses.dataclass(frozen=True, order=True)
 class SMSplit:
-    """One realisable split: ``prefill_sms + decode_sms == total_sms``."""
+    """One realisable split: ``prefill_sms + decode_sms == total_sms``; ``unconfined``: the
+    prefill worker runs on all SMs instead of its ``prefill_sms`` (the burst split)."""
 
     prefill_sms: int
     decode_sms: int
     share: float  # the configured prefill share it was planned from (first one that maps here)
+    unconfined: bool = False
 
     @property
     def total_sms(self) -> int:
@@ -46,7 +55,12 @@ class SMSplit:
 
     @property
     def prefill_fraction(self) -> float:
-        return self.prefill_sms / self.total_sms
+        """The prefill worker's fraction of the SMs (1.0 on the burst split)."""
+        return 1.0 if self.unconfined else self.prefill_sms / self.total_sms
+
+    def describe(self) -> str:
+        """``prefill/decode`` SMs, e.g. ``104/28``; the burst split: ``all/28``."""
+        return f"{'all' if self.unconfined else self.prefill_sms}/{self.decode_sms}"
 
 
 def plan_splits(shares: Sequence[float], total_sms: int, granularity: int = 8,
@@ -69,6 +83,20 @@ def plan_splits(shares: Sequence[float], total_sms: int, granularity: int = 8,
     return tuple(sorted(out.values()))
 
 
+def with_burst_split(splits: Sequence[SMSplit]) -> tuple[SMSplit, ...]:
+    """``splits`` (planned, ordered by prefill SMs) plus the burst split after them: the most
+    prefill-heavy one with its prefill worker unconfined."""
+    if not splits or any(s.unconfined for s in splits):
+        raise SplitError("the burst split goes once after the planned splits")
+    top = splits[-1]
+    return (*splits, dataclasses.replace(top, share=1.0, unconfined=True))
+
+
+def burst_index(splits: Sequence[SMSplit]) -> int | None:
+    """Index of the burst split in ``splits`` (None without one)."""
+    return next((i for i, s in enumerate(splits) if s.unconfined), None)
+
+
 def check_grant(role: str, split: SMSplit, granted: int, granularity: int = 8) -> None:
     """Raise :class:`SplitError` when the driver granted ``role`` fewer SMs for ``split`` than
     :func:`plan_splits` leaves it: one group for prefill, :data:`MIN_DECODE_GROUPS` groups for
@@ -82,10 +110,12 @@ def check_grant(role: str, split: SMSplit, granted: int, granularity: int = 8) -
 
 
 def nearest_split(splits: Sequence[SMSplit], share: float) -> int:
-    """Index of the split whose prefill fraction is closest to ``share`` (ties: fewer SMs)."""
-    if not splits:
+    """Index of the planned split whose prefill fraction is closest to ``share`` (ties: fewer
+    SMs); never the burst split."""
+    confined = [i for i, s in enumerate(splits) if not s.unconfined]
+    if not confined:
         raise SplitError("no splits planned")
-    return min(range(len(splits)),
+    return min(confined,
                key=lambda i: (abs(splits[i].prefill_fraction - share), splits[i].prefill_sms))
 
 
@@ -99,7 +129,9 @@ def loan_and_base_fractions(splits: Sequence[SMSplit], base_shares: Sequence[flo
     (loans go to the extreme base splits). With it (``--idle-loan most``) the loans go to the
     extreme planned splits and the base splits are those ``base_shares`` (``--sm-splits``)
     plan to; a loan split that is also a base split stays a base split (on an H100 the loan to
-    prefill, 104/28, is the top base split, since decode keeps :data:`MIN_DECODE_GROUPS`)."""
+    prefill, 104/28, is the top base split, since decode keeps :data:`MIN_DECODE_GROUPS`).
+    A burst split is left out of both."""
+    splits = [s for s in splits if not s.unconfined]
     if not lend_most or not splits:
         return (), None
     fractions = [s.prefill_sms / s.total_sms for s in splits]

@@ -9,6 +9,11 @@ complementary (ARCHITECTURE.md section 3: 64 + 68 SMs ran at the solo full-GPU r
 asking for the first 66 shared them). Switching between the pre-built streams is a Python
 assignment between iterations.
 
+With ``burst`` (``--burst-unconfined``, green only) one more split follows the planned ones
+(:func:`~sglang_semipd.partition.splits.with_burst_split`): the prefill worker's stream for it
+is an ordinary one (all SMs), the decode worker's is the *same stream object* as its most
+prefill-heavy split's, so it shares that split's decode CUDA graphs.
+
 ``none`` and ``mps``: one ordinary stream for every split (no SM confinement in-process; under
 ``mps`` the process's share is ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, set at spawn).
 
@@ -24,7 +29,7 @@ import dataclasses
 import logging
 from typing import Any, Iterator, Optional, Sequence
 
-from sglang_semipd.partition.splits import SMSplit, check_grant, plan_splits
+from sglang_semipd.partition.splits import SMSplit, check_grant, plan_splits, with_burst_split
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class SplitStreams:
     sm_counts: list[Optional[int]]
 
     def describe(self) -> str:
-        parts = [f"{s.prefill_sms}/{s.decode_sms}" + (f"->{n}" if n is not None else "")
+        parts = [s.describe() + (f"->{n}" if n is not None else "")
                  for s, n in zip(self.splits, self.sm_counts)]
         return f"{self.role} {self.mode}: " + ", ".join(parts)
 
@@ -71,13 +76,16 @@ def total_sms(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
-def build_split_streams(role: str, mode: str, shares: Sequence[float], device_index: int
-                        ) -> SplitStreams:
-    """Plan the splits for this GPU and build ``role``'s stream for each (see module doc)."""
+def build_split_streams(role: str, mode: str, shares: Sequence[float], device_index: int,
+                        burst: bool = False) -> SplitStreams:
+    """Plan the splits for this GPU and build ``role``'s stream for each, plus the burst
+    split's with ``burst`` (see module doc)."""
     import torch
 
     if role not in ("prefill", "decode"):
         raise ValueError(f"unknown worker role {role!r}")
+    if burst and mode != "green":
+        raise ValueError(f"the burst split needs --sm-partition green, not {mode}")
     splits = plan_splits(shares, total_sms(device_index))
     if mode != "green":
         stream = torch.cuda.Stream(device_index)
@@ -99,6 +107,14 @@ def build_split_streams(role: str, mode: str, shares: Sequence[float], device_in
         check_grant(role, split, granted)
         streams.append(gc.create_green_ctx_streams(cu_dev, [mine])[0])
         counts.append(granted)
+    if burst:
+        splits = with_burst_split(splits)
+        if role == "prefill":
+            streams.append(torch.cuda.Stream(device_index))
+            counts.append(None)
+        else:
+            streams.append(streams[-1])
+            counts.append(counts[-1])
     out = SplitStreams(role, mode, splits, streams, counts)
     logger.info("green-context streams built: %s", out.describe())
     return out

@@ -137,6 +137,7 @@ class PartitionDecision:
     inputs: Mapping[str, float] = field(default_factory=dict)
     loan: str | None = None  # "prefill"/"decode": that idle side's SMs are lent out
     base_share: float | None = None  # SLO-chosen split (differs from share only on loan)
+    split: int | None = None  # a planned split by index, overriding ``share`` (burst moves)
 
     @property
     def base(self) -> float:

@@ -242,3 +242,34 @@ def test_a_worker_exiting_without_shutdown_is_a_failure(wired, monkeypatch):
     assert [str(e) for e in raised] == ["semi-PD decode exited (code 0)"]
     events[0].set()
     wired.coord.stop()
+
+
+def test_a_request_waiting_for_its_first_token_unconfines_prefill_until_it_gets_it(wired):
+    """``--burst-unconfined``: the loop's own ticks move both workers to the burst split (by
+    index: no share maps to it) while the request waits, and back once its first token
+    passes."""
+    from sglang.srt.managers import io_struct
+
+    from sglang_semipd.partition.splits import with_burst_split
+
+    wired.coord.splits = list(with_burst_split(wired.coord.splits))
+    fractions = [s.prefill_fraction for s in wired.coord.splits]
+    wired.coord.controller = PartitionController(
+        fractions, 1, policy="slo", ttft_s=0.2, now=time.monotonic(), window_s=3600.0,
+        burst_split=3)  # a burst after 0.1 s of waiting
+    wired.tokenizer.send(pickle.dumps(_sglang(io_struct.TokenizedGenerateReqInput, rid="q1",
+                                              input_ids=[1, 2, 3])))
+    cmds = {r: P.decode_control(_recv(wired.worker_ctl[r])) for r in ("prefill", "decode")}
+    assert cmds["prefill"] == cmds["decode"] and cmds["decode"].split == 3
+    for role, it in (("prefill", 5), ("decode", 9)):
+        wired.worker_out[role].send_multipart(P.encode_control(P.ResizeAck(role, 1, 3, it)))
+    wait_until(lambda: wired.coord.controller.split == 3)
+    out = _sglang(io_struct.BatchTokenIDOutput, rids=["q1"], completion_tokens=[1],
+                  finished_reasons=[None])
+    wired.worker_out["prefill"].send(pickle.dumps(out))
+    back = P.decode_control(_recv(wired.worker_ctl["decode"]))
+    assert (back.seq, back.split) == (2, 1)
+    assert P.decode_control(_recv(wired.worker_ctl["prefill"])) == back
+    modes = [r["mode"] for r in read_trace(wired.trace) if r["kind"] == "decision"]
+    assert modes == ["burst", "burst-end"]
+    assert _recv(wired.detok)  # the first token still reaches the detokenizer
