@@ -386,13 +386,18 @@ def run_system(runs: Sequence[str], cmd: list[str], index: dict[str, Any], wl_di
     return None
 
 
-def server_splits(url: str) -> Optional[list[list[int]]]:
+def server_splits(url: str) -> Optional[list[list[Any]]]:
     """The planned splits ([prefill, decode] SMs) of a semi-PD server (None if it does not
-    say)."""
+    say); its burst split (``--burst-unconfined``) as ``["all", decode]``."""
     from sglang_semipd.testing.server import http_json
 
     try:
-        return http_json(url + "/server_info")["internal_states"][0]["semipd"]["splits"]
+        state = http_json(url + "/server_info")["internal_states"][0]["semipd"]
+        splits = [list(s) for s in state["splits"]]
+        burst = state.get("burst_split")
+        if burst is not None:
+            splits[burst][0] = "all"
+        return splits
     except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
         logger.warning("no split list from %s: %r", url, exc)
         return None

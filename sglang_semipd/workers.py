@@ -693,7 +693,9 @@ def make_prefill_scheduler_cls() -> type:
             return {"sm_partition": streams.mode, "split": state.split,
                     "prefill_sms": split.prefill_sms, "decode_sms": split.decode_sms,
                     "resizes_applied": state.applied_seq, "iterations": state.iteration,
-                    "splits": [[s.prefill_sms, s.decode_sms] for s in streams.splits]}
+                    "splits": [[s.prefill_sms, s.decode_sms] for s in streams.splits],
+                    "burst_split": next((i for i, s in enumerate(streams.splits)
+                                         if s.unconfined), None)}
 
     return PrefillScheduler
 

@@ -208,3 +208,20 @@ def test_the_decode_side_of_the_burst_split_replays_the_top_splits_graphs():
     assert runners[BURST] is runners[2] and runners[2].stream == "green-2"
     w.semipd_activate(BURST)
     assert w.tp_worker.model_runner.decode_cuda_graph_runner is runners[2]
+
+
+def test_the_benchmark_profiles_name_the_burst_split(monkeypatch):
+    """``benchmark.compare.server_splits`` reads ``/server_info``; the burst split is the top
+    split's SM counts there, and the profiles call it ``all/<decode>``."""
+    from benchmark import compare
+    from benchmark.phase_profile import _split_name
+    from sglang_semipd.testing import server
+
+    state = {"splits": [[40, 92], [104, 28], [104, 28]], "burst_split": 2, "split": 0}
+    monkeypatch.setattr(server, "http_json",
+                        lambda url, *a, **k: {"internal_states": [{"semipd": state}]})
+    splits = compare.server_splits("http://127.0.0.1:1")
+    assert [_split_name(i, splits) for i in range(3)] == ["40/92", "104/28", "all/28"]
+    assert state["splits"][2] == [104, 28]  # the server's own list is left alone
+    state["burst_split"] = None
+    assert compare.server_splits("http://127.0.0.1:1")[2] == [104, 28]
