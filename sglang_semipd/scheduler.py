@@ -420,7 +420,7 @@ class Coordinator:
         self.trace.write("decision", {
             "t": decision.t, "share": decision.share, "previous": decision.previous_share,
             "target": decision.target_share, "mode": decision.mode, "reason": decision.reason,
-            "loan": decision.loan, "inputs": dict(decision.inputs)})
+            "loan": decision.loan, "split": decision.split, "inputs": dict(decision.inputs)})
         if decision.split is not None:  # a burst move names its split
             self.resize(decision.split, reason=f"{decision.mode}: {decision.reason}")
         elif decision.changed:

@@ -270,6 +270,6 @@ def test_a_request_waiting_for_its_first_token_unconfines_prefill_until_it_gets_
     back = P.decode_control(_recv(wired.worker_ctl["decode"]))
     assert (back.seq, back.split) == (2, 1)
     assert P.decode_control(_recv(wired.worker_ctl["prefill"])) == back
-    modes = [r["mode"] for r in read_trace(wired.trace) if r["kind"] == "decision"]
-    assert modes == ["burst", "burst-end"]
+    decisions = [r for r in read_trace(wired.trace) if r["kind"] == "decision"]
+    assert [(r["mode"], r["split"]) for r in decisions] == [("burst", 3), ("burst-end", 1)]
     assert _recv(wired.detok)  # the first token still reaches the detokenizer
