@@ -188,8 +188,8 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prefill-overlap", action=argparse.BooleanOptionalAction, default=False,
                    help="Run the prefill worker on SGLang's overlap scheduler too: the next "
                         "prefill batch is launched before the last one's results are handled "
-                        "(its hand-off, first tokens, memory-manager calls). Default off: its "
-                        "first H100 benchmark run crashed (fixed since, not yet rerun).")
+                        "(its hand-off, first tokens, memory-manager calls). Default off: on "
+                        "the H100 it did not improve attainment or throughput.")
     g.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="Let the prefill worker replay SGLang's prefill CUDA graphs (SGLang's "
                         "own default for stock Llama-type models, off for MLA), captured once "
