@@ -138,6 +138,9 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # where green did not
     "diag_semipd_green_slo_burst_unconfined": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--burst-unconfined")),
+    # diagnostic: that with the prefill worker on SGLang's prefill CUDA graphs
+    "diag_semipd_green_slo_burst_prefill_graphs": ("sglang_semipd.launch_server", (
+        *GREEN_SLO, "--burst-unconfined", "--prefill-graphs")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none")
