@@ -688,14 +688,15 @@ def make_prefill_scheduler_cls() -> type:
             return out
 
         def _semipd_state(self) -> dict:
+            from sglang_semipd.partition.splits import burst_index
+
             streams, state = self.semipd_streams, self.semipd_resize
             split = streams.splits[state.split]
             return {"sm_partition": streams.mode, "split": state.split,
                     "prefill_sms": split.prefill_sms, "decode_sms": split.decode_sms,
                     "resizes_applied": state.applied_seq, "iterations": state.iteration,
                     "splits": [[s.prefill_sms, s.decode_sms] for s in streams.splits],
-                    "burst_split": next((i for i, s in enumerate(streams.splits)
-                                         if s.unconfined), None)}
+                    "burst_split": burst_index(streams.splits)}
 
     return PrefillScheduler
 

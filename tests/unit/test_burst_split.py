@@ -225,3 +225,19 @@ def test_the_benchmark_profiles_name_the_burst_split(monkeypatch):
     assert state["splits"][2] == [104, 28]  # the server's own list is left alone
     state["burst_split"] = None
     assert compare.server_splits("http://127.0.0.1:1")[2] == [104, 28]
+
+
+def test_server_info_names_the_burst_split():
+    """``/server_info``'s ``semipd`` state (the prefill worker's ``_semipd_state``)."""
+    from sglang_semipd.partition.resize import WorkerResizeState
+    from sglang_semipd.workers import make_prefill_scheduler_cls
+
+    worker = object.__new__(make_prefill_scheduler_cls())
+    worker.semipd_streams = SimpleNamespace(mode="green", splits=with_burst_split(H100))
+    worker.semipd_resize = WorkerResizeState("prefill", BURST)
+    state = worker._semipd_state()
+    assert state["burst_split"] == BURST and state["split"] == BURST
+    assert state["splits"][BURST] == [104, 28]  # the top split's SMs, as planned
+    worker.semipd_streams = SimpleNamespace(mode="green", splits=H100)
+    worker.semipd_resize = WorkerResizeState("prefill", 1)
+    assert worker._semipd_state()["burst_split"] is None
