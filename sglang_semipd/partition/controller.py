@@ -63,18 +63,18 @@ class PartitionController:
         if self.loan_fractions and (len(self.loan_fractions) != 2 or not set(
                 self.loan_fractions) <= set(self.fractions)):
             raise ValueError(f"loan fractions {loan_fractions}: two of the planned splits")
-        burst = () if burst_split is None or not 0 <= burst_split < len(self.fractions) \
-            else (self.fractions[burst_split],)
+        bad_burst = ValueError(f"burst split {burst_split}: a planned split that is no base "
+                               "split and not the start")
+        if burst_split is not None and not 0 <= burst_split < len(self.fractions):
+            raise bad_burst
+        burst = () if burst_split is None else (self.fractions[burst_split],)
         self.base_fractions = tuple(sorted(
             [f for f in self.fractions if f not in self.loan_fractions and f not in burst]
             if base_fractions is None else base_fractions))
         if not self.base_fractions or not set(self.base_fractions) <= set(self.fractions):
             raise ValueError(f"base fractions {base_fractions}: some of the planned splits")
-        if burst_split is not None and (not 0 <= burst_split < len(self.fractions) or self
-                                        .fractions[burst_split] in self.base_fractions
-                                        or burst_split == start):
-            raise ValueError(f"burst split {burst_split}: a planned split that is no base "
-                             "split and not the start")
+        if burst and (burst[0] in self.base_fractions or burst_split == start):
+            raise bad_burst
         self.burst_split = burst_split
         self.burst_after_s = 0.5 * ttft_s if burst_after_s is None else burst_after_s
         self.burst_max_s = burst_max_s
