@@ -333,7 +333,9 @@ class Coordinator:
                 self._release_held()
             if self.controller is not None:
                 self._guarded(self._tick, now)
-            if now - last_check > 1.0:
+            # children are checked once a second, ten times a second once SGLang asked the
+            # workers to shut down (the server's exit waits for this loop to see them gone)
+            if now - last_check > (0.1 if self._shutting_down else 1.0):
                 last_check = now
                 self._check_children()
 
