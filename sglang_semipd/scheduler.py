@@ -314,7 +314,7 @@ class Coordinator:
         while not self._stop:
             if self._sockets_changed:
                 poller, self._sockets_changed = self._poller(), False
-            events = dict(poller.poll(100))
+            events = dict(poller.poll(self._poll_ms()))
             if self.from_tokenizer in events:
                 self._drain_tokenizer()
             for role, sock in self.from_worker.items():
@@ -338,6 +338,16 @@ class Coordinator:
             if now - last_check > (0.1 if self._shutting_down else 1.0):
                 last_check = now
                 self._check_children()
+
+    def _poll_ms(self) -> int:
+        """The loop's poll timeout: 100 ms, or 10 ms while a burst could start or end (a burst
+        split planned, and a request waiting for its first token or a burst in force), so
+        that the controller's check runs even when no message arrives."""
+        c = self.controller
+        if c is not None and c.burst_split is not None and (
+                c.in_burst or c.latency.waiting_first_token):
+            return 10
+        return 100
 
     def _drain_tokenizer(self) -> None:
         while True:

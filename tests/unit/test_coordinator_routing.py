@@ -273,3 +273,30 @@ def test_a_request_waiting_for_its_first_token_unconfines_prefill_until_it_gets_
     decisions = [r for r in read_trace(wired.trace) if r["kind"] == "decision"]
     assert [(r["mode"], r["split"]) for r in decisions] == [("burst", 3), ("burst-end", 1)]
     assert _recv(wired.detok)  # the first token still reaches the detokenizer
+
+
+def test_the_loop_polls_faster_only_while_a_burst_could_start_or_end():
+    """``Coordinator._poll_ms`` (on its own: the loop thread would tick the controller)."""
+    from types import SimpleNamespace
+
+    from sglang_semipd.partition.splits import plan_splits, with_burst_split
+    from sglang_semipd.scheduler import Coordinator
+
+    planned = plan_splits([0.25, 0.5, 0.75], total_sms=132)
+    coord = SimpleNamespace(controller=None)
+    poll_ms = lambda: Coordinator._poll_ms(coord)  # noqa: E731
+    assert poll_ms() == 100
+    coord.controller = PartitionController([s.prefill_fraction for s in planned], 1, now=0.0)
+    coord.controller.on_request("a", 0.0)
+    assert poll_ms() == 100  # no burst split: nothing to watch
+    c = PartitionController([s.prefill_fraction for s in with_burst_split(planned)], 1,
+                            ttft_s=0.2, now=0.0, window_s=3600.0, burst_split=3)
+    coord.controller = c
+    assert poll_ms() == 100  # nobody waits
+    c.on_request("a", 0.0)
+    assert poll_ms() == 10
+    assert c.tick(0.2).mode == "burst"
+    c.on_output(["a"], [1], [False], 0.25)
+    assert poll_ms() == 10  # the burst in force still has to end
+    assert c.tick(0.26).mode == "burst-end"
+    assert poll_ms() == 100
