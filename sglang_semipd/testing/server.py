@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -187,6 +188,13 @@ def greedy_generate(url: str, ids: list[int], max_new_tokens: int) -> dict[str, 
     """``/generate`` of ``ids``: greedy, exactly ``max_new_tokens`` tokens (EOS ignored)."""
     return http_json(url + "/generate", {"input_ids": ids, "sampling_params": {
         "temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}, timeout=600)
+
+
+def greedy_generate_all(url: str, prompts: Sequence[list[int]], max_new_tokens: int
+                        ) -> list[dict[str, Any]]:
+    """:func:`greedy_generate` of every prompt at once (one thread each), answers in order."""
+    with ThreadPoolExecutor(max(1, len(prompts))) as pool:
+        return list(pool.map(lambda p: greedy_generate(url, p, max_new_tokens), prompts))
 
 
 def stock_greedy_outputs(model: str, port: int, flags: Sequence[str], log_path: str,

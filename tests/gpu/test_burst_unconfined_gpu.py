@@ -22,12 +22,11 @@ import os
 import random
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, flush_cache,
-                                          greedy_generate, pool_leaks, python_module_cmd,
+                                          greedy_generate_all, pool_leaks, python_module_cmd,
                                           semipd_pool_report, stock_greedy_outputs)
 
 pytestmark = pytest.mark.gpu
@@ -56,8 +55,7 @@ def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
 def _wave(url: str) -> list[dict]:
     time.sleep(0.5)  # the decode worker frees a finished request just after its answer
     flush_cache(url)
-    with ThreadPoolExecutor(N) as pool:
-        return list(pool.map(lambda p: greedy_generate(url, p, OUT), _prompts()))
+    return greedy_generate_all(url, _prompts(), OUT)
 
 
 def test_burst_unconfined_matches_stock_and_leaks_nothing(stock_outputs, tiny_bf16,

@@ -20,12 +20,12 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from sglang_semipd.testing.server import (RETRACT_LOG, SMALL_POOL_FLAGS, ServerProcess,
-                                          greedy_generate, http_json, pool_leaks,
+                                          greedy_generate, greedy_generate_all, http_json,
+                                          pool_leaks,
                                           python_module_cmd, semipd_pool_report,
                                           stock_greedy_outputs)
 
@@ -41,10 +41,6 @@ SHARES = (0.25, 0.75)
 def _prompts() -> list[list[int]]:
     rng = random.Random(5)
     return [[rng.randrange(100, 40000) for _ in range(PROMPT + k)] for k in range(N)]
-
-
-def _gen(url: str, ids: list[int]) -> dict:
-    return greedy_generate(url, ids, OUT)
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +72,6 @@ def _flip_splits(url: str, stop: threading.Event, seen: set) -> None:
         stop.wait(0.3)
 
 
-def _load(url: str, prompts: list[list[int]]) -> list[dict]:
-    with ThreadPoolExecutor(N) as pool:
-        return list(pool.map(lambda p: _gen(url, p), prompts))
-
-
 def _check(outs: list[dict], stock_outputs: list[list[int]]) -> None:
     for out in outs:
         assert out["meta_info"]["completion_tokens"] == OUT, out["meta_info"]
@@ -90,12 +81,12 @@ def _check(outs: list[dict], stock_outputs: list[list[int]]) -> None:
 
 
 def test_overlap_under_retraction_matches_stock(server, stock_outputs):
-    outs = _load(server.url, _prompts())
+    outs = greedy_generate_all(server.url, _prompts(), OUT)
     log = server.log_path.read_text(errors="replace")
     assert OVERLAP_LOG in log, "the decode worker did not run SGLang's overlap loop"
     assert RETRACT_LOG in log, "the load never made the decode worker retract"
     _check(outs, stock_outputs)
-    alone = [_gen(server.url, p)["output_ids"] for p in _prompts()[:REFERENCE]]
+    alone = [greedy_generate(server.url, p, OUT)["output_ids"] for p in _prompts()[:REFERENCE]]
     assert alone == stock_outputs
 
 
@@ -106,7 +97,7 @@ def test_overlap_with_resizes_under_load_loses_nothing(server, stock_outputs):
     flipper = threading.Thread(target=_flip_splits, args=(server.url, stop, seen))
     flipper.start()
     try:
-        outs = _load(server.url, _prompts())
+        outs = greedy_generate_all(server.url, _prompts(), OUT)
     finally:
         stop.set()
         flipper.join(30)

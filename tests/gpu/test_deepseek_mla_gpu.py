@@ -13,12 +13,12 @@ import os
 import random
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from sglang_semipd.testing.model_maker import make_model
-from sglang_semipd.testing.server import (ServerProcess, greedy_generate, pool_leaks,
+from sglang_semipd.testing.server import (ServerProcess, greedy_generate,
+                                          greedy_generate_all, pool_leaks,
                                           python_module_cmd, semipd_pool_report,
                                           stock_greedy_outputs)
 
@@ -69,8 +69,7 @@ def test_deepseek_mla_moe_matches_stock_and_leaks_nothing(stock_outputs, tiny_ml
             assert out["meta_info"]["completion_tokens"] == OUT, (k, out["meta_info"])
             assert out["output_ids"] == stock, f"prompt {k}: output differs from stock"
         burst = _prompts(40, 6)  # concurrent: prefill and decode batches side by side
-        with ThreadPoolExecutor(len(burst)) as pool:
-            outs = list(pool.map(lambda p: greedy_generate(s.url, p, OUT), burst))
+        outs = greedy_generate_all(s.url, burst, OUT)
         assert all(o["meta_info"]["completion_tokens"] == OUT for o in outs)
         time.sleep(0.5)  # the last gated frees go back at the next idle iterations
         report = semipd_pool_report(s.url)

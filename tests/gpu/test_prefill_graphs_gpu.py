@@ -27,12 +27,11 @@ import random
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, flush_cache,
-                                          greedy_generate, http_json, pool_leaks,
+                                          greedy_generate_all, http_json, pool_leaks,
                                           python_module_cmd, semipd_pool_report,
                                           stock_greedy_outputs)
 
@@ -82,8 +81,7 @@ def _wave(url: str, first: int) -> tuple[int, list[dict]]:
     flipper = threading.Thread(target=_flip_splits, args=(url, stop, first))
     flipper.start()
     try:
-        with ThreadPoolExecutor(N) as pool:
-            outs = list(pool.map(lambda p: greedy_generate(url, p, OUT), _prompts()))
+        outs = greedy_generate_all(url, _prompts(), OUT)
     finally:
         stop.set()
         flipper.join(30)

@@ -21,13 +21,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, greedy_generate,
-                                          pool_leaks, python_module_cmd, semipd_pool_report,
-                                          stock_greedy_outputs)
+from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess,
+                                          greedy_generate_all, pool_leaks, python_module_cmd,
+                                          semipd_pool_report, stock_greedy_outputs)
 from sglang_semipd.config import DETERMINISTIC_CHUNK_ALIGN
 from sglang_semipd.workers import BATCH_HANDOFF_LOG, OVERLAP_LOG
 
@@ -73,8 +72,7 @@ def test_prefill_speedups_match_stock_and_leak_nothing(stock_outputs, tiny_bf16,
     log = os.path.join(gpu_log_dir, f"server_semipd_{'_'.join(f[2:] for f in flags)}.log")
     with ServerProcess(cmd, PORT, log) as s:
         prompts = _prompts()
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            outs = list(pool.map(lambda p: greedy_generate(s.url, p, OUT), prompts))
+        outs = greedy_generate_all(s.url, prompts, OUT)
         text = s.log_path.read_text(errors="replace")
         assert BATCH_HANDOFF_LOG in text
         assert (OVERLAP_LOG % "prefill" in text) == ("--prefill-overlap" in flags)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from sglang_semipd.testing.server import (RETRACT_LOG, SMALL_POOL_FLAGS, ServerProcess,
-                                          http_json, pool_leaks, python_module_cmd,
-                                          semipd_pool_report)
+                                          greedy_generate, greedy_generate_all, pool_leaks,
+                                          python_module_cmd, semipd_pool_report)
 
 pytestmark = pytest.mark.gpu
 
@@ -35,16 +34,10 @@ def server(tiny_bf16, gpu_log_dir):
         yield s
 
 
-def _gen(server, ids: list[int]) -> dict:
-    return http_json(server.url + "/generate", {"input_ids": ids, "sampling_params": {
-        "temperature": 0, "max_new_tokens": OUT, "ignore_eos": True}}, timeout=600)
-
-
 def test_retraction_under_a_small_pool_loses_nothing(server):
     rng = random.Random(3)
     prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT + k)] for k in range(N)]
-    with ThreadPoolExecutor(N) as pool:
-        together = list(pool.map(lambda p: _gen(server, p), prompts))
+    together = greedy_generate_all(server.url, prompts, OUT)
     log = server.log_path.read_text(errors="replace")
     # SGLang's own warning (its ServerArgs dump also says "retraction_policy", so a bare
     # "retract" would always be found)
@@ -52,7 +45,7 @@ def test_retraction_under_a_small_pool_loses_nothing(server):
     for out in together:
         assert out["meta_info"]["completion_tokens"] == OUT, out["meta_info"]
         assert out["meta_info"]["finish_reason"]["type"] == "length"
-    alone = [_gen(server, p) for p in prompts[:8]]
+    alone = [greedy_generate(server.url, p, OUT) for p in prompts[:8]]
     for a, b in zip(alone, together[:8]):
         assert a["output_ids"] == b["output_ids"]
     report = semipd_pool_report(server.url)

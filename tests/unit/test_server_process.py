@@ -106,3 +106,43 @@ def test_sse_events_decode_data_lines_up_to_done():
               b'data:{"text": "ab"}\r\n', b"data: [DONE]\n", b'data: {"text": "late"}\n']
     assert list(sse_events(stream)) == [{"text": "a"}, {"text": "ab"}]
     assert list(sse_events([])) == []
+
+
+def test_greedy_generate_all_sends_every_prompt_at_once_and_keeps_their_order():
+    """Against a local HTTP server whose ``/generate`` echoes the request after a delay that
+    falls with the prompt's position: answers come back in prompt order, and they were
+    served concurrently (the barrier only opens once all four are in flight)."""
+    import http.server
+    import json
+    import threading
+
+    from sglang_semipd.testing.server import greedy_generate_all
+
+    barrier = threading.Barrier(4, timeout=10)
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            barrier.wait()  # raises (-> HTTP error) unless all four requests are open at once
+            time.sleep(0.05 * (4 - len(body["input_ids"])))
+            out = json.dumps({"output_ids": body["input_ids"],
+                              "params": body["sampling_params"]}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        prompts = [[1], [1, 2], [1, 2, 3], [1, 2, 3, 4]]
+        outs = greedy_generate_all(url, prompts, 7)
+    finally:
+        server.shutdown()
+    assert [o["output_ids"] for o in outs] == prompts
+    assert all(o["params"] == {"temperature": 0, "max_new_tokens": 7, "ignore_eos": True}
+               for o in outs)
+    assert greedy_generate_all(url, [], 7) == []
