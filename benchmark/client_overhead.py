@@ -70,22 +70,12 @@ def _serve_stub(port: int) -> None:
 def measure(workload: Path, num: int, tokenizer: Path = ASSET_TOKENIZER,
             timeout_s: float = 600.0) -> dict[str, Any]:
     """bench_serving at ``inf`` against the stub: per-request TTFTs (s) and the summary."""
-    from sglang_semipd.testing.server import free_port, wait_until
+    from sglang_semipd.testing.server import free_port
 
     port = free_port()
     stub = mp.get_context("spawn").Process(target=_serve_stub, args=(port,), daemon=True)
-    stub.start()
+    stub.start()  # bench_serving itself waits (up to 60 s) for its /v1/models to answer
     try:
-        import urllib.request
-
-        def up() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1):
-                    return True
-            except OSError:
-                return False
-
-        wait_until(up, timeout_s=60)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run.jsonl"
             args = [*openai_bench_args(workload, num, float("inf")),
