@@ -67,6 +67,7 @@ from typing import Any, Optional, Sequence
 from benchmark import workloads as W
 from benchmark.metrics import PAPER_SLOS, results_from_details
 from benchmark.report import STATIC_SHARES
+from sglang_semipd.stack_sampler import SAMPLES_ENV
 from sglang_semipd.trace import TRACE_ENV, read_trace
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,10 @@ def server_command(run: str, model_dir: str, load_format: str, port: int,
                    extra: Sequence[str] = (), mem_fraction: float = MEM_FRACTION_STATIC
                    ) -> list[str]:
     module, flags = SYSTEM_RUNS[run]
-    return [sys.executable, "-m", module, "--model-path", model_dir, "--load-format",
+    # while stack sampling is on, the HTTP process is sampled too (benchmark/sampled_server.py)
+    launch = (["-m", "benchmark.sampled_server", module] if os.environ.get(SAMPLES_ENV)
+              else ["-m", module])
+    return [sys.executable, *launch, "--model-path", model_dir, "--load-format",
             load_format, "--port", str(port), *COMMON_FLAGS, "--mem-fraction-static",
             f"{mem_fraction:g}", *flags, *extra]
 

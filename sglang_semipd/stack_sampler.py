@@ -11,6 +11,10 @@ samples would under-weight exactly the busy Python code one looks for. Every ``d
 it rewrites ``<dir>/<name>.json`` (atomically), so a process that is killed still leaves its
 last dump.
 
+Timeline: per wall-clock second (``int(time.time())``, to line up with server logs) the dump
+also keeps the most frequent innermost call paths (3 frames) of the last ``TIMELINE_KEEP``
+seconds, so a stall of a few seconds shows when it happened and where the thread was.
+
 Phases: the sampled thread may set :attr:`StackSampler.phase` (a short string, or None) at
 any time; every sample also counts, under ``phases[<phase>]``, toward the phase that was set
 when it was taken. A worker marks the time between two forward passes while requests wait
@@ -40,6 +44,8 @@ logger = logging.getLogger(__name__)
 SAMPLES_ENV = "SGLANG_SEMIPD_STACK_SAMPLES"
 PATH_DEPTH = 6  # innermost frames kept per call path
 MAX_WEIGHT_S = 0.05  # the most time one sample stands for
+TIMELINE_KEEP = 900  # seconds of per-second timeline kept in a dump
+TIMELINE_TOP = 3  # call paths kept per second
 
 
 def _where(frame: FrameType) -> str:
@@ -106,6 +112,7 @@ class StackSampler(threading.Thread):
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
         self.started_at = time.monotonic()
+        self.timeline: dict[int, collections.Counter[str]] = {}  # wall second -> paths
 
     def sample_once(self, weight_s: float = 1.0) -> bool:
         """Take one sample standing for ``weight_s`` seconds; False when the thread is gone."""
@@ -121,6 +128,13 @@ class StackSampler(threading.Thread):
             self.all.add(stack, weight_s)
             if phase is not None:
                 self.by_phase.setdefault(phase, _Counts()).add(stack, weight_s)
+            second = int(time.time())
+            bucket = self.timeline.get(second)
+            if bucket is None:
+                bucket = self.timeline[second] = collections.Counter()
+                for old in [k for k in self.timeline if k <= second - TIMELINE_KEEP]:
+                    del self.timeline[old]
+            bucket[" <- ".join(stack[:3])] += weight_s
         return True
 
     def snapshot(self) -> dict[str, Any]:
@@ -129,7 +143,10 @@ class StackSampler(threading.Thread):
             out = self.all.digest(self.top)
             out.update(interval_s=self.interval_s, pid=os.getpid(),
                        wall_s=round(time.monotonic() - self.started_at, 3),
-                       phases={name: c.digest(self.top) for name, c in self.by_phase.items()})
+                       phases={name: c.digest(self.top) for name, c in self.by_phase.items()},
+                       timeline=[[second, round(sum(c.values()), 3),
+                                  [[path, round(w, 3)] for path, w in c.most_common(TIMELINE_TOP)]]
+                                 for second, c in sorted(self.timeline.items())])
             return out
 
     def dump(self) -> None:

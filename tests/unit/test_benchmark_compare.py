@@ -259,3 +259,11 @@ def test_a_server_that_dies_at_start_is_noted_with_its_exception(tmp_path):
     assert why.endswith("AttributeError: 'object' object has no attribute 'gpu_id'")
     assert compare.start_failure("server not healthy after 600s") == \
         "did not start: server not healthy after 600s"
+
+
+def test_stack_sampling_wraps_every_server_in_the_sampled_launcher(monkeypatch):
+    monkeypatch.setenv(compare.SAMPLES_ENV, "/tmp/samples")
+    for s in ("sglang_chunked_8192", "semipd_green_slo"):
+        cmd = compare.server_command(s, "/m", "dummy", 31400)
+        assert cmd[1:4] == ["-m", "benchmark.sampled_server", compare.SYSTEM_RUNS[s][0]]
+        assert cmd[4:6] == ["--model-path", "/m"]

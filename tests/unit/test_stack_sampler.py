@@ -128,3 +128,32 @@ def test_a_worker_marks_its_forward_and_the_gap_while_requests_wait(tmp_path):
         assert worker.run_batch(batch) == "result"
         assert during.pop() == "forward" and sampler.phase == after
     assert [r.queued for r in reports] == [1, 0]
+
+
+def test_timeline_says_which_second_the_thread_was_where(tmp_path):
+    path = tmp_path / "main.json"
+    sampler = S.StackSampler(path, interval_s=0.001, dump_every_s=10.0)
+    sampler.start()
+    start = int(time.time())
+    _spin_here(1.2)
+    _sleep_there(1.2)
+    sampler.stop()
+    sampler.join(5)
+    data = json.loads(path.read_text())
+    seconds = [row[0] for row in data["timeline"]]
+    assert seconds == sorted(seconds) and seconds[0] >= start
+    assert all(row[1] > 0 and len(row[2]) <= S.TIMELINE_TOP for row in data["timeline"])
+    tops = [row[2][0][0].split(" <- ")[0] for row in data["timeline"]]
+    assert tops[0].endswith(("_spin_here", "<genexpr>"))  # the first second: spinning
+    assert any(t.endswith(" sleep") or "_sleep_there" in t for t in tops[-2:])
+
+
+def test_timeline_keeps_only_the_last_seconds(monkeypatch):
+    sampler = S.StackSampler(None)
+    clock = [1_000_000.0]
+    monkeypatch.setattr(S.time, "time", lambda: clock[0])
+    for _ in range(S.TIMELINE_KEEP + 50):
+        assert sampler.sample_once(0.01)
+        clock[0] += 1.0
+    kept = sorted(sampler.timeline)
+    assert len(kept) == S.TIMELINE_KEEP and kept[-1] == int(clock[0] - 1.0)
