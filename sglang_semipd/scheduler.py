@@ -194,7 +194,7 @@ class Coordinator:
 
             self.metrics = PartitionMetrics(
                 {"model_name": str(self.server_args.served_model_name)})
-            self.metrics.set_split(self.splits[start].prefill_sms, self.splits[start].decode_sms)
+            self.metrics.set_split(self.splits[start])
         logger.info("SM partition %s: splits (prefill/decode SMs) %s, starting on %s",
                     self.cfg.sm_partition, ", ".join(map(_sms, self.splits)),
                     _sms(self.splits[start]))
@@ -586,8 +586,7 @@ class Coordinator:
                 self.metrics.resize_latency.observe(latency_ms / 1e3)
             if done:
                 self.metrics.resizes.inc()
-                split = self.splits[tracker.split]
-                self.metrics.set_split(split.prefill_sms, split.decode_sms)
+                self.metrics.set_split(self.splits[tracker.split])
         self.trace.write("resize_ack", ack, latency_ms=latency_ms)
         logger.info("resize #%d: %s runs %s from iteration %d%s", ack.seq, ack.role,
                     _sms(self.splits[ack.split]), ack.iteration,
@@ -676,8 +675,7 @@ class Coordinator:
         if self.metrics is not None:
             self.metrics.resize_latency.observe(latency_ms / 1e3)
             self.metrics.resizes.inc()
-            split = self.splits[new.split]
-            self.metrics.set_split(split.prefill_sms, split.decode_sms)
+            self.metrics.set_split(self.splits[new.split])
         empty = self.gens.swap(new.id)
         if empty is not None:
             self._retire(empty)
