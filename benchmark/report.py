@@ -231,11 +231,13 @@ def plot_workload(wname: str, slo: SLO, runs: Runs, out_dir: Path) -> list[Path]
     return paths
 
 
-def plot_goodput(summary: Mapping[str, Any], out_dir: Path) -> Path:
-    """Grouped bars of goodput per system per workload (missing values drawn as 0, labelled n/a)."""
+def plot_goodput(summary: Mapping[str, Any], out_dir: Path,
+                 wnames: Sequence[str] | None = None) -> Path:
+    """Grouped bars of goodput per system per workload (missing values drawn as 0, labelled
+    n/a); ``wnames``: the workloads to show (default: all of the summary's)."""
     plt = _plt()
     out_dir.mkdir(parents=True, exist_ok=True)
-    wnames = list(summary["workloads"])
+    wnames = list(summary["workloads"] if wnames is None else wnames)
     width = 0.8 / len(SYSTEMS)
     fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(wnames) + 3), 4.5))
     for j, system in enumerate(SYSTEMS):
@@ -266,8 +268,15 @@ def write_report(out_dir: Path, gpu: str, model: str, workloads: Mapping[str, tu
     summary = build_summary(gpu, model, workloads, notes, interpolate, slo_names, descriptions)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "summary.md").write_text(markdown_table(summary))
-    plots = [p for w, (slo, runs) in workloads.items() for p in plot_workload(w, slo, runs, out_dir / "plots")]
-    plots.append(plot_goodput(summary, out_dir / "plots"))
+    plots: list[Path] = []
+    measured = [w for w, (_, runs) in workloads.items() if any(runs.values())]
+    for w, (slo, runs) in workloads.items():
+        if w in measured:
+            plots += plot_workload(w, slo, runs, out_dir / "plots")
+        else:  # no run: no empty plot (and none left from an earlier report)
+            for stale in (f"{w}_attainment.png", f"{w}_latency_p90.png"):
+                (out_dir / "plots" / stale).unlink(missing_ok=True)
+    plots.append(plot_goodput(summary, out_dir / "plots", measured or None))
     logger.info("wrote %s/summary.json, summary.md and %d plots", out_dir, len(plots))
     return summary
 

@@ -139,6 +139,19 @@ def test_report_shape_chunked_selection_and_plots(tmp_path: Path) -> None:
         assert p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_workload_without_runs_gets_no_plots(tmp_path: Path) -> None:
+    slo = M.SLO(0.3, 0.15)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "long_attainment.png").write_bytes(b"from an earlier report")
+    summary = R.write_report(tmp_path, "NVIDIA H100", "dsv2", {
+        "sharegpt": (slo, {"semipd_green_slo": _runs({1.0: 0.1})}),
+        "long": (slo, {"semipd_green_slo": {}}), "azure_conv": (slo, {})})
+    assert set(summary["workloads"]) == {"sharegpt", "long", "azure_conv"}  # the record keeps them
+    assert summary["workloads"]["long"]["goodput_req_s"]["semipd_green_slo"] is None
+    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {
+        "sharegpt_attainment.png", "sharegpt_latency_p90.png", "goodput.png"}
+
+
 def test_check_summary_shape_flags_problems() -> None:
     bad = {"gpu": "g", "model": "m", "notes": {},
            "workloads": {"w": {"slo": {}, "goodput_req_s": {s: None for s in R.SYSTEMS},
