@@ -8,6 +8,7 @@
 #   MEM_FRACTION=0.75 ... (every server's --mem-fraction-static; default compare.py's 0.85)
 # Needs the workloads made here first (carry .gpu):
 #   python -m benchmark.compare prepare --out .gpu/bench --num 400
+#   gzip -9 .gpu/bench/*.jsonl   # 6 MB -> 1.8 MB of the 64 MiB a call carries; unpacked here
 # The run files land in RESULT_DIR/logs.tgz (compare/); merge them here with
 #   python -m benchmark.compare report --workloads .gpu/bench --out-dir benchmark/results/h100 \
 #       --merge-from <unpacked logs>/compare
@@ -17,6 +18,9 @@ source "$(dirname "$0")/gpu_common.sh" "${1:-}"
 source scripts/gpu_activate.sh .gpu || exit 1
 stamp "activated"
 [ -f .gpu/bench/workloads.json ] || { stamp "no .gpu/bench/workloads.json (run prepare)"; exit 1; }
+for gz in .gpu/bench/*.jsonl.gz; do  # carried compressed: bench_serving reads plain JSONL
+  [ -f "$gz" ] && [ ! -f "${gz%.gz}" ] && gunzip -k "$gz"
+done
 # STACK_SAMPLES=1: every semi-PD process samples its main thread (sglang_semipd.stack_sampler)
 [ -n "${STACK_SAMPLES:-}" ] && export SGLANG_SEMIPD_STACK_SAMPLES="$LOG/samples"
 MODEL=${MODEL:-llama8b}  # or dsv2-lite (DeepSeek-V2-Lite shape: MLA + MoE)
