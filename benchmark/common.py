@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import json
 import logging
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -44,20 +44,32 @@ def run_bench_serving(port: int, args: Sequence[str], output_file: Path,
     the 2-core CPU machine; on the H100 host each run took ~20 s beyond its own duration,
     imports included). Past ``timeout_s`` the run is interrupted in the
     main thread (a KeyboardInterrupt, which asyncio lets through) and ``TimeoutError`` is
-    raised, as ``subprocess.run(timeout=...)`` raised for a process. Call it from the main
-    thread."""
+    raised, as ``subprocess.run(timeout=...)`` raised for a process. The interrupt is a real
+    SIGINT sent to the main thread (so it also cuts a blocking socket read or sleep), under
+    Python's default SIGINT handler for the run's duration, and it is repeated every second
+    until the run ends: one that lands in code with a bare ``except`` (an import probing an
+    optional package, under load) would otherwise be lost, and the run would go on to
+    bench_serving's own 60 s readiness limit. Call it from the main thread."""
     from sglang.benchmark import serving
 
     argv = ["--backend", "sglang", "--port", str(port), "--output-file", str(output_file), *args]
     output_file.unlink(missing_ok=True)
     fired = threading.Event()
+    done = threading.Event()
 
     def interrupt() -> None:
+        if done.wait(timeout_s):
+            return
         fired.set()
-        _thread.interrupt_main()
+        while True:
+            signal.pthread_kill(main_thread, signal.SIGINT)
+            if done.wait(1.0):
+                return
 
-    timer = threading.Timer(timeout_s, interrupt)
+    main_thread = threading.main_thread().ident
+    timer = threading.Thread(target=interrupt, name="bench-timeout", daemon=True)
     saved_argv = sys.argv
+    saved_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
         sys.argv = ["sglang.bench_serving", *argv]
@@ -65,12 +77,16 @@ def run_bench_serving(port: int, args: Sequence[str], output_file: Path,
         try:
             serving.cli_main()
         except KeyboardInterrupt:
+            done.set()
             if not fired.is_set():
                 raise  # a real Ctrl-C
             raise TimeoutError(f"bench_serving ran past {timeout_s:g} s (see {log_path})") \
                 from None
         finally:
-            timer.cancel()
+            done.set()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a repeat sent before `done` was seen
+            timer.join()
+            signal.signal(signal.SIGINT, saved_handler)
             sys.argv = saved_argv
     lines = [ln for ln in output_file.read_text().splitlines() if ln.strip()]
     return json.loads(lines[-1]), shlex.join(["python", "-m", "sglang.bench_serving", *argv])

@@ -14,6 +14,7 @@ import json
 import socket
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -175,3 +176,28 @@ def test_a_bench_run_past_its_timeout_raises_timeout_error(tmp_path):
             run_bench_serving(port, ["--dataset-name", "random", "--num-prompts", "1"],
                               tmp_path / "out.jsonl", tmp_path / "bench.log", timeout_s=2)
     assert sys.argv[0] != "sglang.bench_serving"  # restored
+
+
+def test_a_timeout_interrupt_that_is_swallowed_is_repeated(tmp_path, monkeypatch):
+    """A first interrupt lost in a bare ``except`` (as in an import probe under load) does
+    not let the run go on: the interrupt comes again until the run ends."""
+    from sglang.benchmark import serving
+
+    from benchmark.common import run_bench_serving
+
+    swallowed = []
+
+    def cli_main_that_swallows_one_interrupt() -> None:
+        try:
+            time.sleep(30)
+        except BaseException:  # noqa: B036 - what a careless import probe does
+            swallowed.append(time.monotonic())
+        time.sleep(30)
+
+    monkeypatch.setattr(serving, "cli_main", cli_main_that_swallows_one_interrupt)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="past 1 s"):
+        run_bench_serving(1, [], tmp_path / "out.jsonl", tmp_path / "bench.log", timeout_s=1)
+    assert len(swallowed) == 1
+    assert time.monotonic() - t0 < 10
+    time.sleep(1.5)  # no interrupt is left to fire after the run has ended
