@@ -198,14 +198,16 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "1.9 GiB) and the headline benchmark ran without it; without it "
                         "prefills run eagerly.")
     g.add_argument("--burst-unconfined", action=argparse.BooleanOptionalAction, default=False,
-                   help="Under the SLO policy (green): once a request has waited half the "
-                        "TTFT target for its first token, let the prefill worker run on all "
+                   help="Under the SLO policy (green): once the expected wait for a first "
+                        "token (the oldest request's wait so far plus the time to prefill "
+                        "every waiting prompt at the prefill worker's measured speed on its "
+                        "split) reaches half the TTFT target, let the prefill worker run on all "
                         "SMs (sharing the decode worker's, as --sm-partition none does; decode "
-                        "stays on the most prefill-heavy split's SMs) until no request has "
-                        "waited a quarter of it, for at most 2 s, then return to the policy's "
-                        "split. Default off: on an H100 it raised attainment of the TTFT/TPOT "
-                        "targets, but decode steps during a burst took 40-57 ms (P50), which "
-                        "a tight inter-token-latency target does not allow.")
+                        "stays on the most prefill-heavy split's SMs) until it is below a "
+                        "quarter of it on the split left, for at most 2 s, then return to the "
+                        "policy's split. Default off: on an H100 it raised attainment of "
+                        "the TTFT/TPOT targets, but decode steps during a burst took 40-57 "
+                        "ms (P50), which a tight inter-token-latency target does not allow.")
     g.add_argument("--batch-handoff", action=argparse.BooleanOptionalAction, default=False,
                    help="Hand each prefill batch to the decode worker in one memory-manager "
                         "call (its prompts cached, locks and rows moved) instead of 2-4 calls "

@@ -22,6 +22,7 @@ class _Live:
     arrival: float
     first: Optional[float] = None
     tokens: int = 0
+    prompt: int = 0  # prompt tokens, counted in ``tokens_waiting`` until the first token
 
 
 class LatencyTracker:
@@ -30,6 +31,7 @@ class LatencyTracker:
     def __init__(self, start: float) -> None:
         self._live: dict[str, _Live] = {}
         self._waiting: dict[str, float] = {}  # rid -> arrival, no first token yet (in order)
+        self.tokens_waiting = 0  # prompt tokens of the requests in ``_waiting``
         self._ttfts: list[float] = []
         self._tpots: list[float] = []
         self._arrivals = 0
@@ -37,11 +39,18 @@ class LatencyTracker:
         self.finished = 0
         self.completed: list[tuple[float, float]] = []  # (ttft, tpot) finished this window
 
-    def on_request(self, rid: str, t: float) -> None:
+    def on_request(self, rid: str, t: float, prompt_tokens: int = 0) -> None:
+        """A request forwarded at ``t``; ``prompt_tokens`` (its input ids, cached prefix
+        included) count in :attr:`tokens_waiting` until its first token."""
         if rid not in self._live:
-            self._live[rid] = _Live(arrival=t)
+            self._live[rid] = _Live(arrival=t, prompt=max(0, int(prompt_tokens)))
             self._waiting[rid] = t
+            self.tokens_waiting += self._live[rid].prompt
             self._arrivals += 1
+
+    def _stop_waiting(self, rid: str, live: _Live) -> None:
+        if self._waiting.pop(rid, None) is not None:
+            self.tokens_waiting -= live.prompt
 
     def on_outputs(self, rids: Iterable[str], completion_tokens: Iterable[int],
                    finished: Iterable[bool], t: float) -> None:
@@ -53,12 +62,12 @@ class LatencyTracker:
                 continue  # e.g. a health check sent before we saw it, or already aborted
             if live.first is None and tokens > 0:
                 live.first = t
-                self._waiting.pop(rid, None)
+                self._stop_waiting(rid, live)
                 self._ttfts.append(t - live.arrival)
             live.tokens = max(live.tokens, int(tokens))
             if done:
                 del self._live[rid]
-                self._waiting.pop(rid, None)
+                self._stop_waiting(rid, live)
                 self.finished += 1
                 if live.first is not None and live.tokens > 1:
                     self._tpots.append((t - live.first) / (live.tokens - 1))
@@ -67,8 +76,9 @@ class LatencyTracker:
                                            if live.tokens > 1 else 0.0))
 
     def on_abort(self, rid: str) -> None:
-        self._live.pop(rid, None)
-        self._waiting.pop(rid, None)
+        live = self._live.pop(rid, None)
+        if live is not None:
+            self._stop_waiting(rid, live)
 
     def oldest_wait(self, t: float) -> float:
         """How long the longest-waiting request without a first token has waited at ``t``

@@ -404,8 +404,8 @@ class Coordinator:
         name = type(obj).__name__
         decision = None
         if name in GENERATION_REQS:
-            for rid in _rids(obj):
-                decision = self.controller.on_request(rid, t0) or decision
+            for rid, tokens in zip(_rids(obj), _prompt_lens(obj)):
+                decision = self.controller.on_request(rid, t0, tokens) or decision
         elif name == "AbortReq" and obj.rid:
             self.controller.on_abort(obj.rid)
         self._apply_decision(decision)
@@ -760,6 +760,13 @@ def _rids(obj: Any) -> list[str]:
     if type(obj).__name__ == "BatchTokenizedGenerateReqInput":
         return [r.rid for r in obj.batch]
     return [obj.rid]
+
+
+def _prompt_lens(obj: Any) -> list[int]:
+    """The prompt lengths (input ids) of an SGLang generation request, as ``_rids`` orders
+    them; 0 where a request carries no ids."""
+    reqs = obj.batch if type(obj).__name__ == "BatchTokenizedGenerateReqInput" else [obj]
+    return [len(getattr(r, "input_ids", None) or ()) for r in reqs]
 
 
 def run_semipd_scheduler_process(server_args: Any, port_args: Any, gpu_id: int, tp_rank: int,

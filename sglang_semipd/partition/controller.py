@@ -22,13 +22,20 @@ base split). With ``--partition-policy static`` it only measures (the static pol
 moves).
 
 With ``burst_split`` (``--burst-unconfined``) :meth:`tick` also watches, on every loop pass,
-how long the oldest request without a first token has waited: from ``burst_after_s`` (default
-half the TTFT target) it moves to the burst split (the prefill worker unconfined, see
-:mod:`sglang_semipd.partition.splits`) and back to the SLO policy's split once no request has
-waited ``burst_after_s / 2``, or after ``burst_max_s`` (then not again for as long). Windows
-that end during a burst are measured but not judged by the SLO policy, no burst starts during
-an idle loan, and none under the static policy. Burst decisions name the split by index
-(``PartitionDecision.split``).
+the *expected wait* for a first token: how long the oldest request without one has waited, plus
+the time the prefill worker needs for every prompt still waiting (their prompt tokens times its
+measured seconds per token on the split in question: the mean over its recent extend iterations
+of at least ``PREDICT_MIN_TOKENS`` tokens there; unknown until it has run such iterations, and
+then the wait alone counts). From ``burst_after_s`` (default half the TTFT target) it moves to
+the burst split (the prefill worker unconfined, see :mod:`sglang_semipd.partition.splits`) and
+back to the SLO policy's split once the expected wait *on that split* is below
+``burst_after_s / 2``, or after ``burst_max_s`` (then not again for as long). So a burst of
+long prompts unconfines prefill as it arrives, not once its first prompt has waited half the
+target (on the H100 a 2,048-token chunk took 74 ms on 104 SMs: a queue of 4,200 tokens there
+is 0.15 s). Prompt tokens include cached prefixes, so a queue of prompts that hit the radix
+cache is overestimated. Windows that end during a burst are measured but not judged by the SLO
+policy, no burst starts during an idle loan, and none under the static policy. Burst decisions
+name the split by index (``PartitionDecision.split``).
 No torch, no sockets: the caller applies decisions (``Coordinator.resize_to_share``).
 """
 
@@ -44,6 +51,11 @@ from sglang_semipd.slo.policy import (PartitionDecision, SLOPolicy, SLOTargets, 
                                       WindowStats)
 
 logger = logging.getLogger(__name__)
+
+# An extend iteration of at least this many new tokens times the prefill worker's speed on its
+# split (smaller ones are launch-bound: on the H100 one of 36-47 tokens took 17-24 ms).
+PREDICT_MIN_TOKENS = 512
+SPEED_SMOOTHING = 0.3  # weight of the newest iteration in the seconds-per-token average
 
 
 class PartitionController:
@@ -84,6 +96,7 @@ class PartitionController:
         self._burst_since = 0.0
         self._burst_calm_until = -math.inf  # no burst before (after one cut at burst_max_s)
         self.bursts = 0
+        self.prefill_s_per_token: dict[int, float] = {}  # split -> measured prefill speed
         self.split = start
         self.ttft_s, self.tpot_s = ttft_s, tpot_s
         self._targets = SLOTargets(ttft_s, tpot_s, attainment)
@@ -118,8 +131,9 @@ class PartitionController:
         self._burst_from = None  # a burst in force ends: the caller resizes to ``split``
 
     # ---------------------------------------------------------------- events
-    def on_request(self, rid: str, t: float) -> Optional[PartitionDecision]:
-        self.latency.on_request(rid, t)
+    def on_request(self, rid: str, t: float,
+                   prompt_tokens: int = 0) -> Optional[PartitionDecision]:
+        self.latency.on_request(rid, t, prompt_tokens)
         return self._reclaim_if_lent("prefill", t)
 
     def on_handoff(self, t: float) -> Optional[PartitionDecision]:
@@ -142,6 +156,12 @@ class PartitionController:
         self._seen[key] = self._seen.get(key, 0) + 1
         if self._seen[key] > self.warmup_iters:
             self._iters.append(stat)
+            if stat.role == "prefill" and stat.mode == "extend" \
+                    and stat.tokens >= PREDICT_MIN_TOKENS and stat.end > stat.start:
+                per_token = (stat.end - stat.start) / stat.tokens
+                old = self.prefill_s_per_token.get(stat.split)
+                self.prefill_s_per_token[stat.split] = per_token if old is None else \
+                    old + SPEED_SMOOTHING * (per_token - old)
         if stat.role == "decode":
             return self._reclaim_if_lent("decode", stat.end)
         return None
@@ -170,13 +190,22 @@ class PartitionController:
     def in_burst(self) -> bool:
         return self._burst_from is not None
 
+    def expected_wait(self, t: float, split: int) -> tuple[float, float]:
+        """(the oldest wait for a first token, the time to prefill every prompt waiting on
+        ``split`` at its measured speed; 0 while unmeasured)."""
+        wait = self.latency.oldest_wait(t)
+        per_token = self.prefill_s_per_token.get(split)
+        queue = self.latency.tokens_waiting * per_token if per_token else 0.0
+        return wait, queue
+
     def _burst_step(self, t: float) -> Optional[PartitionDecision]:
         if self.burst_split is None or self.kind != "slo":
             return None
-        wait = self.latency.oldest_wait(t)
         if self._burst_from is None:
-            if wait < self.burst_after_s or t < self._burst_calm_until \
-                    or getattr(self.policy, "loan", None) is not None:
+            if t < self._burst_calm_until or getattr(self.policy, "loan", None) is not None:
+                return None
+            wait, queue = self.expected_wait(t, self.split)
+            if wait + queue < self.burst_after_s:
                 return None
             base = self.policy.share
             self._burst_from = min(
@@ -184,19 +213,24 @@ class PartitionController:
                 key=lambda i: abs(self.fractions[i] - base))
             self._burst_since = t
             self.bursts += 1
+            ahead = (f" + {queue:.3f}s to prefill the {self.latency.tokens_waiting} prompt "
+                     "tokens waiting") if queue else ""
             return PartitionDecision(
                 t, 1.0, self.fractions[self.split], 1.0, "burst",
-                f"a request has waited {wait:.3f}s for its first token (from "
+                f"a request has waited {wait:.3f}s for its first token{ahead} (from "
                 f"{self.burst_after_s:.3f}s): prefill unconfined", split=self.burst_split)
         ran = t - self._burst_since
-        if wait >= self.burst_after_s / 2 and ran < self.burst_max_s:
+        wait, queue = self.expected_wait(t, self._burst_from)
+        if wait + queue >= self.burst_after_s / 2 and ran < self.burst_max_s:
             return None
         back, self._burst_from = self._burst_from, None
         if ran >= self.burst_max_s:
             self._burst_calm_until = t + self.burst_max_s
             why = f"cut after {ran:.2f}s (none for the next {self.burst_max_s:.1f}s)"
         else:
-            why = f"the oldest wait for a first token is down to {wait:.3f}s after {ran:.2f}s"
+            ahead = f" (+ {queue:.3f}s of prompts waiting there)" if queue else ""
+            why = (f"the oldest wait for a first token is down to {wait:.3f}s{ahead} after "
+                   f"{ran:.2f}s")
         return PartitionDecision(t, self.fractions[back], 1.0, self.fractions[back],
                                  "burst-end", why, split=back)
 

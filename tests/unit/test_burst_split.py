@@ -137,6 +137,80 @@ def test_windows_that_end_in_a_burst_are_not_judged_and_an_operator_ends_it():
     assert c.tick(1.2) is None  # nothing to end
 
 
+def test_prompt_tokens_count_while_their_request_waits_for_its_first_token():
+    lat = LatencyTracker(0.0)
+    lat.on_request("a", 0.0, 1000)
+    lat.on_request("a", 0.1, 1000)  # seen twice (a batch re-sent): counted once
+    lat.on_request("b", 0.2, 300)
+    lat.on_request("c", 0.3, 50)
+    lat.on_request("d", 0.4)  # no ids known
+    assert lat.tokens_waiting == 1350
+    lat.on_outputs(["a"], [1], [False], 0.5)  # a's first token
+    lat.on_outputs(["a"], [2], [False], 0.6)
+    assert lat.tokens_waiting == 350
+    lat.on_abort("b")
+    lat.on_abort("b")
+    lat.on_outputs(["c"], [0], [True], 0.7)  # finished without a token (an error)
+    assert lat.tokens_waiting == 0 and lat.waiting_first_token == 1
+    lat.on_outputs(["a"], [3], [True], 0.8)
+    assert lat.tokens_waiting == 0
+
+
+def _prefill(c: PartitionController, split: int, tokens: int, seconds: float,
+             at: float = 0.0) -> None:
+    c.on_iteration(P.IterationStat(role="prefill", iteration=0, split=split, mode="extend",
+                                   batch_size=1, tokens=tokens, start=at, end=at + seconds))
+
+
+def test_the_prefill_speed_per_split_comes_from_large_extend_iterations_only():
+    c = _controller(warmup_iters=1)
+    _prefill(c, 2, 2048, 0.5)  # the first on this split: warm-up, not timed
+    _prefill(c, 2, 2048, 0.074)
+    assert c.prefill_s_per_token == {2: pytest.approx(0.074 / 2048)}
+    _prefill(c, 2, 100, 0.02)  # launch-bound: not a speed
+    c.on_iteration(P.IterationStat(role="decode", iteration=0, split=2, mode="decode",
+                                   batch_size=64, tokens=64, start=0.0, end=0.02))
+    assert c.prefill_s_per_token == {2: pytest.approx(0.074 / 2048)}
+    _prefill(c, 2, 2048, 0.174)  # moves a third of the way (SPEED_SMOOTHING 0.3)
+    assert c.prefill_s_per_token[2] == pytest.approx((0.074 + 0.3 * 0.1) / 2048)
+    _prefill(c, 1, 1024, 0.1)
+    _prefill(c, 1, 1024, 0.1)
+    assert c.prefill_s_per_token[1] == pytest.approx(0.1 / 1024)
+
+
+def test_a_queue_of_long_prompts_unconfines_prefill_before_anyone_has_waited_long():
+    c = _controller()  # on split 1 (72/60); bursts from 0.15 s expected wait
+    _prefill(c, 1, 2048, 0.125)  # 61 us a token on 72 SMs (H100: 114-150 ms a chunk)
+    c.on_request("a", 1.0, 1500)
+    assert c.tick(1.01) is None  # 0.01 + 0.092 s
+    c.on_request("b", 1.02, 1100)
+    d = c.tick(1.03)  # 0.03 s waited + 2,600 tokens (0.159 s) ahead
+    assert d.mode == "burst" and d.split == BURST
+    assert "0.159s to prefill the 2600 prompt tokens waiting" in d.reason
+    c.on_resized(BURST)
+    _prefill(c, BURST, 2048, 0.061, at=1.03)  # its own speed, not used for the way back
+    c.on_output(["a"], [1], [False], 1.10)
+    # b alone: waited 0.09 s >= 0.075 s
+    assert c.tick(1.11) is None
+    c.on_request("c", 1.12, 1400)
+    c.on_output(["b"], [1], [False], 1.13)
+    # c waited 0.01 s, but its 1,400 tokens take 0.085 s on the split the burst left: stays
+    assert c.tick(1.13) is None
+    c.on_output(["c"], [1], [False], 1.2)
+    c.on_request("e", 1.2, 200)
+    back = c.tick(1.21)  # 0.01 s + 0.012 s < 0.075 s
+    assert back.mode == "burst-end" and back.split == 1
+    assert "(+ 0.012s of prompts waiting there)" in back.reason
+
+
+def test_without_a_measured_speed_only_the_wait_counts():
+    c = _controller()
+    _prefill(c, 2, 2048, 0.074)  # another split's speed says nothing about split 1's
+    c.on_request("a", 0.0, 50_000)
+    assert c.tick(0.1) is None
+    assert c.tick(0.16).mode == "burst"
+
+
 def test_bad_burst_splits():
     with pytest.raises(ValueError, match="burst split"):
         PartitionController(FRACTIONS, 1, burst_split=4)

@@ -147,11 +147,27 @@ def test_the_controller_sees_requests_finish_under_every_policy(wired, policy):
     wired.tokenizer.send(pickle.dumps(_sglang(io_struct.TokenizedGenerateReqInput, rid="q1",
                                               input_ids=[1, 2, 3])))
     wait_until(lambda: wired.coord.controller.latency.in_flight == 1)
+    assert wired.coord.controller.latency.tokens_waiting == 3  # its prompt, until a token
     out = _sglang(io_struct.BatchTokenIDOutput, rids=["q1"], completion_tokens=[4],
                   finished_reasons=[{"type": "length", "length": 4}])
     wired.worker_out["decode"].send(pickle.dumps(out))
     wait_until(lambda: wired.coord.controller.latency.in_flight == 0)
     assert wired.coord.controller.latency.finished == 1
+    assert wired.coord.controller.latency.tokens_waiting == 0
+
+
+def test_prompt_lengths_of_single_and_batched_sglang_requests():
+    from array import array
+
+    from sglang.srt.managers import io_struct
+
+    from sglang_semipd.scheduler import _prompt_lens, _rids
+
+    one = _sglang(io_struct.TokenizedGenerateReqInput, rid="a", input_ids=array("i", [5] * 7))
+    bare = _sglang(io_struct.TokenizedGenerateReqInput, rid="b", input_ids=None)
+    batch = _sglang(io_struct.BatchTokenizedGenerateReqInput, batch=[one, bare])
+    assert (_rids(one), _prompt_lens(one)) == (["a"], [7])
+    assert (_rids(batch), _prompt_lens(batch)) == (["a", "b"], [7, 0])
 
 
 def test_a_handoff_ends_a_decode_loan_before_it_reaches_the_decode_worker(wired):
