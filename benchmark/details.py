@@ -149,6 +149,7 @@ def details_markdown(details: Mapping[str, Any]) -> str:
                     "n/a" if rd["peak_gpu_mib"] is None else str(rd["peak_gpu_mib"])]) + " |")
         lines.append("")
         lines += _profile_table(w)
+        lines += _speed_table(w)
         lines += ["Goodput (req/s) per SLO set, and over the first set scaled by "
                   + ", ".join(f"{s:g}" for s in SLO_SCALES) + ":", ""]
         for run, rd in w["runs"].items():
@@ -187,6 +188,32 @@ def _profile_table(w: Mapping[str, Any]) -> list[str]:
             "decode iter P50 (ms)", "decode's main split (SMs)", "resizes"]
     return ["Semi-PD phase profile (busy: share of the run's wall time with an iteration "
             "running):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""]
+
+
+def _speed_table(w: Mapping[str, Any]) -> list[str]:
+    """Semi-PD runs' per-split speeds (``speed_by_split`` of their phase profiles, absent from
+    profiles made before 2026-12-07): P50 and count per split, so that one split's prefill
+    or decode can be set against another's in the same run."""
+    from benchmark.phase_profile import DECODE_MIN_BATCH, PREFILL_MIN_TOKENS
+
+    rows = []
+    for run, rd in w["runs"].items():
+        for row in rd["curve"]:
+            prof = row.get("profile")
+            if not prof or "speed_by_split" not in prof["prefill"]:
+                continue
+            cells = [run, _rate(row["rate"])]
+            for role in ("prefill", "decode"):
+                speeds = prof[role]["speed_by_split"]
+                cells.append(", ".join(f"{name}: {v['p50']:.1f} ({v['n']})"
+                                       for name, v in speeds.items()) or "n/a")
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = ["run", "rate", f"prefill ms per 1,024 tokens (iterations of >= "
+            f"{PREFILL_MIN_TOKENS:,} tokens)", f"decode step ms (batch >= {DECODE_MIN_BATCH})"]
+    return ["Semi-PD speed per split (prefill/decode SMs): P50 (iterations):", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows, ""]
 
 
 def _rate(v: float | str | None) -> str:

@@ -15,6 +15,10 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 ROLES = ("prefill", "decode")
+# Per-split speeds compare like with like: prefill iterations of at least this many new tokens
+# (smaller ones are launch-bound), per 1,024 tokens; decode steps of at least this batch.
+PREFILL_MIN_TOKENS = 1024
+DECODE_MIN_BATCH = 32
 
 
 def _split_name(split: int, splits: Optional[Sequence[Sequence[int]]]) -> str:
@@ -33,7 +37,10 @@ def profile_window(rows: Sequence[Mapping[str, Any]], t0: float, t1: float,
     "prefill/decode SMs" -> share of the role's busy time) and ``queued_gap_ms`` (n/p50/p90
     of the idle time from an iteration's end to the role's next start, over the iterations
     that left requests waiting in the worker: time the worker spent outside the GPU while it
-    had work); ``resizes``: commands sent in the window."""
+    had work) and ``speed_by_split`` (split -> n/p50 of the prefill worker's ms per 1,024
+    tokens over its extend iterations of at least ``PREFILL_MIN_TOKENS`` new tokens, resp.
+    of the decode worker's step time in ms at a batch of at least ``DECODE_MIN_BATCH``);
+    ``resizes``: commands sent in the window."""
     span = max(t1 - t0, 1e-9)
     its = [r for r in rows if r.get("kind") == "iteration" and t0 <= r["start"] < t1]
     out: dict[str, Any] = {"window_s": t1 - t0, "window": [t0, t1]}  # to re-profile a trace
@@ -53,10 +60,30 @@ def profile_window(rows: Sequence[Mapping[str, Any]], t0: float, t1: float,
             "tokens": int(sum(r.get("tokens", 0) for r in mine)),
             "busy_share_by_split": {k: v / busy for k, v in sorted(by_split.items())} if busy else {},
             "queued_gap_ms": _queued_gaps(mine),
+            "speed_by_split": _speed_by_split(role, mine, splits),
         }
     out["resizes"] = sum(1 for r in rows if r.get("kind") == "resize"
                          and t0 <= r.get("sent_at", -1.0) < t1)
     return out
+
+
+def _speed_by_split(role: str, its: Sequence[Mapping[str, Any]],
+                    splits: Optional[Sequence[Sequence[int]]]) -> dict[str, dict[str, float]]:
+    """See :func:`profile_window` (``speed_by_split``); splits without such iterations are
+    left out."""
+    samples: dict[str, list[float]] = {}
+    for r in its:
+        if role == "prefill" and r.get("mode") == "extend" \
+                and r.get("tokens", 0) >= PREFILL_MIN_TOKENS:
+            value = (r["end"] - r["start"]) * 1e3 * 1024 / r["tokens"]
+        elif role == "decode" and r.get("mode") == "decode" \
+                and r.get("batch_size", 0) >= DECODE_MIN_BATCH:
+            value = (r["end"] - r["start"]) * 1e3
+        else:
+            continue
+        samples.setdefault(_split_name(r["split"], splits), []).append(value)
+    return {name: {"n": len(v), "p50": float(np.percentile(v, 50))}
+            for name, v in sorted(samples.items())}
 
 
 def _queued_gaps(its: Sequence[Mapping[str, Any]]) -> Optional[dict[str, float]]:

@@ -206,8 +206,9 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "stays on the most prefill-heavy split's SMs) until it is below a "
                         "quarter of it on the split left, for at most 2 s, then return to the "
                         "policy's split. Default off: on an H100 it raised attainment of "
-                        "the TTFT/TPOT targets, but decode steps during a burst took 40-57 "
-                        "ms (P50), which a tight inter-token-latency target does not allow.")
+                        "the TTFT/TPOT targets, but decode steps during a burst took "
+                        "1.2-2.9x as long, which a tight inter-token-latency target does not "
+                        "allow.")
     g.add_argument("--batch-handoff", action=argparse.BooleanOptionalAction, default=False,
                    help="Hand each prefill batch to the decode worker in one memory-manager "
                         "call (its prompts cached, locks and rows moved) instead of 2-4 calls "

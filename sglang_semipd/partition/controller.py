@@ -31,11 +31,11 @@ the burst split (the prefill worker unconfined, see :mod:`sglang_semipd.partitio
 back to the SLO policy's split once the expected wait *on that split* is below
 ``burst_after_s / 2``, or after ``burst_max_s`` (then not again for as long). So a burst of
 long prompts unconfines prefill as it arrives, not once its first prompt has waited half the
-target (on the H100 a 2,048-token chunk took 74 ms on 104 SMs: a queue of 4,200 tokens there
-is 0.15 s). Prompt tokens include cached prefixes, so a queue of prompts that hit the radix
-cache is overestimated. Windows that end during a burst are measured but not judged by the SLO
-policy, no burst starts during an idle loan, and none under the static policy. Burst decisions
-name the split by index (``PartitionDecision.split``).
+target (on the H100, 8B shape, prefill took 37-43 ms per 1,024 tokens on 104 SMs: a queue of
+about 4,000 tokens there is 0.15 s). Prompt tokens include cached prefixes, so a queue of
+prompts that hit the radix cache is overestimated. Windows that end during a burst are
+measured but not judged by the SLO policy, no burst starts during an idle loan, and none under
+the static policy. Burst decisions name the split by index (``PartitionDecision.split``).
 No torch, no sockets: the caller applies decisions (``Coordinator.resize_to_share``).
 """
 

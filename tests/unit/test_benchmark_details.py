@@ -89,7 +89,8 @@ def _trace(path, events) -> list[dict]:
             _, role, split, start, dur, tokens, *queued = e
             t.write("iteration", P.IterationStat(role=role, iteration=0, split=split,
                                                  mode="extend" if role == "prefill" else "decode",
-                                                 batch_size=1, tokens=tokens, start=start,
+                                                 batch_size=tokens if role == "decode" else 1,
+                                                 tokens=tokens, start=start,
                                                  end=start + dur, queued=sum(queued)))
         else:
             t.write("resize", P.Resize(seq=1, split=e[1], sent_at=e[2]), reason="test")
@@ -117,6 +118,10 @@ def test_a_phase_profile_splits_busy_time_by_role_and_split(tmp_path):
     assert dec["iteration_ms"]["p50"] == pytest.approx(10.0)
     assert prof["resizes"] == 1 and main_split(prof) == "40/92"
     assert prof["prefill"]["queued_gap_ms"] is None  # nothing waited
+    # like with like: ms per 1,024 prefill tokens, decode steps at a batch of 32 or more
+    assert prof["prefill"]["speed_by_split"] == {"104/28": {"n": 1, "p50": pytest.approx(128.0)}}
+    assert dec["speed_by_split"] == {"104/28": {"n": 1, "p50": pytest.approx(20.0)},
+                                     "40/92": {"n": 3, "p50": pytest.approx(10.0)}}
     empty = profile_window(rows, 0.0, 1.0)
     assert empty["decode"]["iteration_ms"] is None and main_split(empty) is None
 
@@ -135,6 +140,9 @@ def test_the_profile_measures_prefill_idle_time_while_requests_wait(tmp_path):
     assert gaps["n"] == 3  # after the iterations at 1.000, 1.030 and 1.500
     assert gaps["p50"] == pytest.approx(10.0) and gaps["p90"] == pytest.approx(13.2)
     assert profile_window(rows, 0.0, 2.0)["decode"]["queued_gap_ms"] is None  # no next one
+    # 900-token prefills are launch-bound and a batch of 8 is no decode speed: none given
+    assert profile_window(rows, 0.0, 2.0)["prefill"]["speed_by_split"] == {}
+    assert profile_window(rows, 0.0, 2.0)["decode"]["speed_by_split"] == {}
 
 
 def test_profiles_of_traced_runs_reach_the_details(bench_out, tmp_path):
@@ -152,6 +160,26 @@ def test_profiles_of_traced_runs_reach_the_details(bench_out, tmp_path):
     assert "profile" not in curve[1]  # rate 2 was not traced
     md = (out / "details.md").read_text()
     assert "| semipd_green_slo | 1 | 0.10 | 100.0 | n/a | 0.02 | 20.0 | 72/60 | 0 |" in md
+    assert "| semipd_green_slo | 1 | n/a | n/a |" in md  # 900 tokens, a batch of 8: no speed
+
+
+def test_the_details_set_one_splits_speed_against_anothers(bench_out, tmp_path):
+    """The comparison behind findings 10 (H100: a 2,048-token chunk in 61 ms unconfined
+    against 74 ms on 104 SMs; decode steps 41 ms next to it against 19 ms), in the report."""
+    index, out = bench_out.index, bench_out.out
+    bench_out.write("semipd_green_slo", 1, 0.1, 0.02)
+    rows = _trace(tmp_path / "t.jsonl", [
+        ("it", "prefill", 1, 5.0, 0.074, 2048), ("it", "prefill", 1, 5.1, 0.074, 2048),
+        ("it", "prefill", 2, 5.2, 0.061, 2048), ("it", "prefill", 2, 5.3, 0.02, 40),
+        ("it", "decode", 1, 5.0, 0.019, 64), ("it", "decode", 2, 5.2, 0.041, 64)])
+    compare.write_profiles(out / "profile_semipd_green_slo_sharegpt.json", rows,
+                           {"semipd_green_slo_sharegpt_1": (5.0, 6.0)},
+                           [[40, 92], [104, 28], ["all", 28]])
+    compare.write_merged_report(out, index)
+    md = (out / "details.md").read_text()
+    assert "decode step ms (batch >= 32)" in md
+    assert ("| semipd_green_slo | 1 | 104/28: 37.0 (2), all/28: 30.5 (1) | "
+            "104/28: 19.0 (1), all/28: 41.0 (1) |") in md
 
 
 def test_a_decode_stall_shows_as_max_itl_though_per_request_p99_itl_passes(bench_out):
