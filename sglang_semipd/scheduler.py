@@ -755,18 +755,20 @@ class Coordinator:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+def _single_reqs(obj: Any) -> list[Any]:
+    """The single requests of an SGLang generation request (itself, or a batch's)."""
+    return obj.batch if type(obj).__name__ == "BatchTokenizedGenerateReqInput" else [obj]
+
+
 def _rids(obj: Any) -> list[str]:
     """The request ids of an SGLang generation request (one, or a batch's)."""
-    if type(obj).__name__ == "BatchTokenizedGenerateReqInput":
-        return [r.rid for r in obj.batch]
-    return [obj.rid]
+    return [r.rid for r in _single_reqs(obj)]
 
 
 def _prompt_lens(obj: Any) -> list[int]:
     """The prompt lengths (input ids) of an SGLang generation request, as ``_rids`` orders
     them; 0 where a request carries no ids."""
-    reqs = obj.batch if type(obj).__name__ == "BatchTokenizedGenerateReqInput" else [obj]
-    return [len(getattr(r, "input_ids", None) or ()) for r in reqs]
+    return [len(getattr(r, "input_ids", None) or ()) for r in _single_reqs(obj)]
 
 
 def run_semipd_scheduler_process(server_args: Any, port_args: Any, gpu_id: int, tp_rank: int,
