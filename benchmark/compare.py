@@ -227,7 +227,8 @@ def server_command(run: str, model_dir: str, load_format: str, port: int,
                    extra: Sequence[str] = (), mem_fraction: float = MEM_FRACTION_STATIC
                    ) -> list[str]:
     module, flags = SYSTEM_RUNS[run]
-    # while stack sampling is on, the HTTP process is sampled too (benchmark/sampled_server.py)
+    # while stack sampling is on, the HTTP process and its children are sampled too
+    # (benchmark/sampled_server.py)
     launch = (["-m", "benchmark.sampled_server", module] if os.environ.get(SAMPLES_ENV)
               else ["-m", module])
     return [sys.executable, *launch, "--model-path", model_dir, "--load-format",

@@ -21,7 +21,8 @@ stamp "activated"
 for gz in .gpu/bench/*.jsonl.gz; do  # carried compressed: bench_serving reads plain JSONL
   [ -f "$gz" ] && [ ! -f "${gz%.gz}" ] && gunzip -k "$gz"
 done
-# STACK_SAMPLES=1: every semi-PD process samples its main thread (sglang_semipd.stack_sampler)
+# STACK_SAMPLES=1: every semi-PD process samples its main thread (sglang_semipd.stack_sampler);
+# every server's HTTP process and the processes it starts too (benchmark/sampled_server.py)
 [ -n "${STACK_SAMPLES:-}" ] && export SGLANG_SEMIPD_STACK_SAMPLES="$LOG/samples"
 MODEL=${MODEL:-llama8b}  # or dsv2-lite (DeepSeek-V2-Lite shape: MLA + MoE)
 python3 scripts/make_test_models.py /tmp/models --only "$MODEL" > /dev/null 2>&1

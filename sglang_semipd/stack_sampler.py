@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class StackSampler(threading.Thread):
         self.phase: Optional[str] = None  # set by the sampled thread (module docstring)
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
+        self._dump_lock = threading.Lock()  # a dump and a rename never interleave
         self.started_at = time.monotonic()
         self.timeline: dict[int, collections.Counter[str]] = {}  # wall second -> paths
 
@@ -150,11 +151,19 @@ class StackSampler(threading.Thread):
             return out
 
     def dump(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.snapshot(), indent=1) + "\n")
-        os.replace(tmp, self.path)
+        with self._dump_lock:
+            if self.path is None:
+                return
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.snapshot(), indent=1) + "\n")
+            os.replace(tmp, self.path)
+
+    def rename(self, path: Path) -> None:
+        """Dump to ``path`` from now on; a dump already written under the old name goes."""
+        with self._dump_lock:
+            old, self.path = self.path, path
+            if old is not None and old != path:
+                old.unlink(missing_ok=True)
 
     def run(self) -> None:
         last = time.monotonic()
@@ -180,15 +189,39 @@ class StackSampler(threading.Thread):
         self._stop_event.set()
 
 
+_RUNNING: dict[int, StackSampler] = {}  # sampled thread -> the sampler started for it here
+
+
 def maybe_start(name: str) -> Optional[StackSampler]:
     """Start a sampler of the calling thread when ``SGLANG_SEMIPD_STACK_SAMPLES`` names a
-    directory (``<dir>/<name>-<pid>.json``); otherwise do nothing."""
+    directory (``<dir>/<name>-<pid>.json``); otherwise do nothing. A thread has at most one:
+    where one already samples it (``benchmark.sampled_server`` samples every process a server
+    starts), that one is renamed to ``name`` and returned."""
     where = os.environ.get(SAMPLES_ENV)
     if not where:
         return None
     out = Path(where)
     out.mkdir(parents=True, exist_ok=True)
-    sampler = StackSampler(out / f"{name}-{os.getpid()}.json")
+    path = out / f"{name}-{os.getpid()}.json"
+    running = _RUNNING.get(threading.get_ident())
+    if running is not None and running.is_alive():
+        running.rename(path)
+        logger.info("this process's main thread is sampled into %s from now on", path)
+        return running
+    sampler = StackSampler(path)
     sampler.start()
+    _RUNNING[sampler.thread_id] = sampler
     logger.info("sampling this process's main thread into %s", sampler.path)
     return sampler
+
+
+def sampled_call(target: Callable[..., Any], name: str, *args: Any, **kwargs: Any) -> Any:
+    """``target(*args, **kwargs)`` with the calling thread sampled as ``name``
+    (:func:`maybe_start`), dumped once more when it returns or raises: a child process's
+    target, wrapped by ``benchmark.sampled_server`` (importable by name, so it pickles)."""
+    sampler = maybe_start(name)
+    try:
+        return target(*args, **kwargs)
+    finally:
+        if sampler is not None:
+            sampler.dump()

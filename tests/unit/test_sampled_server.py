@@ -1,5 +1,5 @@
 """benchmark.sampled_server runs a server module as ``python -m`` would, sampling its main
-thread; spawned children import the module itself."""
+thread and those of the processes it starts; spawned children import the module itself."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ SERVER = textwrap.dedent('''
     import json, multiprocessing as mp, sys, time
 
     def child(path):
+        time.sleep(0.2)
         with open(path, "w") as f:
             json.dump({"name": __name__}, f)
 
@@ -49,10 +50,17 @@ def test_runs_the_module_as_main_and_samples_it(tmp_path):
     got = json.loads(out.read_text())
     assert got == {"argv": ["--port", str(out)], "name": "__main__", "exitcode": 0}
     assert json.loads((tmp_path / "out.json.child").read_text())["name"] == "__mp_main__"
-    dumps = list((tmp_path / "samples").glob("http-*.json"))
-    assert len(dumps) == 1
-    data = json.loads(dumps[0].read_text())
-    assert data["samples"] > 0 and data["timeline"]
+    samples = tmp_path / "samples"
+    assert sorted(p.name.split("-")[0] for p in samples.glob("*.json")) == ["child", "http"]
+    http = json.loads(next(samples.glob("http-*.json")).read_text())
+    assert http["samples"] > 0 and http["timeline"]
+    # the child's main thread, sampled in the child's own process under its target's name
+    dump = next(samples.glob("child-child-*.json"))
+    child = json.loads(dump.read_text())
+    assert child["pid"] != http["pid"] and dump.name == f"child-child-{child['pid']}.json"
+    innermost = [path.split(" <- ")[0] for path, _ in child["paths"]]
+    assert any(p.startswith(f"{tmp_path.name}/fake_server_mod.py:") and p.endswith(" child")
+               for p in innermost), innermost
 
 
 def test_without_sampling_it_only_runs_the_module(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -157,3 +158,25 @@ def test_timeline_keeps_only_the_last_seconds(monkeypatch):
         clock[0] += 1.0
     kept = sorted(sampler.timeline)
     assert len(kept) == S.TIMELINE_KEEP and kept[-1] == int(clock[0] - 1.0)
+
+
+def test_a_second_start_on_a_sampled_thread_renames_its_sampler(monkeypatch, tmp_path):
+    monkeypatch.setenv(S.SAMPLES_ENV, str(tmp_path))
+    first = S.maybe_start("child-run_scheduler_process")
+    try:
+        first.dump()
+        assert [p.name for p in tmp_path.glob("*.json")] == [
+            f"child-run_scheduler_process-{os.getpid()}.json"]
+        again = S.maybe_start("scheduler")  # a semi-PD role naming its own sampler
+        assert again is first and first.is_alive()
+        first.dump()
+        assert [p.name for p in tmp_path.glob("*.json")] == [f"scheduler-{os.getpid()}.json"]
+    finally:
+        first.stop()
+        first.join(5)
+    fresh = S.maybe_start("scheduler")  # the old one is gone: a new one starts
+    try:
+        assert fresh is not first and fresh.is_alive()
+    finally:
+        fresh.stop()
+        fresh.join(5)
