@@ -13,6 +13,8 @@ Written next to the summary by ``benchmark.compare report`` (and at the end of e
             "curve": [{"rate", "attainment": {set: a}, "ttft"|"tpot"|"itl"|"e2e":
                        {"mean", "p50", "p90", "p99"}, "request_throughput", ...}],
             "goodput_req_s": {set: value|null},
+            "saturation_req_s": value|null,                       # the inf run's throughput
+            "goodput_up_to_saturation_req_s": {set: value|null},  # rates <= saturation
             "slo_scale_goodput_req_s": {scale: value|null},        # the tight set scaled
             "peak_gpu_mib": value|null}}}}}
 
@@ -23,7 +25,8 @@ Written next to the summary by ``benchmark.compare report`` (and at the end of e
 * ``plots/<workload>_slo_scale.png``: goodput against the SLO scale, one line per run.
 
 Goodput counts finite rates only (a rate-``inf`` run measures throughput), as in
-``benchmark.report``; ``peak_gpu_mib`` is the highest GPU memory in use seen while the run's
+``benchmark.report``; goodput up to saturation only those no higher than the ``inf`` run's
+request throughput (:mod:`benchmark.metrics`); ``peak_gpu_mib`` is the highest GPU memory in use seen while the run's
 server was up, its start included (``memory_*.json`` of ``benchmark.compare``).
 """
 
@@ -35,7 +38,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from benchmark.metrics import SLO, SLO_SCALES, attainment, goodput
+from benchmark.metrics import (SLO, SLO_SCALES, attainment, goodput, goodput_up_to,
+                               saturation_rate)
 from benchmark.report import Runs, run_curve
 
 logger = logging.getLogger(__name__)
@@ -76,10 +80,15 @@ def run_details(points: Mapping[float, Any], slo_sets: Mapping[str, SLO],
         if math.isinf(row["rate"]):
             row["rate"] = "inf"  # strict JSON has no Infinity
     finite = {r: p for r, p in points.items() if math.isfinite(r)}
+    atts = {name: {r: attainment(p.results, slo) for r, p in finite.items()}
+            for name, slo in slo_sets.items()}
+    saturation = saturation_rate(curve)
     return {
         "curve": curve,
-        "goodput_req_s": {name: goodput({r: attainment(p.results, slo) for r, p in finite.items()})
-                          for name, slo in slo_sets.items()},
+        "goodput_req_s": {name: goodput(a) for name, a in atts.items()},
+        "saturation_req_s": saturation,
+        "goodput_up_to_saturation_req_s": {name: goodput_up_to(a, saturation)
+                                           for name, a in atts.items()},
         "slo_scale_goodput_req_s": {
             f"{s:g}": goodput({r: attainment(p.results, slo_sets[first].scaled(s))
                                for r, p in finite.items()}) for s in SLO_SCALES},
@@ -150,12 +159,17 @@ def details_markdown(details: Mapping[str, Any]) -> str:
         lines.append("")
         lines += _profile_table(w)
         lines += _speed_table(w)
-        lines += ["Goodput (req/s) per SLO set, and over the first set scaled by "
+        lines += ["Goodput (req/s) per SLO set; the same over the rates no higher than the "
+                  "run's saturation (its `inf` run's request throughput from the first token); "
+                  "and over the first set scaled by "
                   + ", ".join(f"{s:g}" for s in SLO_SCALES) + ":", ""]
         for run, rd in w["runs"].items():
             gps = ", ".join(f"{n} {_rate(v)}" for n, v in rd["goodput_req_s"].items())
+            sat = rd.get("saturation_req_s")
+            capped = "" if sat is None else f"; up to saturation ({sat:.1f} req/s): " + ", ".join(
+                f"{n} {_rate(v)}" for n, v in rd["goodput_up_to_saturation_req_s"].items())
             sweep = " ".join(_rate(v) for v in rd["slo_scale_goodput_req_s"].values())
-            lines.append(f"- `{run}`: {gps}; scale sweep: {sweep}")
+            lines.append(f"- `{run}`: {gps}{capped}; scale sweep: {sweep}")
         lines.append("")
     return "\n".join(lines)
 

@@ -9,6 +9,13 @@ Definitions (all times in seconds):
   ``interpolate=True`` it is the rate where the piecewise-linear attainment(rate) curve first
   crosses 0.9 after the last rate that still meets it (linear between adjacent swept rates).
   ``None`` when no swept rate meets the threshold.
+* Goodput up to saturation = goodput over the swept rates no higher than the system's
+  saturation rate, the request throughput of its run at ``inf`` (counted from the first token).
+  A rate above it cannot be sustained: its run only shows how long the system hides the growing
+  backlog within the run's few seconds of arrivals. Under the paper's tight SLO a
+  prefill-first scheduler hides it well, since decode may slow to a TPOT of 150 ms (stock
+  SGLang met it at 48 req/s on ShareGPT, 1.8x its max throughput of 26.5 req/s, in 15 s runs).
+  ``None`` without an ``inf`` run.
 * Percentiles use numpy's default linear interpolation (``np.percentile``).
 * Request throughput = completed requests / the run's duration (bench_serving's). Request
   throughput from the first token = completed / (duration - the smallest TTFT): at ``inf``,
@@ -144,6 +151,26 @@ def goodput(points: Mapping[float, float] | Iterable[tuple[float, float]],
     if att == a2:
         return float(rate)
     return float(rate + (r2 - rate) * (att - target) / (att - a2))
+
+
+def saturation_rate(curve: Iterable[Mapping[str, Any]]) -> float | None:
+    """The request throughput of the rate-``inf`` run among ``curve``'s rows (``rate``,
+    ``request_throughput[_from_first_token]``), counted from the first token where known;
+    None without such a run."""
+    for row in curve:
+        if row["rate"] in (float("inf"), "inf"):
+            first = row.get("request_throughput_from_first_token")
+            return first if first is not None else row.get("request_throughput")
+    return None
+
+
+def goodput_up_to(points: Mapping[float, float], saturation: float | None,
+                  target: float = ATTAINMENT_TARGET, interpolate: bool = False) -> float | None:
+    """Goodput over the finite rates of ``points`` (rate -> attainment) no higher than
+    ``saturation`` (module docstring); None where ``saturation`` is None."""
+    if saturation is None:
+        return None
+    return goodput({r: a for r, a in points.items() if r <= saturation}, target, interpolate)
 
 
 def slo_scale_sweep(runs: Mapping[float, Sequence[RequestResult]], slo: SLO,

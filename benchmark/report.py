@@ -13,7 +13,9 @@ chunked-prefill run), per swept request rate, a ``RunPoint`` (per-request result
 with the systems of ``SYSTEMS``. Goodput counts the finite swept rates only; a run at rate
 ``inf`` (every request at once) is the unconstrained one, and max throughput is the highest
 request throughput measured over all runs. ``notes`` says where a value is only a bound: goodput
-when the highest swept rate still met the target, max throughput when no ``inf`` run exists.
+when the highest swept rate still met the target, max throughput when no ``inf`` run exists;
+it also gives the goodput over the rates no higher than the ``inf`` run's request throughput
+(goodput up to saturation, :mod:`benchmark.metrics`) where that differs.
 Two systems are sweeps (``SWEEPS``): ``sglang_chunked_best`` is,
 per workload, the ``sglang_chunked_<size>`` run with the best goodput (ties: higher max
 throughput), ``semipd_green_static`` likewise the best ``semipd_green_static_<share>`` run; the
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from benchmark.metrics import (ATTAINMENT_TARGET, SLO, RequestResult, attainment, goodput,
-                               latency_summary)
+                               goodput_up_to, latency_summary, saturation_rate)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class Scores:
     max_throughput: float | None  # request throughput, over every run
     goodput_is_bound: bool  # the highest finite rate swept still met the target
     saturated: bool  # an unconstrained (rate inf) run exists
+    saturation: float | None = None  # that run's request throughput (from the first token)
+    goodput_up_to_saturation: float | None = None  # over the finite rates <= saturation
 
 
 def system_scores(points: Mapping[float, RunPoint], slo: SLO, interpolate: bool = False
@@ -89,9 +93,11 @@ def system_scores(points: Mapping[float, RunPoint], slo: SLO, interpolate: bool 
     finite = [(c["rate"], c["attainment"]) for c in curve if math.isfinite(c["rate"])]
     gp = goodput(finite, ATTAINMENT_TARGET, interpolate)
     tps = [c["request_throughput"] for c in curve if c["request_throughput"] is not None]
+    saturation = saturation_rate(curve)
     return Scores(gp, max(tps) if tps else None,
                   bool(finite) and finite[-1][1] >= ATTAINMENT_TARGET,
-                  any(math.isinf(c["rate"]) for c in curve))
+                  any(math.isinf(c["rate"]) for c in curve), saturation,
+                  goodput_up_to(dict(finite), saturation, ATTAINMENT_TARGET, interpolate))
 
 
 def _bound_notes(wname: str, sc: Scores) -> list[str]:
@@ -101,6 +107,10 @@ def _bound_notes(wname: str, sc: Scores) -> list[str]:
                      "the target)")
     if sc.max_throughput is not None and not sc.saturated:
         notes.append(f"{wname}: max throughput of the swept rates only (no rate-inf run)")
+    if sc.saturation is not None and sc.goodput_up_to_saturation != sc.goodput:
+        capped = "none" if sc.goodput_up_to_saturation is None else \
+            f"{sc.goodput_up_to_saturation:g} req/s"
+        notes.append(f"{wname}: goodput up to saturation ({sc.saturation:.1f} req/s): {capped}")
     return notes
 
 

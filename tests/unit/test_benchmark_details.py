@@ -62,10 +62,39 @@ def test_details_cover_every_slo_set_the_scale_sweep_and_peak_memory(bench_out):
     assert details["workloads"]["azure_conv"]["runs"] == {}
     md = (out / "details.md").read_text()
     assert "| semipd_none | inf | 0.00 | 1.00 | 0.00 | 350.0/350.0/350.0 |" in md
-    assert "- `semipd_none`: tight n/a, loose 2, tpot50 n/a; scale sweep:" in md
+    # the inf run served its 12 requests in 1.2 s, the first token 0.35 s in: 14.1 req/s
+    assert rd["saturation_req_s"] == pytest.approx(12 / 0.85)
+    assert rd["goodput_up_to_saturation_req_s"] == rd["goodput_req_s"]
+    assert ("- `semipd_none`: tight n/a, loose 2, tpot50 n/a; up to saturation (14.1 req/s): "
+            "tight n/a, loose 2, tpot50 n/a; scale sweep:") in md
     assert (out / "plots" / "sharegpt_slo_scale.png").stat().st_size > 1000
     assert not (out / "plots" / "azure_conv_slo_scale.png").exists()
     assert "## azure_conv\n\nNo runs yet." in md and "| semipd_none | 1 | 0.00 |" in md
+
+
+def test_rates_above_the_saturation_do_not_count_toward_goodput_up_to_it(bench_out):
+    # every run meets the tight SLO, 32 req/s too, above the 10.9 req/s the inf run served
+    # (12 requests in 1.2 s, the first token 0.1 s in)
+    for rate in (1, 2, 32, float("inf")):
+        bench_out.write("sglang_chunked_2048", rate, 0.1, 0.06)
+    bench_out.write("sglang_chunked_8192", 1, 0.1, 0.06)  # no inf run: saturation unknown
+    compare.write_merged_report(bench_out.out, bench_out.index)
+    runs = json.loads((bench_out.out / "details.json").read_text())["workloads"]["sharegpt"]["runs"]
+    rd = runs["sglang_chunked_2048"]
+    assert rd["goodput_req_s"] == {"tight": 32.0, "loose": 32.0, "tpot50": None}
+    assert rd["saturation_req_s"] == pytest.approx(12 / 1.1)
+    assert rd["goodput_up_to_saturation_req_s"] == {"tight": 2.0, "loose": 2.0, "tpot50": None}
+    assert runs["sglang_chunked_8192"]["saturation_req_s"] is None
+    assert runs["sglang_chunked_8192"]["goodput_up_to_saturation_req_s"] == {
+        "tight": None, "loose": None, "tpot50": None}
+    md = (bench_out.out / "details.md").read_text()
+    assert ("- `sglang_chunked_2048`: tight 32, loose 32, tpot50 n/a; up to saturation "
+            "(10.9 req/s): tight 2, loose 2, tpot50 n/a; scale sweep:") in md
+    assert "- `sglang_chunked_8192`: tight 1, loose 1, tpot50 n/a; scale sweep:" in md
+    summary = json.loads((bench_out.out / "summary.json").read_text())
+    assert summary["workloads"]["sharegpt"]["goodput_req_s"]["sglang_chunked_best"] == 32.0
+    assert "sharegpt: goodput up to saturation (10.9 req/s): 2 req/s" in \
+        summary["notes"]["sglang_chunked_best"]
 
 
 def test_memory_files_travel_with_a_merge(tmp_path):

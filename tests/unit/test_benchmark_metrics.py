@@ -71,6 +71,43 @@ def test_goodput() -> None:
     assert M.goodput([(1.0, 0.95), (2.0, 0.8), (3.0, 0.91)]) == 3.0
 
 
+def test_goodput_up_to_saturation_leaves_out_the_rates_above_it() -> None:
+    # stock SGLang on ShareGPT (session 11): the tight SLO still met at 48 req/s, but its
+    # rate-inf run served 26.5 req/s; the rates above that only hid a growing backlog
+    pts = {8.0: 1.0, 16.0: 1.0, 24.0: 0.99, 32.0: 0.97, 40.0: 0.91, 48.0: 0.94}
+    assert M.goodput(pts) == 48.0
+    assert M.goodput_up_to(pts, 26.5) == 24.0
+    assert M.goodput_up_to(pts, 24.0) == 24.0  # a rate equal to the saturation counts
+    assert M.goodput_up_to(pts, 7.0) is None  # no swept rate is sustainable
+    assert M.goodput_up_to(pts, None) is None  # unknown without an inf run
+    assert M.goodput_up_to({8.0: 0.95, 16.0: 0.85}, 20.0, interpolate=True) == pytest.approx(12.0)
+    curve = [{"rate": 8.0, "request_throughput": 6.0},
+             {"rate": float("inf"), "request_throughput": 10.1,
+              "request_throughput_from_first_token": 14.4}]
+    assert M.saturation_rate(curve) == 14.4  # a shared wait before the first token left out
+    curve[1].pop("request_throughput_from_first_token")
+    curve[1]["rate"] = "inf"  # as details.json writes it
+    assert M.saturation_rate(curve) == 10.1
+    assert M.saturation_rate(curve[:1]) is None
+
+
+def test_the_report_notes_goodput_up_to_saturation_where_it_differs(tmp_path: Path) -> None:
+    slo = M.SLO(0.3, 0.15)
+    runs = {"semipd_green_slo": _runs({1.0: 0.1, 2.0: 0.1, 4.0: 0.1}),
+            "sglang_chunked_2048": _runs({1.0: 0.1, 2.0: 0.1, 4.0: 0.1})}
+    # rate inf: 10 requests in 4 s, first tokens 0.1 s in: saturation 10 / 3.9 = 2.56 req/s
+    runs["semipd_green_slo"][float("inf")] = R.RunPoint(float("inf"), [_req(0.1, 0.05)] * 10,
+                                                        duration_s=4.0)
+    summary = R.build_summary("H100", "llama8b", {"sharegpt": (slo, runs)})
+    w = summary["workloads"]["sharegpt"]
+    assert w["goodput_req_s"]["semipd_green_slo"] == 4.0  # the record's goodput is unchanged
+    assert "sharegpt: goodput up to saturation (2.6 req/s): 2 req/s" in \
+        summary["notes"]["semipd_green_slo"]
+    # no inf run: no saturation known, no such note
+    assert "saturation" not in summary["notes"]["sglang_chunked_best"]
+    assert R.check_summary_shape(summary) == []
+
+
 def test_slo_sets_and_scale_sweep() -> None:
     assert M.PAPER_SLOS["sharegpt"]["tight"] == M.SLO(0.3, 0.15)
     assert M.PAPER_SLOS["longbench"]["loose"] == M.SLO(3.0, 0.18)
