@@ -22,9 +22,9 @@ Definitions (all times in seconds):
   where every request is sent at once, the span from the first token to the last completion.
   At ``inf`` the first tokens of all requests came at one moment, after a wait that varied
   from 1.2 to 12.4 s between runs of one model (DeepSeek-V2-Lite shape, stock SGLang,
-  2026-12-07): the server logs show no request reaching SGLang's scheduler before it, so the
-  wait is in the client or the HTTP front end, not in serving. The second figure leaves it
-  out.
+  2026-12-07): the server logs show no request reaching SGLang's scheduler before it, and
+  in one such run the HTTP process had tokenized them 10 s before, so the wait is upstream of
+  serving. The second figure leaves it out.
 """
 
 from __future__ import annotations
