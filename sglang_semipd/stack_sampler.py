@@ -13,7 +13,11 @@ last dump.
 
 Timeline: per wall-clock second (``int(time.time())``, to line up with server logs) the dump
 also keeps the most frequent innermost call paths (3 frames) of the last ``TIMELINE_KEEP``
-seconds, so a stall of a few seconds shows when it happened and where the thread was.
+seconds, so a stall of a few seconds shows when it happened and where the thread was. Each
+second also has the sampled thread's CPU time in it (Linux: ``/proc/self/task/<tid>/stat``,
+in clock ticks of 10 ms; None elsewhere and for the second in progress): the stack alone
+cannot tell a thread that waits inside a C call (an event loop's ``epoll``, a lock, a socket;
+uvloop's whole loop shows as asyncio's ``run``) from one that computes there.
 
 Phases: the sampled thread may set :attr:`StackSampler.phase` (a short string, or None) at
 any time; every sample also counts, under ``phases[<phase>]``, toward the phase that was set
@@ -97,7 +101,7 @@ class StackSampler(threading.Thread):
 
     def __init__(self, path: Optional[Path], interval_s: float = 0.002,
                  dump_every_s: float = 5.0, thread_id: Optional[int] = None,
-                 top: int = 80) -> None:
+                 top: int = 80, native_id: Optional[int] = None) -> None:
         super().__init__(name="semipd-stack-sampler", daemon=True)
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, not {interval_s}")
@@ -105,6 +109,9 @@ class StackSampler(threading.Thread):
         self.interval_s = interval_s
         self.dump_every_s = dump_every_s
         self.thread_id = threading.get_ident() if thread_id is None else thread_id
+        # the kernel's id of the sampled thread, for its CPU time (unknown for another thread
+        # unless given)
+        self.sampled_native_id = threading.get_native_id() if thread_id is None else native_id
         self.top = top
         self.all = _Counts()
         self.by_phase: dict[str, _Counts] = {}
@@ -114,6 +121,9 @@ class StackSampler(threading.Thread):
         self._dump_lock = threading.Lock()  # a dump and a rename never interleave
         self.started_at = time.monotonic()
         self.timeline: dict[int, collections.Counter[str]] = {}  # wall second -> paths
+        self.cpu_by_second: dict[int, float] = {}  # wall second -> the thread's CPU seconds
+        self._cpu_second: Optional[int] = None  # the second of the last CPU-time reading
+        self._cpu_at = 0.0  # the thread's CPU time then
 
     def sample_once(self, weight_s: float = 1.0) -> bool:
         """Take one sample standing for ``weight_s`` seconds; False when the thread is gone."""
@@ -133,20 +143,39 @@ class StackSampler(threading.Thread):
             bucket = self.timeline.get(second)
             if bucket is None:
                 bucket = self.timeline[second] = collections.Counter()
+                self._count_cpu(second)
                 for old in [k for k in self.timeline if k <= second - TIMELINE_KEEP]:
                     del self.timeline[old]
+                for old in [k for k in self.cpu_by_second if k <= second - TIMELINE_KEEP]:
+                    del self.cpu_by_second[old]
             bucket[" <- ".join(stack[:3])] += weight_s
         return True
 
+    def _count_cpu(self, second: int) -> None:
+        """At the first sample of ``second``: the sampled thread's CPU time since the last
+        reading, spread evenly over the seconds in between (a sampler kept from the GIL for
+        a few seconds still says how busy the thread was in them)."""
+        cpu = thread_cpu_s(self.sampled_native_id)
+        if cpu is None:
+            return
+        last, self._cpu_second = self._cpu_second, second
+        used, self._cpu_at = cpu - self._cpu_at, cpu
+        if last is None or second <= last:
+            return
+        for s in range(last, second):
+            self.cpu_by_second[s] = used / (second - last)
+
     def snapshot(self) -> dict[str, Any]:
-        """Time so far, the largest first (shares of the sampled time)."""
+        """Time so far, the largest first (shares of the sampled time). ``timeline`` rows:
+        ``[second, seconds sampled in it, [[call path, seconds], ...], CPU seconds or None]``."""
         with self._lock:
             out = self.all.digest(self.top)
             out.update(interval_s=self.interval_s, pid=os.getpid(),
                        wall_s=round(time.monotonic() - self.started_at, 3),
                        phases={name: c.digest(self.top) for name, c in self.by_phase.items()},
                        timeline=[[second, round(sum(c.values()), 3),
-                                  [[path, round(w, 3)] for path, w in c.most_common(TIMELINE_TOP)]]
+                                  [[path, round(w, 3)] for path, w in c.most_common(TIMELINE_TOP)],
+                                  _rounded(self.cpu_by_second.get(second))]
                                  for second, c in sorted(self.timeline.items())])
             return out
 
@@ -187,6 +216,23 @@ class StackSampler(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+
+
+def thread_cpu_s(native_id: Optional[int]) -> Optional[float]:
+    """CPU seconds (user + system) that the thread with kernel id ``native_id`` of this
+    process has used; None where ``/proc`` does not say (not Linux, thread gone, no id)."""
+    if native_id is None:
+        return None
+    try:
+        stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _rounded(v: Optional[float]) -> Optional[float]:
+    return None if v is None else round(v, 3)
 
 
 _RUNNING: dict[int, StackSampler] = {}  # sampled thread -> the sampler started for it here

@@ -149,6 +149,27 @@ def test_timeline_says_which_second_the_thread_was_where(tmp_path):
     assert any(t.endswith(" sleep") or "_sleep_there" in t for t in tops[-2:])
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread CPU time from /proc")
+def test_timeline_says_how_much_cpu_the_thread_used_each_second(tmp_path):
+    path = tmp_path / "main.json"
+    sampler = S.StackSampler(path, interval_s=0.001, dump_every_s=10.0)
+    sampler.start()
+    first = int(time.time()) + 1
+    _sleep_there(first - time.time())
+    _spin_here(first + 2 - time.time())  # seconds first and first + 1: on the CPU
+    _sleep_there(first + 4.3 - time.time())  # first + 2 and first + 3: waiting in a C call
+    sampler.stop()
+    sampler.join(5)
+    data = json.loads(path.read_text())
+    cpu = {row[0]: row[3] for row in data["timeline"]}
+    assert cpu[first] >= 0.5 and cpu[first + 1] >= 0.5, cpu
+    assert cpu[first + 2] <= 0.2 and cpu[first + 3] <= 0.2, cpu
+    assert cpu[max(cpu)] is None  # the second in progress at the end is not counted
+    # the stack looks the same either way in a C call: only the CPU time tells them apart
+    assert S.thread_cpu_s(None) is None and S.thread_cpu_s(2**31 - 1) is None
+    assert S.thread_cpu_s(threading.get_native_id()) > 0
+
+
 def test_timeline_keeps_only_the_last_seconds(monkeypatch):
     sampler = S.StackSampler(None)
     clock = [1_000_000.0]
