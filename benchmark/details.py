@@ -26,8 +26,9 @@ Written next to the summary by ``benchmark.compare report`` (and at the end of e
 
 Goodput counts finite rates only (a rate-``inf`` run measures throughput), as in
 ``benchmark.report``; goodput up to saturation only those no higher than the ``inf`` run's
-request throughput (:mod:`benchmark.metrics`); ``peak_gpu_mib`` is the highest GPU memory in use seen while the run's
-server was up, its start included (``memory_*.json`` of ``benchmark.compare``).
+request throughput (:mod:`benchmark.metrics`); ``peak_gpu_mib`` is the highest GPU memory in
+use seen while the run's server was up, its start included (``memory_*.json`` of
+``benchmark.compare``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Definitions (all times in seconds):
   A rate above it cannot be sustained: its run only shows how long the system hides the growing
   backlog within the run's few seconds of arrivals. Under the paper's tight SLO a
   prefill-first scheduler hides it well, since decode may slow to a TPOT of 150 ms (stock
-  SGLang met it at 48 req/s on ShareGPT, 1.8x its max throughput of 26.5 req/s, in 15 s runs).
+  SGLang met it at 48 req/s on ShareGPT, 1.8x its max throughput of 26.5 req/s, in 8 s runs).
   ``None`` without an ``inf`` run.
 * Percentiles use numpy's default linear interpolation (``np.percentile``).
 * Request throughput = completed requests / the run's duration (bench_serving's). Request
