@@ -142,6 +142,11 @@ SYSTEM_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     # diagnostic: that with the prefill worker on SGLang's prefill CUDA graphs
     "diag_semipd_green_slo_burst_prefill_graphs": ("sglang_semipd.launch_server", (
         *GREEN_SLO, "--burst-unconfined", "--prefill-graphs")),
+    # diagnostic: the prefill side's SMs lent to decode whenever no request waits for its
+    # first token (--eager-loan); under load the SLO policy's 104/28 left decode 28 SMs while
+    # the prefill worker was busy 14-22% of the time, and window loans never came
+    "diag_semipd_green_slo_eager_loan": ("sglang_semipd.launch_server", (
+        *GREEN_SLO, "--eager-loan")),
 }
 COMMON_FLAGS = ("--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none")

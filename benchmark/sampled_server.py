@@ -35,7 +35,8 @@ def _sample_children() -> None:
     def sampled_start(self: multiprocessing.process.BaseProcess) -> None:
         target = getattr(self, "_target", None)
         if target is not None and not getattr(self, "_semipd_sampled", False):
-            name = getattr(target, "__name__", type(target).__name__)
+            inner = getattr(target, "func", target)  # a functools.partial: its function
+            name = getattr(inner, "__name__", type(inner).__name__)
             self._target = functools.partial(sampled_call, target, f"child-{name}")
             self._semipd_sampled = True
         start(self)

@@ -209,6 +209,12 @@ def add_semipd_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "the TTFT/TPOT targets, but decode steps during a burst took "
                         "1.2-2.9x as long, which a tight inter-token-latency target does not "
                         "allow.")
+    g.add_argument("--eager-loan", action=argparse.BooleanOptionalAction, default=False,
+                   help="Under the SLO policy (green): lend the prefill side's SMs to decode "
+                        "(the --idle-loan split) as soon as no request waits for its first "
+                        "token while others decode, not only after a whole idle second; the "
+                        "next request takes them back. Default off: not yet measured on a "
+                        "GPU.")
     g.add_argument("--batch-handoff", action=argparse.BooleanOptionalAction, default=False,
                    help="Hand each prefill batch to the decode worker in one memory-manager "
                         "call (its prompts cached, locks and rows moved) instead of 2-4 calls "
@@ -248,6 +254,7 @@ class SemiPDConfig:
     prefill_overlap: bool = False
     prefill_graphs: bool = False
     burst_unconfined: bool = False
+    eager_loan: bool = False
 
     @property
     def decode_sm_share(self) -> float:
@@ -288,6 +295,7 @@ class SemiPDConfig:
                   prefill_overlap=bool(getattr(ns, "prefill_overlap", False)),
                   prefill_graphs=bool(getattr(ns, "prefill_graphs", False)),
                   burst_unconfined=bool(getattr(ns, "burst_unconfined", False)),
+                  eager_loan=bool(getattr(ns, "eager_loan", False)),
                   prefill_chunk_reserve=float(getattr(ns, "prefill_chunk_reserve", 0.0)))
         cfg.validate(ns, which)
         return cfg
@@ -312,12 +320,15 @@ class SemiPDConfig:
             raise SemiPDConfigError(problem)
         if not self.enabled:
             return
-        if self.burst_unconfined and (self.sm_partition != "green"
-                                      or self.partition_policy != "slo"):
-            raise SemiPDConfigError(
-                "--burst-unconfined needs --sm-partition green and --partition-policy slo (the "
-                f"SLO controller moves the prefill worker off its green context), not "
-                f"--sm-partition {self.sm_partition} --partition-policy {self.partition_policy}")
+        for flag, asked, why in (
+                ("--burst-unconfined", self.burst_unconfined,
+                 "the SLO controller moves the prefill worker off its green context"),
+                ("--eager-loan", self.eager_loan, "the SLO policy's loans move green splits")):
+            if asked and (self.sm_partition != "green" or self.partition_policy != "slo"):
+                raise SemiPDConfigError(
+                    f"{flag} needs --sm-partition green and --partition-policy slo ({why}), "
+                    f"not --sm-partition {self.sm_partition} --partition-policy "
+                    f"{self.partition_policy}")
         self._check_mps(which)
         if ns is not None:
             for flag, bad, why in _INCOMPATIBLE:

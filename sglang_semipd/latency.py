@@ -95,10 +95,15 @@ class LatencyTracker:
     def waiting_first_token(self) -> int:
         return len(self._waiting)
 
+    @property
+    def decoding(self) -> int:
+        """Requests past their first token and not finished (every waiting one is live)."""
+        return len(self._live) - len(self._waiting)
+
     def window(self, t: float, share: float) -> WindowStats:
         """What completed since the last window (then forgotten)."""
         span = max(t - self._window_start, 1e-9)
-        decoding = sum(1 for v in self._live.values() if v.first is not None)
+        decoding = self.decoding
         stats = WindowStats(t=t, window_s=span, share=share, ttfts=tuple(self._ttfts),
                             tpots=tuple(self._tpots), arrivals=self._arrivals,
                             arrival_rate=self._arrivals / span,

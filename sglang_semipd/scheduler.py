@@ -157,6 +157,7 @@ class Coordinator:
         self.controller_s = 0.0  # time spent feeding the controller (overhead)
         self.trace = Trace.from_env()
         self._held: list[bytes] = []  # prefill-bound messages behind a cache flush
+        self._quiet_seqs: set[int] = set()  # resizes (and their acks) logged at DEBUG
         self._release_seq = 0
         self._held_since = 0.0
         self._stop = False
@@ -188,7 +189,7 @@ class Coordinator:
             policy=cfg.partition_policy if cfg.sm_partition == "green" else "static",
             ttft_s=cfg.slo_ttft_ms / 1e3, tpot_s=cfg.slo_tpot_ms / 1e3,
             attainment=cfg.slo_attainment, now=time.monotonic(), loan_fractions=loans,
-            base_fractions=base, burst_split=burst)
+            base_fractions=base, burst_split=burst, eager_loan=cfg.eager_loan)
         if getattr(self.server_args, "enable_metrics", False):
             from sglang_semipd.partition.metrics import PartitionMetrics
 
@@ -433,10 +434,12 @@ class Coordinator:
             "t": decision.t, "share": decision.share, "previous": decision.previous_share,
             "target": decision.target_share, "mode": decision.mode, "reason": decision.reason,
             "loan": decision.loan, "split": decision.split, "inputs": dict(decision.inputs)})
+        reason = f"{decision.mode}: {decision.reason}"
+        quiet = decision.mode.startswith("eager-")  # come and go with every request
         if decision.split is not None:  # a burst move names its split
-            self.resize(decision.split, reason=f"{decision.mode}: {decision.reason}")
+            self.resize(decision.split, reason=reason)
         elif decision.changed:
-            self.resize_to_share(decision.share, reason=f"{decision.mode}: {decision.reason}")
+            self.resize_to_share(decision.share, reason=reason, quiet=quiet)
 
     def _release_held(self) -> None:
         held, self._held = self._held, []
@@ -543,13 +546,15 @@ class Coordinator:
         if split is not None:
             self.resize(split, reason="set_internal_state")
 
-    def resize_to_share(self, share: float, reason: str = "") -> Optional[P.Resize]:
+    def resize_to_share(self, share: float, reason: str = "",
+                        quiet: bool = False) -> Optional[P.Resize]:
         """Resize both workers to the planned split nearest to ``share`` (prefill)."""
-        return self.resize(nearest_split(self.splits, share), reason)
+        return self.resize(nearest_split(self.splits, share), reason, quiet)
 
-    def resize(self, split: int, reason: str = "") -> Optional[P.Resize]:
+    def resize(self, split: int, reason: str = "", quiet: bool = False) -> Optional[P.Resize]:
         """Send a resize to both workers (a newer one supersedes one still in flight);
-        None when they already run on ``split`` or the mode cannot resize in place."""
+        None when they already run on ``split`` or the mode cannot resize in place.
+        ``quiet``: logged at DEBUG, not INFO (eager loans)."""
         if self.resizes is None or not 0 <= split < len(self.splits):
             raise ValueError(f"no planned split {split}")
         if self.cfg.sm_partition == "mps":
@@ -564,8 +569,11 @@ class Coordinator:
             return None
         for sock in self.to_control.values():
             sock.send_multipart(P.encode_control(cmd))
-        logger.info("resize #%d to %s prefill/decode SMs (%s)", cmd.seq, _sms(self.splits[split]),
-                    reason or "requested")
+        if quiet:
+            self._quiet_seqs.add(cmd.seq)
+        logger.log(logging.DEBUG if quiet else logging.INFO,
+                   "resize #%d to %s prefill/decode SMs (%s)", cmd.seq,
+                   _sms(self.splits[split]), reason or "requested")
         self.trace.write("resize", cmd, reason=reason)
         return cmd
 
@@ -588,10 +596,13 @@ class Coordinator:
                 self.metrics.resizes.inc()
                 self.metrics.set_split(self.splits[tracker.split])
         self.trace.write("resize_ack", ack, latency_ms=latency_ms)
-        logger.info("resize #%d: %s runs %s from iteration %d%s", ack.seq, ack.role,
-                    _sms(self.splits[ack.split]), ack.iteration,
-                    f" ({latency_ms:.2f} ms after the command)" if latency_ms is not None
-                    else "")
+        logger.log(logging.DEBUG if ack.seq in self._quiet_seqs else logging.INFO,
+                   "resize #%d: %s runs %s from iteration %d%s", ack.seq, ack.role,
+                   _sms(self.splits[ack.split]), ack.iteration,
+                   f" ({latency_ms:.2f} ms after the command)" if latency_ms is not None
+                   else "")
+        if done:  # this one and any it superseded are over
+            self._quiet_seqs = {seq for seq in self._quiet_seqs if seq > ack.seq}
 
     # ------------------------------------------------------------ mps resizes
     def _start_standby(self, split: int, reason: str) -> None:

@@ -36,6 +36,14 @@ about 4,000 tokens there is 0.15 s). Prompt tokens include cached prefixes, so a
 prompts that hit the radix cache is overestimated. Windows that end during a burst are
 measured but not judged by the SLO policy, no burst starts during an idle loan, and none under
 the static policy. Burst decisions name the split by index (``PartitionDecision.split``).
+
+With ``eager_loan`` (``--eager-loan``) :meth:`tick` lends the prefill side's SMs to decode
+(``SLOPolicy.lend``: the policy's loan split) as soon as no request has waited for its first
+token for ``eager_after_s`` while requests decode, instead of only after a whole idle window;
+the next request takes them back (:meth:`on_request`, as for any loan). Under steady load the
+prefill worker is busy a fraction of the time (the H100 benchmark: 14-22% on ShareGPT at
+8-32 req/s) while the SLO policy's base split left decode 28 of 132 SMs, and a window with
+no idle moment never lends.
 No torch, no sockets: the caller applies decisions (``Coordinator.resize_to_share``).
 """
 
@@ -52,6 +60,7 @@ from sglang_semipd.slo.policy import (PartitionDecision, SLOPolicy, SLOTargets, 
 
 logger = logging.getLogger(__name__)
 
+EAGER_AFTER_S = 0.005  # how long the prefill side must have been idle for an eager loan
 # An extend iteration of at least this many new tokens times the prefill worker's speed on its
 # split (smaller ones are launch-bound: on the H100 one of 36-47 tokens took 17-24 ms).
 PREDICT_MIN_TOKENS = 512
@@ -67,7 +76,8 @@ class PartitionController:
                  loan_fractions: Sequence[float] = (),
                  base_fractions: Optional[Sequence[float]] = None,
                  burst_split: Optional[int] = None, burst_after_s: Optional[float] = None,
-                 burst_max_s: float = 2.0, **policy_kwargs: Any) -> None:
+                 burst_max_s: float = 2.0, eager_loan: bool = False,
+                 eager_after_s: float = EAGER_AFTER_S, **policy_kwargs: Any) -> None:
         if not fractions or not 0 <= start < len(fractions):
             raise ValueError("need the planned splits and a start split among them")
         self.fractions = tuple(fractions)
@@ -96,6 +106,10 @@ class PartitionController:
         self._burst_since = 0.0
         self._burst_calm_until = -math.inf  # no burst before (after one cut at burst_max_s)
         self.bursts = 0
+        self.eager_loan = eager_loan
+        self.eager_after_s = eager_after_s
+        self._prefill_idle_since: Optional[float] = None  # no request waiting since then
+        self.eager_loans = 0
         self.prefill_s_per_token: dict[int, float] = {}  # split -> measured prefill speed
         self.split = start
         self.ttft_s, self.tpot_s = ttft_s, tpot_s
@@ -172,11 +186,14 @@ class PartitionController:
 
     # ---------------------------------------------------------------- windows
     def tick(self, t: float) -> Optional[PartitionDecision]:
-        """A burst move (any pass), else the policy's decision once per ``window_s`` (None in
-        between, and for windows that end during a burst)."""
+        """A burst move or an eager loan (any pass), else the policy's decision once per
+        ``window_s`` (None in between, and for windows that end during a burst)."""
         burst = self._burst_step(t)
         if burst is not None:
             return burst
+        eager = self._eager_step(t)
+        if eager is not None:
+            return eager
         if t - self._last_tick < self.window_s:
             return None
         self._last_tick = t
@@ -197,6 +214,19 @@ class PartitionController:
         per_token = self.prefill_s_per_token.get(split)
         queue = self.latency.tokens_waiting * per_token if per_token else 0.0
         return wait, queue
+
+    def _eager_step(self, t: float) -> Optional[PartitionDecision]:
+        if not self.eager_loan or self.kind != "slo" or self.in_burst:
+            return None
+        if self.latency.waiting_first_token or not self.latency.decoding:
+            self._prefill_idle_since = None
+            return None
+        if self._prefill_idle_since is None:
+            self._prefill_idle_since = t
+        if self.policy.loan is not None or t - self._prefill_idle_since < self.eager_after_s:
+            return None
+        self.eager_loans += 1
+        return self.policy.lend("prefill", t)
 
     def _burst_step(self, t: float) -> Optional[PartitionDecision]:
         if self.burst_split is None or self.kind != "slo":

@@ -33,7 +33,9 @@ and applies the returned :attr:`PartitionDecision.share` (the prefill share; dec
    for loans only, e.g. leaving the idle side one 8-SM group), flagged as a *loan* in the
    decision.  The caller must call :meth:`SLOPolicy.reclaim` as soon as the idle side gets
    work, which restores the base split at once.  Loans bypass dwell/steps and do not move the
-   base split.
+   base split.  :meth:`SLOPolicy.lend` starts a loan at once, between windows (an *eager*
+   loan: the caller saw the side idle now, not for a whole window); window decisions keep it
+   until it is reclaimed, while the base split goes on moving under it.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ class PartitionDecision:
 
     ``target_share`` is the unconstrained best split, ``mode`` one of ``joint``,
     ``keep-ttft``, ``keep-tpot``, ``idle-prefill``/``idle-decode`` (loans), ``reclaim``,
-    ``hold``, ``static``; ``predictions`` covers every allowed share; ``inputs`` summarises
+    ``eager-loan``/``eager-reclaim`` (:meth:`SLOPolicy.lend` and its end), ``hold``,
+    ``static``; ``predictions`` covers every allowed share; ``inputs`` summarises
     the measurements and fitted parameters behind the decision.  While ``loan`` names a side,
     the caller must call ``reclaim()`` as soon as that side has work again.
     """
@@ -264,6 +267,7 @@ class SLOPolicy:
         self._last_dir = 0
         self._idle_streak = {"prefill": 0, "decode": 0}
         self._loan: str | None = None
+        self._eager = False  # the loan in force was started by lend(), not by a window
         self._recent: deque[_Record] = deque()
         self._prefill_share = self._base
         self._prefill_changed_t = -math.inf
@@ -436,6 +440,10 @@ class SLOPolicy:
             mode, share = idle
             loan = mode.removeprefix("idle-")
             reason = f"{mode}: idle side's SMs lent to the busy side (base {self._base:.2f})"
+        elif self._eager and self._loan is not None:  # kept until the caller reclaims it
+            share, loan = self._share, self._loan
+            reason = f"eager loan of the {loan} side kept (base {self._base:.2f}); {reason}"
+        self._eager = self._eager and loan is not None and idle is None
         self._apply(share, loan, stats.t)
         decision = PartitionDecision(
             stats.t, share, prev, target, mode, reason, preds, inputs, loan, self._base)
@@ -448,13 +456,35 @@ class SLOPolicy:
         if self._loan is None:
             return PartitionDecision(
                 t, prev, prev, self._base, "hold", "nothing lent", base_share=self._base)
-        side = self._loan
+        side, eager = self._loan, self._eager
         self._idle_streak[side] = 0
+        self._eager = False
         self._apply(self._base, None, t)
         decision = PartitionDecision(
-            t, self._base, prev, self._base, "reclaim", f"{side} side has work: loan ended",
-            base_share=self._base)
-        self._log(decision)
+            t, self._base, prev, self._base, "eager-reclaim" if eager else "reclaim",
+            f"{side} side has work: loan ended", base_share=self._base)
+        self._log(decision, quiet=eager)
+        return decision
+
+    def lend(self, side: str, t: float) -> PartitionDecision:
+        """Lend the idle ``side``'s SMs to the other one now (an eager loan, module docstring
+        step 4); the caller reclaims it as for any loan. No-op (``hold``) while a loan is in
+        force."""
+        if side not in ("prefill", "decode"):
+            raise ValueError(f"no side {side!r}")
+        prev = self._share
+        if self._loan is not None:
+            return PartitionDecision(t, prev, prev, self._base, "hold",
+                                     f"the {self._loan} side is lent already",
+                                     loan=self._loan, base_share=self._base)
+        share = self.loan_shares[0] if side == "prefill" else self.loan_shares[1]
+        self._eager = True
+        self._apply(share, side, t)
+        decision = PartitionDecision(
+            t, share, prev, self._base, "eager-loan",
+            f"the {side} side is idle: its SMs lent now (base {self._base:.2f})",
+            loan=side, base_share=self._base)
+        self._log(decision, quiet=True)
         return decision
 
     def _apply(self, share: float, loan: str | None, t: float) -> None:
@@ -506,8 +536,10 @@ class SLOPolicy:
             return f"settling: {in_window} TTFTs in the window < {self.min_samples}"
         return None
 
-    def _log(self, d: PartitionDecision) -> None:
-        level = logging.INFO if d.changed else logging.DEBUG
+    def _log(self, d: PartitionDecision, quiet: bool = False) -> None:
+        """INFO for a decision that moves the split, DEBUG otherwise and for ``quiet`` ones
+        (eager loans come and go with every request)."""
+        level = logging.INFO if d.changed and not quiet else logging.DEBUG
         if not logger.isEnabledFor(level):
             return
         cur, new = d.prediction(d.previous_share), d.prediction(d.share)

@@ -131,6 +131,17 @@ def test_batch_handoff_and_prefill_overlap_are_off_unless_asked():
         parse("--prefill-overlap", disable_overlap_schedule=True)
 
 
+def test_eager_loans_are_off_unless_asked_and_need_green_and_the_slo_policy():
+    assert not parse().eager_loan and parse("--eager-loan").eager_loan
+    assert not parse("--no-eager-loan").eager_loan
+    assert parse("--eager-loan", "--idle-loan", "most").eager_loan
+    for argv in (("--sm-partition", "none"), ("--sm-partition", "mps"),
+                 ("--partition-policy", "static")):
+        with pytest.raises(SemiPDConfigError, match="--eager-loan needs --sm-partition green"):
+            parse("--eager-loan", *argv)
+    assert not parse("--no-semi-pd", "--eager-loan", "--sm-partition", "none").enabled
+
+
 def test_idle_loan_most_plans_two_loan_splits_under_green_only():
     assert parse().idle_loan == "splits" and parse().planned_shares == DEFAULT_SPLITS
     most = parse("--idle-loan", "most")

@@ -291,6 +291,39 @@ def test_a_request_waiting_for_its_first_token_unconfines_prefill_until_it_gets_
     assert _recv(wired.detok)  # the first token still reaches the detokenizer
 
 
+def test_eager_loans_lend_prefills_sms_between_requests_without_info_logs(wired, caplog):
+    """``--eager-loan``: once a request decodes and none waits for its first token, the
+    loop's own tick lends the prefill side's SMs (one ``Resize`` to the loan split for both
+    workers); the next request takes them back. Both resizes and their acknowledgements are
+    logged at DEBUG only."""
+    from sglang.srt.managers import io_struct
+
+    fractions = [s.prefill_fraction for s in wired.coord.splits]
+    wired.coord.controller = PartitionController(
+        fractions, 1, policy="slo", now=time.monotonic(), window_s=3600.0, eager_loan=True)
+    caplog.set_level("DEBUG", logger="sglang_semipd.scheduler")
+    wired.tokenizer.send(pickle.dumps(_sglang(io_struct.TokenizedGenerateReqInput, rid="q1",
+                                              input_ids=[1, 2, 3])))
+    out = _sglang(io_struct.BatchTokenIDOutput, rids=["q1"], completion_tokens=[1],
+                  finished_reasons=[None])
+    wired.worker_out["prefill"].send(pickle.dumps(out))  # q1 decodes, nothing waits
+    lend = {r: P.decode_control(_recv(wired.worker_ctl[r])) for r in ("prefill", "decode")}
+    assert lend["prefill"] == lend["decode"] and lend["decode"].split == 0  # 40/92
+    for role, it in (("prefill", 5), ("decode", 9)):
+        wired.worker_out[role].send_multipart(P.encode_control(P.ResizeAck(role, 1, 0, it)))
+    wait_until(lambda: wired.coord.controller.split == 0)
+    wired.tokenizer.send(pickle.dumps(_sglang(io_struct.TokenizedGenerateReqInput, rid="q2",
+                                              input_ids=[4, 5])))
+    back = P.decode_control(_recv(wired.worker_ctl["decode"]))
+    assert (back.seq, back.split) == (2, 1)
+    assert P.decode_control(_recv(wired.worker_ctl["prefill"])) == back
+    decisions = [r for r in read_trace(wired.trace) if r["kind"] == "decision"]
+    assert [r["mode"] for r in decisions] == ["eager-loan", "eager-reclaim"]
+    resizes = [r for r in caplog.records if r.getMessage().startswith("resize #")]
+    assert len(resizes) == 4 and {r.levelname for r in resizes} == {"DEBUG"}  # 2 + 2 acks
+    assert wired.coord._quiet_seqs == {2}  # #1 is over; #2 is not acknowledged yet
+
+
 def test_the_loop_polls_faster_only_while_a_burst_could_start_or_end():
     """``Coordinator._poll_ms`` (on its own: the loop thread would tick the controller)."""
     from types import SimpleNamespace

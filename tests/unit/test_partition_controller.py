@@ -140,6 +140,57 @@ def test_steady_arrivals_never_lend_the_prefill_side():
     assert loans == 0
 
 
+def test_eager_loans_lend_prefills_sms_between_its_requests():
+    """``--eager-loan``: the same steady arrivals as above, where window loans never come;
+    the prefill side's SMs go to decode whenever nothing waits for a first token while
+    requests decode, and every arrival takes them back."""
+    c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0,
+                            eager_loan=True, eager_after_s=0.01)
+    c.on_request("r0", 0.0)
+    assert c.tick(0.02) is None  # r0 waits for its first token
+    c.on_output(["r0"], [1], [False], 0.05)
+    assert c.tick(0.055) is None  # idle for 5 ms only
+    lend = c.tick(0.07)
+    assert lend.mode == "eager-loan" and lend.loan == "prefill" and lend.changed
+    assert lend.share == pytest.approx(FRACTIONS[0]) and c.eager_loans == 1
+    c.on_resized(0)
+    assert c.tick(0.09) is None  # lent already
+    back = c.on_request("r1", 0.1)
+    assert back.mode == "eager-reclaim" and back.share == pytest.approx(FRACTIONS[1])
+    c.on_resized(1)
+    assert c.tick(0.2) is None  # r1 waits
+    c.on_output(["r0", "r1"], [5, 1], [True, False], 0.21)
+    c.tick(0.215)
+    assert c.tick(0.23).mode == "eager-loan" and c.eager_loans == 2
+    c.on_resized(0)
+    w = c.tick(1.5)  # the window: the loan stays while the base split is judged
+    assert w is not None and w.loan == "prefill" and not w.changed
+    c.on_output(["r1"], [5], [True], 1.6)  # nothing decodes now
+    assert c.on_request("r2", 1.7).mode == "eager-reclaim"
+    c.on_output(["r2"], [1], [True], 1.75)  # finished with its first token: none decodes
+    assert c.tick(1.9) is None and c.eager_loans == 2  # no one to lend to
+
+
+def test_no_eager_loan_without_the_flag_under_the_static_policy_or_in_a_burst():
+    for kw in ({}, {"policy": "static", "eager_loan": True}):
+        c = PartitionController(FRACTIONS, 1, ttft_s=1.0, now=0.0, window_s=100.0, **kw)
+        c.on_request("a", 0.0)
+        c.on_output(["a"], [1], [False], 0.05)
+        assert c.tick(0.5) is None
+    fractions = (*FRACTIONS, 1.0)  # a burst split past the planned ones
+    c = PartitionController(fractions, 1, ttft_s=0.3, now=0.0, window_s=100.0, burst_split=3,
+                            eager_loan=True, eager_after_s=0.01)
+    c.on_request("a", 0.0)
+    c.on_output(["a"], [1], [False], 0.01)
+    c.on_request("b", 0.02)
+    assert c.tick(0.2).mode == "burst"  # b has waited 0.18 s
+    c.on_resized(3)
+    c.on_output(["b"], [1], [False], 0.25)
+    assert c.tick(0.26).mode == "burst-end"
+    c.on_resized(1)
+    assert c.tick(0.265) is None and c.tick(0.28).mode == "eager-loan"  # after the burst
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         PartitionController(FRACTIONS, 3)

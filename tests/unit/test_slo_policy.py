@@ -163,6 +163,40 @@ def test_idle_decode_lends_sms_to_prefill() -> None:
     assert _window(off, 1.0, decode_idle=True, prefill_queue_len=3).loan is None
 
 
+def test_an_eager_loan_starts_between_windows_and_outlives_them_until_reclaimed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    model = _ScriptedModel(0.5)
+    policy = SLOPolicy(TARGETS, initial_share=0.5, model=model, max_step=0.1, **NO_SETTLING)
+    with caplog.at_level("DEBUG", logger="sglang_semipd.slo.policy"):
+        d = policy.lend("prefill", 0.5)
+    assert d.mode == "eager-loan" and d.loan == "prefill" and d.changed
+    assert d.share == pytest.approx(min(DEFAULT_SHARES)) and d.base == pytest.approx(0.5)
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]  # one per request: not INFO
+    assert policy.lend("prefill", 0.6).mode == "hold"  # lent already
+    # a window with work on both sides would end an ordinary loan; an eager one is kept, and
+    # the SLO-chosen base split moves under it
+    model.best = 0.8
+    w = _window(policy, 1.0, prefill_queue_len=0, decode_batch_size=8)
+    assert w.loan == "prefill" and not w.changed and "eager loan" in w.reason
+    assert w.share == pytest.approx(min(DEFAULT_SHARES)) and w.base == pytest.approx(0.6)
+    back = policy.reclaim(1.2)
+    assert back.mode == "eager-reclaim" and back.share == pytest.approx(0.6) and back.changed
+    assert _window(policy, 2.0, decode_batch_size=8).loan is None  # not eager any more
+    decode = SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(0.5))
+    assert decode.lend("decode", 0.1).share == pytest.approx(max(DEFAULT_SHARES))
+    assert decode.reclaim(0.2).mode == "eager-reclaim"
+    with pytest.raises(ValueError, match="no side"):
+        decode.lend("both", 0.3)
+
+
+def test_a_window_loan_over_an_eager_one_is_an_ordinary_loan() -> None:
+    policy = SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(0.5))
+    policy.lend("prefill", 0.5)
+    d = _window(policy, 1.0, prefill_idle=True, decode_batch_size=8)  # idle all window
+    assert d.mode == "idle-prefill" and d.loan == "prefill"
+    assert policy.reclaim(1.1).mode == "reclaim"
+
+
 def test_loan_shares_replace_the_extreme_splits_for_loans() -> None:
     policy = SLOPolicy(TARGETS, initial_share=0.5, model=_ScriptedModel(0.5),
                        loan_shares=(0.06, 0.94))
