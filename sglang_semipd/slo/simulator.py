@@ -14,6 +14,8 @@
 * Every ``window_s`` the policy gets a :class:`WindowStats` and its decision is applied.  When
   a decision lends an idle side's SMs (``decision.loan``), the simulator calls
   ``policy.reclaim(t)`` the moment that side gets work (an arrival, resp. a finished prefill).
+  With ``SimConfig.eager_loan`` (``--eager-loan``) it also calls ``policy.lend("prefill", t)``
+  the moment a prefill finishes with nothing queued while requests decode.
 
 Defaults are an 8B model on one H100: 0.1 ms of full-GPU prefill per prompt token, decode
 steps of ~20-40 ms at a half share.  Per request: TTFT = first token - arrival, TPOT = (last
@@ -134,6 +136,7 @@ class SimConfig:
     seed: int = 0
     drain_s: float = 600.0
     keep_decisions: bool = False
+    eager_loan: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,17 @@ class _Sim:
         else:
             self._complete(rid, 0.0)
         self._pf_start_next(now)
+        if self.cfg.eager_loan and self.pf_cur < 0 and self.loan is None and (
+                self.active or self.pending):
+            self._lend_prefill(now)
+
+    def _lend_prefill(self, now: float) -> None:
+        decision = self.policy.lend("prefill", now)  # type: ignore[attr-defined]
+        if self.cfg.keep_decisions:
+            self.decisions.append(decision)
+        self.loan = decision.loan
+        if abs(decision.share - self.x) > 1e-12:
+            self._set_share(decision.share, now)
 
     # ---------------------------------------------------------------- decode
     def _dec_start_step(self, now: float) -> None:
