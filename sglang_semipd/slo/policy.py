@@ -423,10 +423,14 @@ class SLOPolicy:
         p_idle = self._idle_streak["prefill"] >= self.idle_windows
         d_idle = self._idle_streak["decode"] >= self.idle_windows
         if p_idle and not st.decode_idle:
-            return "idle-prefill", self.loan_shares[0]
+            return "idle-prefill", self._loan_share("prefill")
         if d_idle and not st.prefill_idle:
-            return "idle-decode", self.loan_shares[1]
+            return "idle-decode", self._loan_share("decode")
         return None
+
+    def _loan_share(self, side: str) -> float:
+        """The split while ``side``'s SMs are lent out (prefill lends: decode's extreme)."""
+        return self.loan_shares[0] if side == "prefill" else self.loan_shares[1]
 
     def observe(self, stats: WindowStats) -> PartitionDecision:
         """Ingest one window's measurements and decide the next split."""
@@ -477,7 +481,7 @@ class SLOPolicy:
             return PartitionDecision(t, prev, prev, self._base, "hold",
                                      f"the {self._loan} side is lent already",
                                      loan=self._loan, base_share=self._base)
-        share = self.loan_shares[0] if side == "prefill" else self.loan_shares[1]
+        share = self._loan_share(side)
         self._eager = True
         self._apply(share, side, t)
         decision = PartitionDecision(

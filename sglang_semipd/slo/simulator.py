@@ -220,14 +220,17 @@ class _Sim:
         self.pf_cur, self.pf_start, self.pf_clean = rid, now, True
         self.pf_finish = now + work * self._noise() / self.x
 
+    def _take(self, decision: PartitionDecision, now: float) -> None:
+        """Apply a policy decision: its loan and its share (kept when asked)."""
+        if self.cfg.keep_decisions:
+            self.decisions.append(decision)
+        self.loan = decision.loan
+        if abs(decision.share - self.x) > 1e-12:
+            self._set_share(decision.share, now)
+
     def _reclaim_if(self, side: str, now: float) -> None:
         if self.loan == side:
-            self.loan = None
-            decision = self.policy.reclaim(now)
-            if self.cfg.keep_decisions:
-                self.decisions.append(decision)
-            if abs(decision.share - self.x) > 1e-12:
-                self._set_share(decision.share, now)
+            self._take(self.policy.reclaim(now), now)
 
     def _arrive(self, rid: int, now: float) -> None:
         self._reclaim_if("prefill", now)
@@ -256,15 +259,7 @@ class _Sim:
         self._pf_start_next(now)
         if self.cfg.eager_loan and self.pf_cur < 0 and self.loan is None and (
                 self.active or self.pending):
-            self._lend_prefill(now)
-
-    def _lend_prefill(self, now: float) -> None:
-        decision = self.policy.lend("prefill", now)  # type: ignore[attr-defined]
-        if self.cfg.keep_decisions:
-            self.decisions.append(decision)
-        self.loan = decision.loan
-        if abs(decision.share - self.x) > 1e-12:
-            self._set_share(decision.share, now)
+            self._take(self.policy.lend("prefill", now), now)  # type: ignore[attr-defined]
 
     # ---------------------------------------------------------------- decode
     def _dec_start_step(self, now: float) -> None:
@@ -318,12 +313,7 @@ class _Sim:
         )
         done = len(self.w_tpots)
         self.timeline.append(TimelinePoint(now, self.x, self.w_met / done if done else None, done))
-        decision = self.policy.observe(stats)
-        if c.keep_decisions:
-            self.decisions.append(decision)
-        self.loan = decision.loan
-        if abs(decision.share - self.x) > 1e-12:
-            self._set_share(decision.share, now)
+        self._take(self.policy.observe(stats), now)
         self._reset_window()
 
     def _set_share(self, share: float, now: float) -> None:
