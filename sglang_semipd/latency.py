@@ -52,6 +52,20 @@ class LatencyTracker:
         if self._waiting.pop(rid, None) is not None:
             self.tokens_waiting -= live.prompt
 
+    def on_first_token(self, rid: str, t: float) -> None:
+        """``rid``'s first token exists at ``t`` (its prefill handed it to decode). Needed for
+        requests that do not stream: SGLang sends them no output batch before they finish, so
+        without this they would count as waiting for a first token all their life."""
+        live = self._live.get(rid)
+        if live is not None:
+            self._first(rid, live, t)
+
+    def _first(self, rid: str, live: _Live, t: float) -> None:
+        if live.first is None:
+            live.first = t
+            self._stop_waiting(rid, live)
+            self._ttfts.append(t - live.arrival)
+
     def on_outputs(self, rids: Iterable[str], completion_tokens: Iterable[int],
                    finished: Iterable[bool], t: float) -> None:
         """One output batch: per request its cumulative completion tokens and whether it
@@ -60,10 +74,8 @@ class LatencyTracker:
             live = self._live.get(rid)
             if live is None:
                 continue  # e.g. a health check sent before we saw it, or already aborted
-            if live.first is None and tokens > 0:
-                live.first = t
-                self._stop_waiting(rid, live)
-                self._ttfts.append(t - live.arrival)
+            if tokens > 0:
+                self._first(rid, live, t)
             live.tokens = max(live.tokens, int(tokens))
             if done:
                 del self._live[rid]

@@ -419,8 +419,9 @@ class Coordinator:
                                       [r is not None for r in obj.finished_reasons],
                                       time.monotonic())
 
-    def _observe_handoff(self, _: Any) -> None:
-        self._apply_decision(self.controller.on_handoff(time.monotonic()))
+    def _observe_handoff(self, h: Optional[P.HandOff]) -> None:
+        self._apply_decision(self.controller.on_handoff(
+            time.monotonic(), h.rid if h is not None else None))
 
     def _tick(self, now: float) -> None:
         self._apply_decision(self.controller.tick(now))
@@ -456,12 +457,15 @@ class Coordinator:
                 return
             tag = frames[0].bytes if len(frames) == 2 else None
             if tag == P.HANDOFF_TAG:
-                if self.cfg.sm_partition == "mps":
-                    self._on_handoff(frames)
+                mps = self.cfg.sm_partition == "mps"
+                h = (self._read_handoff(frames)
+                     if mps or (role == "prefill" and self.controller is not None) else None)
+                if mps and h is not None:
+                    self._on_handoff(h)
                 if role == "prefill":
                     self.handoffs += 1
                     if self.controller is not None:  # a decode loan ends before it arrives
-                        self._guarded(self._observe_handoff, None)
+                        self._guarded(self._observe_handoff, h)
                     to_decode.send_multipart(frames, copy=False)
                 # from the decode worker: only a note that a request ended there (above)
             elif tag == P.CONTROL_TAG:
@@ -486,16 +490,19 @@ class Coordinator:
                 for gen in self.gens.finish(done):
                     self._retire(gen)
 
-    def _on_handoff(self, frames: Any) -> None:
+    @staticmethod
+    def _read_handoff(frames: Any) -> Optional[P.HandOff]:
+        try:
+            return P.decode_handoff(frames)
+        except P.ProtocolError as exc:
+            logger.error("unreadable hand-off: %s", exc)
+            return None
+
+    def _on_handoff(self, h: P.HandOff) -> None:
         """Under mps: a hand-off marked ``finished`` ends its request in its generation. The
         workers answer some requests straight to the TokenizerManager (an abort of a queued
         request, a request aborted while its hand-off was on the way), so no output batch
         through here says they finished; without this their pair would never retire."""
-        try:
-            h = P.decode_handoff(frames)
-        except P.ProtocolError as exc:
-            logger.error("unreadable hand-off: %s", exc)
-            return
         if h.finished:
             for gen in self.gens.finish([h.rid]):
                 self._retire(gen)

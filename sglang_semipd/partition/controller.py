@@ -150,8 +150,11 @@ class PartitionController:
         self.latency.on_request(rid, t, prompt_tokens)
         return self._reclaim_if_lent("prefill", t)
 
-    def on_handoff(self, t: float) -> Optional[PartitionDecision]:
-        """A request is on its way to the decode worker: a decode loan ends now."""
+    def on_handoff(self, t: float, rid: Optional[str] = None) -> Optional[PartitionDecision]:
+        """A request (``rid``) is on its way to the decode worker: its first token exists, and
+        a decode loan ends now."""
+        if rid is not None:
+            self.latency.on_first_token(rid, t)
         return self._reclaim_if_lent("decode", t)
 
     def on_abort(self, rid: str) -> None:

@@ -34,3 +34,20 @@ def test_queues_aborts_and_unknown_requests():
     assert (w.prefill_queue_len, w.decode_batch_size) == (1, 1)
     assert not w.prefill_idle and not w.decode_idle
     assert lt.in_flight == 2 and lt.finished == 0
+
+
+def test_a_request_that_does_not_stream_gets_its_first_token_at_its_hand_off():
+    """SGLang sends a non-streaming request no output batch before it finishes: its first
+    token is the prefill worker's hand-off, not its only output (else TTFT would be its whole
+    latency and it would wait for a first token while it decodes)."""
+    lt = LatencyTracker(start=0.0)
+    lt.on_request("a", 1.0)
+    lt.on_first_token("a", 1.05)  # hand-off
+    assert (lt.waiting_first_token, lt.decoding) == (0, 1)
+    lt.on_first_token("a", 1.5)  # a repeat (the stream's output batch too) changes nothing
+    lt.on_first_token("ghost", 1.5)  # unknown: ignored
+    lt.on_outputs(["a"], [9], [True], 2.05)  # the only output batch
+    w = lt.window(3.0, share=0.5)
+    assert w.ttfts == pytest.approx((0.05,))
+    assert w.tpots == pytest.approx(((2.05 - 1.05) / 8,))
+    assert lt.finished == 1 and w.decode_idle and w.prefill_idle

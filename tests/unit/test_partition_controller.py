@@ -171,6 +171,29 @@ def test_eager_loans_lend_prefills_sms_between_its_requests():
     assert c.tick(1.9) is None and c.eager_loans == 2  # no one to lend to
 
 
+def test_eager_loans_between_requests_that_do_not_stream():
+    """Non-streaming requests get no output before they finish: the hand-off alone tells the
+    controller that a request decodes and nothing waits (the GPU test's first run lent twice
+    in 48 requests before this)."""
+    c = PartitionController(FRACTIONS, 1, policy="slo", ttft_s=1.0, tpot_s=0.1, now=0.0,
+                            eager_loan=True, eager_after_s=0.005)
+    loans = 0
+    for k in range(5):  # every 60 ms: prefill 8 ms, then 80 ms of decoding
+        t = 0.06 * k
+        if (d := c.on_request(f"r{k}", t)) is not None:
+            c.on_resized(c.fractions.index(d.share))
+        assert c.tick(t + 0.001) is None  # r<k> waits for its first token
+        c.on_handoff(t + 0.008, f"r{k}")
+        assert c.tick(t + 0.009) is None  # idle for 1 ms only
+        d = c.tick(t + 0.02)
+        if d is not None and d.mode == "eager-loan":
+            loans += 1
+            c.on_resized(c.fractions.index(d.share))
+        if k:
+            c.on_output([f"r{k - 1}"], [64], [True], t + 0.03)
+    assert loans == 5 and c.eager_loans == 5
+
+
 def test_no_eager_loan_without_the_flag_under_the_static_policy_or_in_a_burst():
     for kw in ({}, {"policy": "static", "eager_loan": True}):
         c = PartitionController(FRACTIONS, 1, ttft_s=1.0, now=0.0, window_s=100.0, **kw)
