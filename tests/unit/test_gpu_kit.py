@@ -113,3 +113,34 @@ def test_a_file_split_into_pieces_joins_back_once_every_piece_is_there(tmp_path)
     again = subprocess.run(["bash", script, "join"], cwd=work, env=env, check=True,
                            capture_output=True, text=True)
     assert "already joined" in again.stdout
+
+
+def test_travel_size_counts_the_tree_git_keeps_and_the_carried_paths(tmp_path):
+    """``scripts/travel_size.py``: tracked and untracked-not-ignored files plus the carried
+    paths, not other ignored files; exit 1 over the device tool's 64 MiB."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "a.py").write_bytes(b"x" * 1000)
+    (repo / "new.txt").write_bytes(b"y" * 300)  # untracked, not ignored: travels
+    (repo / ".gitignore").write_text(".kit/\nbig.bin\n")
+    (repo / "big.bin").write_bytes(b"z" * 5000)  # ignored, not carried: stays
+    (repo / ".kit").mkdir()
+    (repo / ".kit" / "bundle").write_bytes(b"k" * 2000)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "pkg", ".gitignore"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import travel_size
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    sizes = travel_size.travel_sizes(repo, [".kit"])
+    assert sizes == {"tree:pkg": 1000, "tree:new.txt": 300, "tree:.gitignore": 14,
+                     "carry:.kit": 2000}
+    script = [sys.executable, str(REPO / "scripts" / "travel_size.py"), "--repo", str(repo)]
+    ok = subprocess.run([*script, ".kit"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "fits" in ok.stdout
+    (repo / ".kit" / "huge").write_bytes(b"\0" * (64 * 2**20))
+    over = subprocess.run([*script, ".kit"], capture_output=True, text=True)
+    assert over.returncode == 1 and "OVER" in over.stdout
