@@ -341,12 +341,16 @@ class Coordinator:
                 self._check_children()
 
     def _poll_ms(self) -> int:
-        """The loop's poll timeout: 100 ms, or 10 ms while a burst could start or end (a burst
-        split planned, and a request waiting for its first token or a burst in force), so
-        that the controller's check runs even when no message arrives."""
+        """The loop's poll timeout: 100 ms; 10 ms while a burst could start or end (a burst
+        split planned, and a request waiting for its first token or a burst in force); the
+        eager-loan delay (5 ms) while an eager loan could start; so that the controller's
+        check runs on time even when no message arrives."""
         c = self.controller
-        if c is not None and c.burst_split is not None and (
-                c.in_burst or c.latency.waiting_first_token):
+        if c is None:
+            return 100
+        if c.eager_armed:
+            return max(1, min(10, round(c.eager_after_s * 1000)))
+        if c.burst_split is not None and (c.in_burst or c.latency.waiting_first_token):
             return 10
         return 100
 

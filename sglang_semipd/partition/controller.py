@@ -218,6 +218,15 @@ class PartitionController:
         queue = self.latency.tokens_waiting * per_token if per_token else 0.0
         return wait, queue
 
+    @property
+    def eager_armed(self) -> bool:
+        """An eager loan may start within ``eager_after_s`` (``--eager-loan``, the SLO policy,
+        no loan or burst in force, requests decoding and none waiting for a first token): the
+        caller should tick by then even if no message arrives."""
+        return (self.eager_loan and self.kind == "slo" and not self.in_burst
+                and self.policy.loan is None and self.latency.decoding > 0
+                and not self.latency.waiting_first_token)
+
     def _eager_step(self, t: float) -> Optional[PartitionDecision]:
         if not self.eager_loan or self.kind != "slo" or self.in_burst:
             return None

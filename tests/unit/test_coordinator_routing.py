@@ -324,7 +324,7 @@ def test_eager_loans_lend_prefills_sms_between_requests_without_info_logs(wired,
     assert wired.coord._quiet_seqs == {2}  # #1 is over; #2 is not acknowledged yet
 
 
-def test_the_loop_polls_faster_only_while_a_burst_could_start_or_end():
+def test_the_loop_polls_faster_only_while_a_burst_or_an_eager_loan_could_start():
     """``Coordinator._poll_ms`` (on its own: the loop thread would tick the controller)."""
     from types import SimpleNamespace
 
@@ -349,3 +349,15 @@ def test_the_loop_polls_faster_only_while_a_burst_could_start_or_end():
     assert poll_ms() == 10  # the burst in force still has to end
     assert c.tick(0.26).mode == "burst-end"
     assert poll_ms() == 100
+    c = PartitionController([s.prefill_fraction for s in planned], 1, ttft_s=0.2, now=0.0,
+                            window_s=3600.0, eager_loan=True, eager_after_s=0.005)
+    coord.controller = c
+    c.on_request("b", 1.0)
+    assert poll_ms() == 100  # b waits: no eager loan (and no burst split)
+    c.on_handoff(1.01, "b")
+    assert c.eager_armed and poll_ms() == 5  # b decodes, none waits: the loan is 5 ms away
+    c.tick(1.011)
+    d = c.tick(1.02)
+    assert d.mode == "eager-loan"
+    c.on_resized(0)
+    assert not c.eager_armed and poll_ms() == 100  # lent already
