@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -182,6 +183,13 @@ RETRACT_LOG = "KV cache pool is full. Retract requests."
 def python_module_cmd(module: str, *args: str) -> list[str]:
     """``[sys.executable, -m, module, *args]``."""
     return [sys.executable, "-m", module, *args]
+
+
+def random_prompts(seed: int, lengths: Iterable[int]) -> list[list[int]]:
+    """One prompt of random token ids in [100, 40000) per length, drawn in order from
+    ``random.Random(seed)``: the same prompts on every host and run."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(n)] for n in lengths]
 
 
 def greedy_generate(url: str, ids: list[int], max_new_tokens: int) -> dict[str, Any]:

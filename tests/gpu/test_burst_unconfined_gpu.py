@@ -23,7 +23,6 @@ Required:
 from __future__ import annotations
 
 import os
-import random
 import re
 import time
 
@@ -31,7 +30,8 @@ import pytest
 
 from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, flush_cache,
                                           greedy_generate_all, pool_leaks, python_module_cmd,
-                                          semipd_pool_report, stock_greedy_outputs)
+                                          random_prompts, semipd_pool_report,
+                                          stock_greedy_outputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -42,24 +42,20 @@ DECODE_GRAPHS_LOG = "decode CUDA graphs captured for 5 splits"  # semipd_capture
 BURST_RESIZE = re.compile(r"resize #\d+ to all/\d+ prefill/decode SMs \(burst: ")
 BURST_APPLIED = re.compile(r"resize #\d+: (prefill|decode) runs all/\d+ from iteration")
 BURST_END = "(burst-end: "
-
-
-def _prompts() -> list[list[int]]:
-    rng = random.Random(23)
-    return [[rng.randrange(100, 40000) for _ in range(20 + 16 * k)] for k in range(N)]
+PROMPTS = random_prompts(23, (20 + 16 * k for k in range(N)))
 
 
 @pytest.fixture(scope="module")
 def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
     return stock_greedy_outputs(str(tiny_bf16), PORT, FLAGS,
                                 os.path.join(gpu_log_dir, "server_stock_burst_ref.log"),
-                                _prompts(), OUT)
+                                PROMPTS, OUT)
 
 
 def _wave(url: str) -> list[dict]:
     time.sleep(0.5)  # the decode worker frees a finished request just after its answer
     flush_cache(url)
-    return greedy_generate_all(url, _prompts(), OUT)
+    return greedy_generate_all(url, PROMPTS, OUT)
 
 
 def test_burst_unconfined_matches_stock_and_leaks_nothing(stock_outputs, tiny_bf16,

@@ -17,7 +17,6 @@ every 0.3 s while it runs. Required:
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 
@@ -25,9 +24,8 @@ import pytest
 
 from sglang_semipd.testing.server import (RETRACT_LOG, SMALL_POOL_FLAGS, ServerProcess,
                                           greedy_generate, greedy_generate_all, http_json,
-                                          pool_leaks,
-                                          python_module_cmd, semipd_pool_report,
-                                          stock_greedy_outputs)
+                                          pool_leaks, python_module_cmd, random_prompts,
+                                          semipd_pool_report, stock_greedy_outputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -36,11 +34,7 @@ FLAGS = SMALL_POOL_FLAGS
 N, PROMPT, OUT, REFERENCE = 48, 200, 200, 8
 OVERLAP_LOG = "decode worker: SGLang's overlap loop"  # workers.semipd_overlap_init
 SHARES = (0.25, 0.75)
-
-
-def _prompts() -> list[list[int]]:
-    rng = random.Random(5)
-    return [[rng.randrange(100, 40000) for _ in range(PROMPT + k)] for k in range(N)]
+PROMPTS = random_prompts(5, (PROMPT + k for k in range(N)))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
     """Stock SGLang's greedy outputs of the first prompts, each sent alone."""
     return stock_greedy_outputs(str(tiny_bf16), PORT, FLAGS,
                                 os.path.join(gpu_log_dir, "server_stock_overlap_ref.log"),
-                                _prompts()[:REFERENCE], OUT)
+                                PROMPTS[:REFERENCE], OUT)
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +75,12 @@ def _check(outs: list[dict], stock_outputs: list[list[int]]) -> None:
 
 
 def test_overlap_under_retraction_matches_stock(server, stock_outputs):
-    outs = greedy_generate_all(server.url, _prompts(), OUT)
+    outs = greedy_generate_all(server.url, PROMPTS, OUT)
     log = server.log_path.read_text(errors="replace")
     assert OVERLAP_LOG in log, "the decode worker did not run SGLang's overlap loop"
     assert RETRACT_LOG in log, "the load never made the decode worker retract"
     _check(outs, stock_outputs)
-    alone = [greedy_generate(server.url, p, OUT)["output_ids"] for p in _prompts()[:REFERENCE]]
+    alone = [greedy_generate(server.url, p, OUT)["output_ids"] for p in PROMPTS[:REFERENCE]]
     assert alone == stock_outputs
 
 
@@ -97,7 +91,7 @@ def test_overlap_with_resizes_under_load_loses_nothing(server, stock_outputs):
     flipper = threading.Thread(target=_flip_splits, args=(server.url, stop, seen))
     flipper.start()
     try:
-        outs = greedy_generate_all(server.url, _prompts(), OUT)
+        outs = greedy_generate_all(server.url, PROMPTS, OUT)
     finally:
         stop.set()
         flipper.join(30)

@@ -18,7 +18,6 @@ tens of times a second, with requests arriving in between. Required:
 from __future__ import annotations
 
 import os
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +25,8 @@ import pytest
 
 from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, flush_cache,
                                           greedy_generate, pool_leaks, python_module_cmd,
-                                          semipd_pool_report, stock_greedy_outputs)
+                                          random_prompts, semipd_pool_report,
+                                          stock_greedy_outputs)
 from sglang_semipd.trace import TRACE_ENV, read_trace
 
 pytestmark = pytest.mark.gpu
@@ -34,18 +34,14 @@ pytestmark = pytest.mark.gpu
 PORT = int(os.environ.get("SEMIPD_TEST_PORT", "31000")) + 47
 FLAGS = SMALL_POOL_FLAGS
 N, OUT, GAP_S = 24, 64, 0.06
-
-
-def _prompts() -> list[list[int]]:
-    rng = random.Random(29)
-    return [[rng.randrange(100, 40000) for _ in range(20 + 16 * k)] for k in range(N)]
+PROMPTS = random_prompts(29, (20 + 16 * k for k in range(N)))
 
 
 @pytest.fixture(scope="module")
 def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
     return stock_greedy_outputs(str(tiny_bf16), PORT, FLAGS,
                                 os.path.join(gpu_log_dir, "server_stock_eager_ref.log"),
-                                _prompts(), OUT)
+                                PROMPTS, OUT)
 
 
 def _staggered_wave(url: str) -> list[dict]:
@@ -54,7 +50,7 @@ def _staggered_wave(url: str) -> list[dict]:
 
     def one(k: int) -> dict:
         time.sleep(k * GAP_S)
-        return greedy_generate(url, _prompts()[k], OUT)
+        return greedy_generate(url, PROMPTS[k], OUT)
 
     with ThreadPoolExecutor(N) as pool:
         return list(pool.map(one, range(N)))

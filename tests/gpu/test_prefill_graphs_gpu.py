@@ -23,7 +23,6 @@ finished the whole load within one flip, so the split never changed under load.)
 from __future__ import annotations
 
 import os
-import random
 import re
 import threading
 import time
@@ -32,7 +31,7 @@ import pytest
 
 from sglang_semipd.testing.server import (SMALL_POOL_FLAGS, ServerProcess, flush_cache,
                                           greedy_generate_all, http_json, pool_leaks,
-                                          python_module_cmd, semipd_pool_report,
+                                          python_module_cmd, random_prompts, semipd_pool_report,
                                           stock_greedy_outputs)
 
 pytestmark = pytest.mark.gpu
@@ -44,18 +43,14 @@ SHARES = (0.25, 0.75)
 CAPTURED_LOG = "prefill CUDA graphs captured for 5 splits"  # semipd_capture_split_graphs
 GRAPH_PREFILL = "cuda graph: True"  # in SGLang's "Prefill batch, ..." line
 PREFILL_RESIZED = re.compile(r"resize #\d+: prefill runs (\d+/\d+) from iteration")
-
-
-def _prompts() -> list[list[int]]:
-    rng = random.Random(17)
-    return [[rng.randrange(100, 40000) for _ in range(20 + 16 * k)] for k in range(N)]
+PROMPTS = random_prompts(17, (20 + 16 * k for k in range(N)))
 
 
 @pytest.fixture(scope="module")
 def stock_outputs(tiny_bf16, gpu_log_dir) -> list[list[int]]:
     return stock_greedy_outputs(str(tiny_bf16), PORT, FLAGS,
                                 os.path.join(gpu_log_dir, "server_stock_graphs_ref.log"),
-                                _prompts(), OUT)
+                                PROMPTS, OUT)
 
 
 def _set_share(url: str, share: float) -> int:
@@ -81,7 +76,7 @@ def _wave(url: str, first: int) -> tuple[int, list[dict]]:
     flipper = threading.Thread(target=_flip_splits, args=(url, stop, first))
     flipper.start()
     try:
-        outs = greedy_generate_all(url, _prompts(), OUT)
+        outs = greedy_generate_all(url, PROMPTS, OUT)
     finally:
         stop.set()
         flipper.join(30)

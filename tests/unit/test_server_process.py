@@ -146,3 +146,17 @@ def test_greedy_generate_all_sends_every_prompt_at_once_and_keeps_their_order():
     assert all(o["params"] == {"temperature": 0, "max_new_tokens": 7, "ignore_eos": True}
                for o in outs)
     assert greedy_generate_all(url, [], 7) == []
+
+
+def test_random_prompts_are_seeded_sized_and_in_the_token_range():
+    """One prompt per length, every id in [100, 40000), the same for the same seed (the GPU
+    tests hold semi-PD's output for these prompts to stock SGLang's), another for another."""
+    from sglang_semipd.testing.server import random_prompts
+
+    lengths = [20 + 16 * k for k in range(6)]
+    prompts = random_prompts(29, lengths)
+    assert [len(p) for p in prompts] == lengths
+    assert all(100 <= t < 40000 for p in prompts for t in p)
+    assert random_prompts(29, iter(lengths)) == prompts
+    assert random_prompts(23, lengths) != prompts
+    assert random_prompts(29, []) == []
